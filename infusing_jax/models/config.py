@@ -1,0 +1,124 @@
+"""Model configs: a family (siglip | clip), tower sizes, dtypes; and `build`.
+
+A model config is an ml_collections ConfigDict:
+  family: 'siglip' | 'clip'
+  image_size: int, the resolution the position embedding was trained at
+  image: patch_size, width, depth, mlp_dim, num_heads, posemb, pool_type, out_dim
+  text: vocab_size, seq_len, width, depth, mlp_dim, num_heads, out_dim; or None
+  dtype, param_dtype: 'float32' | 'bfloat16'; scan: bool; remat_policy: str
+Architecture details that a family fixes (activation, LayerNorm epsilon, CLIP's
+cls position and pre-LayerNorm, causal text) come from FAMILIES, and any of them
+may be overridden per tower in the config.
+"""
+from typing import Optional
+
+import ml_collections
+import numpy as np
+
+from infusing_jax.models import transformer
+from infusing_jax.models import two_towers
+
+FAMILIES = {
+    "siglip": dict(
+        image=dict(act="gelu_tanh", ln_eps=1e-6, patch_bias=True, cls_posemb=False,
+                   pre_norm=False, head_bias=True),
+        text=dict(act="gelu_tanh", ln_eps=1e-6, causal=False, pool_type="last",
+                  head_bias=True),
+        logit_bias=True, t_init=float(np.log(10.0)), b_init=-10.0,
+    ),
+    "clip": dict(
+        image=dict(act="quick_gelu", ln_eps=1e-5, patch_bias=False, cls_posemb=True,
+                   pre_norm=True, head_bias=False),
+        text=dict(act="quick_gelu", ln_eps=1e-5, causal=True, pool_type="argmax",
+                  head_bias=False),
+        logit_bias=False, t_init=float(np.log(1 / 0.07)), b_init=0.0,
+    ),
+}
+
+_IMAGE_FIELDS = ("patch_size", "width", "depth", "mlp_dim", "num_heads", "posemb",
+                 "pool_type", "out_dim", "act", "ln_eps", "patch_bias", "cls_posemb",
+                 "pre_norm", "head_bias")
+_TEXT_FIELDS = ("vocab_size", "width", "depth", "mlp_dim", "num_heads", "pool_type",
+                "out_dim", "act", "ln_eps", "causal", "head_bias")
+
+
+def model_config(family: str = "siglip", variant: str = "B/16", image_size: int = 224,
+                 text_variant: Optional[str] = "B", vocab_size: int = 32_000,
+                 seq_len: int = 64, embed_dim: Optional[int] = None,
+                 **overrides) -> ml_collections.ConfigDict:
+    """A model config by names, e.g. model_config('siglip', 'B/16', 224, 'B').
+
+    SigLIP: the image embedding is the MAP-pooled output (no image head); the
+    text head maps to the image width. CLIP: both towers project to
+    `embed_dim` (default 512 for B, else the image width).
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"model.family: unknown family {family!r}; use siglip or clip")
+    img = transformer.decode_variant(variant)
+    if family == "siglip":
+        img.update(posemb="learn", pool_type="map", out_dim=None)
+        out_dim = img["width"]
+    else:
+        out_dim = embed_dim or (512 if img["width"] == 768 else img["width"])
+        img.update(posemb="learn", pool_type="tok", out_dim=out_dim)
+    txt = None
+    if text_variant:
+        txt = transformer.decode_variant(text_variant)
+        txt.update(vocab_size=vocab_size, seq_len=seq_len, out_dim=out_dim)
+    cfg = ml_collections.ConfigDict(dict(
+        family=family, image_size=image_size, image=img, text=txt,
+        dtype="float32", param_dtype="float32", scan=False, remat_policy="none"))
+    cfg.update(overrides)
+    return cfg
+
+
+def validate(cfg) -> None:
+    """Raises ValueError naming the config field that cannot work."""
+    if cfg.family not in FAMILIES:
+        raise ValueError(f"model.family: unknown family {cfg.family!r}; use siglip or clip")
+    for tower in ("image", "text"):
+        t = cfg.get(tower)
+        if t is None:
+            continue
+        if t.width % t.num_heads:
+            raise ValueError(f"model.{tower}: width {t.width} is not divisible by "
+                             f"num_heads {t.num_heads}")
+    if cfg.image_size % cfg.image.patch_size:
+        raise ValueError(f"model.image_size {cfg.image_size} is not a multiple of "
+                         f"model.image.patch_size {cfg.image.patch_size}")
+
+
+def _tower_kwargs(tower_cfg, defaults, fields, cfg):
+    kw = dict(defaults)
+    kw.update({k: v for k, v in tower_cfg.items() if k in fields})
+    kw.update(scan=cfg.scan, remat_policy=cfg.remat_policy)
+    return kw
+
+
+def build(cfg) -> two_towers.TwoTowers:
+    """The Flax module for a model config."""
+    validate(cfg)
+    fam = FAMILIES[cfg.family]
+    image = _tower_kwargs(cfg.image, fam["image"], _IMAGE_FIELDS, cfg)
+    text = None
+    if cfg.get("text") is not None:
+        text = _tower_kwargs(cfg.text, fam["text"], _TEXT_FIELDS, cfg)
+    return two_towers.TwoTowers(
+        image=image, text=text, logit_bias=fam["logit_bias"], t_init=fam["t_init"],
+        b_init=fam["b_init"], dtype=transformer.dtype_of(cfg.dtype),
+        param_dtype=transformer.dtype_of(cfg.param_dtype))
+
+
+def dummy_inputs(cfg, batch: int = 1):
+    """Zero images (batch, S, S, 3) and tokens (batch, seq_len) for init / eval_shape."""
+    images = np.zeros((batch, cfg.image_size, cfg.image_size, 3), np.float32)
+    tokens = None
+    if cfg.get("text") is not None:
+        tokens = np.zeros((batch, cfg.text.seq_len), np.int32)
+    return images, tokens
+
+
+def init_params(cfg, rng):
+    """Random parameters of the model (a nested dict), e.g. for tests."""
+    images, tokens = dummy_inputs(cfg)
+    return build(cfg).init(rng, images, tokens)["params"]

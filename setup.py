@@ -1,0 +1,37 @@
+"""infusing_jax: fine-grained fine-tuning of SigLIP / CLIP image encoders without forgetting."""
+import setuptools
+
+TORCH = ["torch==2.13.0", "transformers>=4.56", "safetensors"]
+
+setuptools.setup(
+    name="infusing_jax",
+    version="0.1.0",
+    description=(
+        "Fine-tune the image encoder of SigLIP or CLIP for fine-grained retrieval "
+        "without forgetting (JAX/Flax)."
+    ),
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["infusing_jax", "infusing_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "ml_collections",
+        "absl-py",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "safetensors",
+        "sentencepiece",
+        "tokenizers",
+        "tensorflow-cpu",
+        "tensorflow-datasets",
+    ],
+    extras_require={
+        "torch": TORCH,
+        "test": TORCH + ["pytest"],
+    },
+)
