@@ -95,14 +95,21 @@ def _tower_kwargs(tower_cfg, defaults, fields, cfg):
     return kw
 
 
-def build(cfg) -> two_towers.TwoTowers:
-    """The Flax module for a model config."""
-    validate(cfg)
+def resolved_towers(cfg):
+    """(image kwargs, text kwargs or None): the config's towers with the family defaults."""
     fam = FAMILIES[cfg.family]
     image = _tower_kwargs(cfg.image, fam["image"], _IMAGE_FIELDS, cfg)
     text = None
     if cfg.get("text") is not None:
         text = _tower_kwargs(cfg.text, fam["text"], _TEXT_FIELDS, cfg)
+    return image, text
+
+
+def build(cfg) -> two_towers.TwoTowers:
+    """The Flax module for a model config."""
+    validate(cfg)
+    fam = FAMILIES[cfg.family]
+    image, text = resolved_towers(cfg)
     return two_towers.TwoTowers(
         image=image, text=text, logit_bias=fam["logit_bias"], t_init=fam["t_init"],
         b_init=fam["b_init"], dtype=transformer.dtype_of(cfg.dtype),

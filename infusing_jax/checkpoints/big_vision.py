@@ -1,0 +1,70 @@
+"""big_vision `.npz` checkpoints: a flat dict of '/'-joined parameter paths.
+
+Accepts an optional `params/` root, a `file.npz:img` sub-tree suffix, bfloat16
+arrays stored as 2-byte numpy void, and both the scan and unrolled layouts.
+Never unpickles (allow_pickle=False).
+"""
+import os
+
+import ml_dtypes
+import numpy as np
+
+from infusing_jax.checkpoints import tree
+
+_TWO_TOWER_ROOTS = ("img", "txt", "t", "b")
+
+
+def split_path(path: str):
+    """'dir/file.npz:img' -> ('dir/file.npz', 'img'); no suffix -> (path, '')."""
+    head, sep, sub = path.rpartition(":")
+    if sep and head.endswith(".npz"):
+        return head, sub.strip("/")
+    return path, ""
+
+
+def is_npz(path: str) -> bool:
+    return split_path(path)[0].endswith(".npz")
+
+
+def _decode(key, value, file):
+    if value.dtype.kind == "V" and value.dtype.itemsize == 2:
+        return value.view(ml_dtypes.bfloat16)
+    if value.dtype.kind not in "fiub":
+        raise ValueError(f"{file}: array {key!r} has dtype {value.dtype}; expected numbers")
+    return value
+
+
+def read(path: str) -> dict:
+    """'file.npz[:sub/tree]' -> canonical flat params ('img/...', 'txt/...', 't', 'b')."""
+    file, sub = split_path(path)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: no such checkpoint file")
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            flat = {k: _decode(k, npz[k], file) for k in npz.files}
+    except ValueError as e:
+        if "allow_pickle" in str(e) or "Object arrays" in str(e):
+            raise ValueError(f"{file}: refused, it holds pickled Python objects, and "
+                             "loading them could run code; save plain arrays instead") from None
+        raise
+    if flat and all(k.startswith("params/") for k in flat):
+        flat = {k[len("params/"):]: v for k, v in flat.items()}
+    if sub:
+        prefix = sub + "/"
+        flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+        if not flat:
+            raise ValueError(f"{path}: no parameters under {sub!r} in {file}")
+    flat = tree.unroll_scan(flat)
+    if not any(k.split("/")[0] in _TWO_TOWER_ROOTS for k in flat):
+        flat = {f"img/{k}": v for k, v in flat.items()}  # a lone image tower
+    return flat
+
+
+def write(path: str, flat: dict, scan: bool = False):
+    """Canonical flat params -> `.npz` (the scan layout if `scan`)."""
+    if not path.endswith(".npz"):
+        raise ValueError(f"{path}: a big_vision checkpoint file must end in .npz")
+    if scan:
+        flat = tree.roll_scan(flat)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})

@@ -1,0 +1,124 @@
+"""Model configs inferred from parameter tensors, and position-embedding resampling.
+
+Formats store few or no hyperparameters; width, depth, heads, MLP width, patch,
+resolution, pooling and vocabulary all follow from the canonical flat params.
+"""
+import math
+
+import jax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from infusing_jax.checkpoints import tree
+from infusing_jax.models import config as model_config_lib
+from infusing_jax.models import transformer
+
+
+def heads_for_width(width: int) -> int:
+    """Head count of the big_vision variant with this width, else 64-wide heads."""
+    by_width = {w: h for w, _, _, h in transformer.VARIANTS.values()}
+    return by_width.get(width, max(1, width // 64))
+
+
+def _family(flat, hints):
+    if hints.get("family"):
+        return hints["family"]
+    return "clip" if "img/pre_norm/scale" in flat else "siglip"
+
+
+def _block(flat, prefix):
+    attn = flat[f"{prefix}encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"]
+    mlp = flat[f"{prefix}encoderblock_0/MlpBlock_0/Dense_0/kernel"]
+    return dict(depth=tree.count_blocks(flat, prefix), num_heads=int(attn.shape[1]),
+                mlp_dim=int(mlp.shape[1]))
+
+
+def _image(flat, hints):
+    kernel = flat.get("img/embedding/kernel")
+    if kernel is None:
+        raise ValueError("checkpoint has no image tower (img/embedding/kernel)")
+    patch, width = int(kernel.shape[0]), int(kernel.shape[3])
+    out = dict(patch_size=patch, width=width, **_block(flat, "img/Transformer/"))
+    out["pool_type"] = ("map" if "img/MAPHead_0/probe" in flat else
+                        "tok" if "img/cls" in flat else "gap")
+    out["posemb"] = "learn" if "img/pos_embedding" in flat else "sincos2d"
+    out["out_dim"] = int(flat["img/head/kernel"].shape[1]) if "img/head/kernel" in flat else None
+    out["patch_bias"] = "img/embedding/bias" in flat
+    out["head_bias"] = "img/head/bias" in flat
+    out["pre_norm"] = "img/pre_norm/scale" in flat
+    image_size = hints.get("image_size")
+    if out["posemb"] == "learn":
+        tokens = flat["img/pos_embedding"].shape[1]
+        grid = math.isqrt(tokens)
+        out["cls_posemb"] = grid * grid != tokens
+        if out["cls_posemb"]:
+            grid = math.isqrt(tokens - 1)
+        image_size = grid * patch
+    else:
+        out["cls_posemb"] = False
+    return out, image_size or 224
+
+
+def _text(flat):
+    if "txt/Embed_0/embedding" not in flat:
+        return None
+    vocab, width = flat["txt/Embed_0/embedding"].shape
+    out = dict(vocab_size=int(vocab), width=int(width), seq_len=int(flat["txt/pos_embedding"].shape[1]),
+               **_block(flat, "txt/Encoder_0/"))
+    out["out_dim"] = int(flat["txt/head/kernel"].shape[1]) if "txt/head/kernel" in flat else None
+    out["head_bias"] = "txt/head/bias" in flat
+    return out
+
+
+def infer_config(flat: dict, hints: dict = None) -> ml_collections.ConfigDict:
+    """Canonical flat params (+ what the format did store) -> a model config.
+
+    hints: optional 'family', 'image_size', and per tower ('img', 'txt') dicts
+    whose non-None entries (act, ln_eps, num_heads) override the family's defaults.
+    """
+    hints = hints or {}
+    family = _family(flat, hints)
+    image, image_size = _image(flat, hints)
+    text = _text(flat)
+    for tower, name in ((image, "img"), (text, "txt")):
+        if tower is not None:
+            tower.update({k: v for k, v in hints.get(name, {}).items()
+                          if v is not None and k != "num_heads"})
+    return ml_collections.ConfigDict(dict(
+        family=family, image_size=image_size, image=image, text=text,
+        dtype="float32", param_dtype="float32", scan=False, remat_policy="none"))
+
+
+def expected_shapes(cfg) -> dict:
+    """{flat path: shape} of the parameters a config's model has (unrolled)."""
+    images, tokens = model_config_lib.dummy_inputs(cfg)
+    unrolled = ml_collections.ConfigDict(cfg.to_dict())
+    unrolled.scan = False
+    model = model_config_lib.build(unrolled)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, tokens)["params"]
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes, sep="/").items()}
+
+
+def resample_posemb(posemb: np.ndarray, new_grid: int, has_cls: bool) -> np.ndarray:
+    """(1, [1 +] g*g, D) -> (1, [1 +] new_grid^2, D), bilinear on the g x g grid."""
+    cls, grid = (posemb[:, :1], posemb[:, 1:]) if has_cls else (posemb[:, :0], posemb)
+    g = math.isqrt(grid.shape[1])
+    d = grid.shape[-1]
+    grid = np.asarray(grid, np.float32).reshape(g, g, d)
+    grid = np.asarray(jax.image.resize(grid, (new_grid, new_grid, d), "bilinear"))
+    out = grid.reshape(1, new_grid * new_grid, d).astype(posemb.dtype)
+    return np.concatenate([cls, out], axis=1)
+
+
+def resample_image_posemb(flat: dict, cfg, image_size: int) -> dict:
+    """Resample the learned image position embedding so the model runs at `image_size`."""
+    if image_size % cfg.image.patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of the patch size "
+                         f"{cfg.image.patch_size}")
+    flat = dict(flat)
+    if cfg.image.posemb == "learn" and image_size != cfg.image_size:
+        flat["img/pos_embedding"] = resample_posemb(
+            flat["img/pos_embedding"], image_size // cfg.image.patch_size, cfg.image.cls_posemb)
+    cfg.image_size = image_size
+    return flat

@@ -1,0 +1,101 @@
+"""open_clip state dicts: OpenAI-style CLIP ViTs and SigLIP (`visual.trunk.*`, timm names).
+
+open_clip stores no hyperparameters with the weights; head counts come from
+the width (big_vision's variants, else 64-wide heads). Its SigLIP towers run
+timm's and torch's exact-erf GELU (SigLIP2 configs use tanh), and its CLIP
+towers OpenAI's quick_gelu, so those are the activations inferred.
+"""
+from infusing_jax.checkpoints import mapping
+from infusing_jax.checkpoints.mapping import rule
+
+_RESBLOCK = dict(ln1="ln_1", ln2="ln_2", qkv=("attn.in_proj_weight", "attn.in_proj_bias"),
+                 out="attn.out_proj", fc1="mlp.c_fc", fc2="mlp.c_proj")
+_TIMM_BLOCK = dict(ln1="norm1", ln2="norm2", qkv="attn.qkv", out="attn.proj",
+                   fc1="mlp.fc1", fc2="mlp.fc2")
+
+
+def _ln(ours, theirs):
+    return [rule(f"{ours}/scale", f"{theirs}.weight"), rule(f"{ours}/bias", f"{theirs}.bias")]
+
+
+def _text(prefix, proj):
+    return [
+        rule("txt/Embed_0/embedding", f"{prefix}token_embedding.weight"),
+        rule("txt/pos_embedding", f"{prefix}positional_embedding", "pos"),
+        *mapping.block_rules("txt/Encoder_0/encoderblock_{i}/",
+                             f"{prefix}transformer.resblocks.{{i}}.", _RESBLOCK),
+        *_ln("txt/Encoder_0/encoder_norm", f"{prefix}ln_final"),
+        *proj,
+    ]
+
+
+_T = "visual.trunk."
+_POOL = "img/MAPHead_0/"
+_POOL_ATTN = _POOL + "MultiHeadDotProductAttention_0/"
+
+SIGLIP = [
+    rule("img/embedding/kernel", _T + "patch_embed.proj.weight", "conv"),
+    rule("img/embedding/bias", _T + "patch_embed.proj.bias"),
+    rule("img/pos_embedding", _T + "pos_embed"),
+    *mapping.block_rules("img/Transformer/encoderblock_{i}/", _T + "blocks.{i}.", _TIMM_BLOCK),
+    *_ln("img/Transformer/encoder_norm", _T + "norm"),
+    rule(_POOL + "probe", _T + "attn_pool.latent"),
+    rule(_POOL_ATTN + "query/kernel", _T + "attn_pool.q.weight", "heads_in"),
+    rule(_POOL_ATTN + "query/bias", _T + "attn_pool.q.bias", "heads_bias"),
+    rule([_POOL_ATTN + "key/kernel", _POOL_ATTN + "value/kernel"],
+         _T + "attn_pool.kv.weight", "heads_in"),
+    rule([_POOL_ATTN + "key/bias", _POOL_ATTN + "value/bias"],
+         _T + "attn_pool.kv.bias", "heads_bias"),
+    rule(_POOL_ATTN + "out/kernel", _T + "attn_pool.proj.weight", "heads_out"),
+    rule(_POOL_ATTN + "out/bias", _T + "attn_pool.proj.bias"),
+    *_ln(_POOL + "LayerNorm_0", _T + "attn_pool.norm"),
+    rule(_POOL + "MlpBlock_0/Dense_0/kernel", _T + "attn_pool.mlp.fc1.weight", "linear"),
+    rule(_POOL + "MlpBlock_0/Dense_0/bias", _T + "attn_pool.mlp.fc1.bias"),
+    rule(_POOL + "MlpBlock_0/Dense_1/kernel", _T + "attn_pool.mlp.fc2.weight", "linear"),
+    rule(_POOL + "MlpBlock_0/Dense_1/bias", _T + "attn_pool.mlp.fc2.bias"),
+    *_text("text.", [rule("txt/head/kernel", "text.text_projection.weight", "linear"),
+                     rule("txt/head/bias", "text.text_projection.bias")]),
+    rule("t", "logit_scale", "scalar"),
+    rule("b", "logit_bias", "scalar"),
+]
+
+CLIP = [
+    rule("img/embedding/kernel", "visual.conv1.weight", "conv"),
+    rule("img/cls", "visual.class_embedding", "cls"),
+    rule("img/pos_embedding", "visual.positional_embedding", "pos"),
+    *_ln("img/pre_norm", "visual.ln_pre"),
+    *mapping.block_rules("img/Transformer/encoderblock_{i}/",
+                         "visual.transformer.resblocks.{i}.", _RESBLOCK),
+    *_ln("img/Transformer/encoder_norm", "visual.ln_post"),
+    rule("img/head/kernel", "visual.proj"),  # used as x @ proj: already (in, out)
+    *_text("", [rule("txt/head/kernel", "text_projection")]),
+    rule("t", "logit_scale", "scalar"),
+]
+
+TABLES = {"siglip": SIGLIP, "clip": CLIP}
+
+# Entries of OpenAI's JIT state dicts that are not parameters.
+_NOT_PARAMS = ("input_resolution", "context_length", "vocab_size")
+
+
+def unwrap(state: dict) -> dict:
+    """A training checkpoint {'state_dict': {'module.x': ...}} -> {'x': ...}."""
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return {k: v for k, v in state.items() if k not in _NOT_PARAMS}
+
+
+def family_of(theirs: dict):
+    """'siglip' | 'clip' | None, from the keys."""
+    if any(k.startswith("visual.trunk.") for k in theirs):
+        return "siglip"
+    if "visual.conv1.weight" in theirs or "token_embedding.weight" in theirs:
+        return "clip"
+    return None
+
+
+def hints(family: str) -> dict:
+    act = "gelu" if family == "siglip" else "quick_gelu"
+    return dict(family=family, img=dict(act=act), txt=dict(act=act))
