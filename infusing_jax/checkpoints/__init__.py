@@ -164,9 +164,9 @@ def _float32(flat):
 def _write_torch_state(path: str, theirs: dict):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith(".safetensors"):
-        safetensors_np.save_file({k: np.ascontiguousarray(v) for k, v in theirs.items()}, path)
+        safetensors_np.save_file({k: np.asarray(v, order="C") for k, v in theirs.items()}, path)
     elif path.endswith(_TORCH_SUFFIXES):
         import torch  # pylint: disable=g-import-not-at-top
-        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in theirs.items()}, path)
+        torch.save({k: torch.from_numpy(np.asarray(v, order="C")) for k, v in theirs.items()}, path)
     else:
         raise ValueError(f"{path}: an open_clip state dict must end in .safetensors or .bin")

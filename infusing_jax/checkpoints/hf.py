@@ -169,7 +169,7 @@ def preprocessor_config(cfg) -> dict:
 
 def write(path: str, theirs: dict, config: dict, preprocessor: dict):
     os.makedirs(path, exist_ok=True)
-    tensors = {k: np.ascontiguousarray(v) for k, v in theirs.items()}
+    tensors = {k: np.asarray(v, order="C") for k, v in theirs.items()}
     safetensors_np.save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
     for name, obj in (("config.json", config), ("preprocessor_config.json", preprocessor)):
         with open(os.path.join(path, name), "w") as f:

@@ -1,0 +1,60 @@
+"""Tiny models with every parameter random, shared by the tests."""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from infusing_jax import models  # noqa: E402
+from infusing_jax.checkpoints import tree  # noqa: E402
+
+TEXT_LEN = 8
+VOCAB = 100
+
+
+def tiny_config(family: str, text: bool = True):
+    """A 2-block, 32-wide model on 32 px images with 8 px patches."""
+    cfg = models.model_config(family, "mu/8", 32, "mu" if text else None,
+                              vocab_size=VOCAB, seq_len=TEXT_LEN)
+    cfg.image.depth = 2
+    if text:
+        cfg.text.depth = 2
+    return cfg
+
+
+def randomize(params, seed: int = 0):
+    """Every leaf random: LayerNorm scales around 1, everything else ~ N(0, 0.2^2)."""
+    flat = tree.flatten(params)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, v in flat.items():
+        noise = rng.normal(0.0, 0.2, v.shape).astype(np.float32)
+        out[k] = 1.0 + noise if k.endswith("/scale") else noise
+    return tree.unflatten(out)
+
+
+def random_params(cfg, seed: int = 0):
+    return randomize(models.init_params(cfg, jax.random.PRNGKey(seed)), seed)
+
+
+def random_images(n: int, size: int = 32, seed: int = 0):
+    return np.random.default_rng(seed).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+
+
+def random_tokens(n: int, family: str, seed: int = 0):
+    """Token ids; for CLIP each row ends its text with the EOT id (vocab - 1) then pads with 0."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, VOCAB - 2, (n, TEXT_LEN)).astype(np.int32)
+    if family == "clip":
+        for i in range(n):
+            end = rng.integers(2, TEXT_LEN)
+            tokens[i, end] = VOCAB - 1
+            tokens[i, end + 1:] = 0
+    return tokens
+
+
+@pytest.fixture(params=["siglip", "clip"])
+def family(request):
+    return request.param
