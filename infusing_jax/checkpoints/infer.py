@@ -45,7 +45,8 @@ def _image(flat, hints):
     out["posemb"] = "learn" if "img/pos_embedding" in flat else "sincos2d"
     out["out_dim"] = int(flat["img/head/kernel"].shape[1]) if "img/head/kernel" in flat else None
     out["patch_bias"] = "img/embedding/bias" in flat
-    out["head_bias"] = "img/head/bias" in flat
+    if out["out_dim"]:
+        out["head_bias"] = "img/head/bias" in flat
     out["pre_norm"] = "img/pre_norm/scale" in flat
     image_size = hints.get("image_size")
     if out["posemb"] == "learn":
@@ -67,7 +68,8 @@ def _text(flat):
     out = dict(vocab_size=int(vocab), width=int(width), seq_len=int(flat["txt/pos_embedding"].shape[1]),
                **_block(flat, "txt/Encoder_0/"))
     out["out_dim"] = int(flat["txt/head/kernel"].shape[1]) if "txt/head/kernel" in flat else None
-    out["head_bias"] = "txt/head/bias" in flat
+    if out["out_dim"]:
+        out["head_bias"] = "txt/head/bias" in flat
     return out
 
 

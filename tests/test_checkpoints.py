@@ -1,0 +1,186 @@
+"""Checkpoint round trips, big_vision file variants, config inference, errors and safety."""
+import os
+import pickle
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from infusing_jax import checkpoints
+from infusing_jax import models
+from infusing_jax.checkpoints import tree
+from infusing_jax.models.config import resolved_towers
+
+from conftest import random_images, random_params, tiny_config
+
+FORMATS = [("big_vision", "m.npz"), ("hf", "hf"), ("open_clip", "m.safetensors"),
+           ("open_clip", "m.bin")]
+
+
+def _assert_identical(a, b):
+    fa, fb = checkpoints.to_flat(a), checkpoints.to_flat(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert fa[k].dtype == fb[k].dtype, k
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+@pytest.mark.parametrize("fmt,name", FORMATS)
+@pytest.mark.parametrize("text", [True, False])
+def test_round_trip_bit_exact(family, fmt, name, text, tmp_path):
+    cfg = tiny_config(family, text=text)
+    params = random_params(cfg)
+    path = str(tmp_path / name)
+    checkpoints.save(params, cfg, path, fmt)
+    loaded, cfg2 = checkpoints.load(path)
+    _assert_identical(params, loaded)
+    assert cfg2.image_size == cfg.image_size and cfg2.family == family
+    want, got = resolved_towers(cfg), resolved_towers(cfg2)
+    if fmt == "open_clip" and family == "siglip":
+        # open_clip runs timm's exact GELU; the loaded config says so.
+        assert got[0].pop("act") == "gelu" and want[0].pop("act") == "gelu_tanh"
+        if text:
+            assert got[1].pop("act") == "gelu" and want[1].pop("act") == "gelu_tanh"
+    assert got == want
+    if text:
+        assert cfg2.text.vocab_size == cfg.text.vocab_size
+        assert cfg2.text.seq_len == cfg.text.seq_len
+
+
+def test_scan_layout_round_trip(family, tmp_path):
+    cfg = tiny_config(family)
+    params = random_params(cfg)
+    scan_params = tree.unflatten(tree.roll_scan(checkpoints.to_flat(params)))
+    cfg.scan = True
+    checkpoints.save(scan_params, cfg, str(tmp_path / "scan.npz"), "big_vision")
+    with np.load(tmp_path / "scan.npz") as npz:
+        assert "img/Transformer/encoderblock/LayerNorm_0/scale" in npz.files
+        assert npz["img/Transformer/encoderblock/LayerNorm_0/scale"].shape == (2, 32)
+    loaded, _ = checkpoints.load(str(tmp_path / "scan.npz"))
+    _assert_identical(params, loaded)
+    loaded_scan, cfg2 = checkpoints.load(str(tmp_path / "scan.npz"), scan=True)
+    images = random_images(2)
+    a = models.build(tiny_config(family)).apply({"params": params}, images)[0]
+    b = models.build(cfg2).apply({"params": loaded_scan}, images)[0]
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_big_vision_file_variants(tmp_path):
+    """params/ root, bf16 stored as void, and the file.npz:img sub-tree."""
+    cfg = tiny_config("siglip")
+    flat = checkpoints.to_flat(random_params(cfg))
+    bf16 = {f"params/{k}": v.astype(ml_dtypes.bfloat16) for k, v in flat.items()}
+    np.savez(tmp_path / "bf16.npz", **bf16)
+    with np.load(tmp_path / "bf16.npz") as npz:
+        assert npz["params/t"].dtype.kind == "V"  # how numpy stores bfloat16
+    loaded, cfg2 = checkpoints.load(str(tmp_path / "bf16.npz:img"))
+    assert cfg2.text is None
+    got = checkpoints.to_flat(loaded)
+    assert set(got) == {k for k in flat if k.startswith("img/")}
+    for k, v in got.items():
+        np.testing.assert_array_equal(v, flat[k].astype(ml_dtypes.bfloat16).astype(np.float32))
+    # A lone ViT file (no img/ root) is the image tower.
+    np.savez(tmp_path / "vit.npz", **{k[4:]: v for k, v in flat.items() if k.startswith("img/")})
+    lone, _ = checkpoints.load(str(tmp_path / "vit.npz"))
+    assert set(checkpoints.to_flat(lone)) == set(got)
+
+
+def test_posemb_resampling(family, tmp_path):
+    cfg = tiny_config(family, text=False)
+    params = random_params(cfg)
+    checkpoints.save(params, cfg, str(tmp_path / "m.npz"), "big_vision")
+    same, _ = checkpoints.load(str(tmp_path / "m.npz"), image_size=32)
+    _assert_identical(params, same)
+    bigger, cfg2 = checkpoints.load(str(tmp_path / "m.npz"), image_size=48)
+    assert cfg2.image_size == 48
+    pos = bigger["img"]["pos_embedding"]
+    n_cls = 1 if family == "clip" else 0
+    assert pos.shape == (1, n_cls + 36, 32)
+    if n_cls:
+        np.testing.assert_array_equal(pos[:, 0], params["img"]["pos_embedding"][:, 0])
+    # A constant grid stays constant under bilinear resampling.
+    flat = checkpoints.to_flat(params)
+    flat["img/pos_embedding"][:, n_cls:] = 0.5
+    checkpoints.save(tree.unflatten(flat), cfg, str(tmp_path / "c.npz"), "big_vision")
+    const, _ = checkpoints.load(str(tmp_path / "c.npz"), image_size=48)
+    np.testing.assert_allclose(const["img"]["pos_embedding"][:, n_cls:], 0.5, atol=1e-6)
+    models.build(cfg2).apply({"params": bigger}, random_images(1, size=48))
+
+
+def test_sincos2d_model_round_trip(tmp_path):
+    cfg = tiny_config("siglip", text=False)
+    cfg.image.posemb = "sincos2d"
+    params = random_params(cfg)
+    assert "pos_embedding" not in params["img"]
+    checkpoints.save(params, cfg, str(tmp_path / "m.npz"), "big_vision")
+    loaded, cfg2 = checkpoints.load(str(tmp_path / "m.npz"), image_size=32)
+    assert cfg2.image.posemb == "sincos2d"
+    _assert_identical(params, loaded)
+
+
+def test_errors_are_one_line(tmp_path):
+    cfg = tiny_config("siglip")
+    params = random_params(cfg)
+    flat = checkpoints.to_flat(params)
+
+    (tmp_path / "weights.xyz").write_text("x")
+    with pytest.raises(ValueError, match=r"weights.xyz: unknown checkpoint format"):
+        checkpoints.load(str(tmp_path / "weights.xyz"))
+
+    broken = dict(flat)
+    del broken["img/Transformer/encoderblock_1/MlpBlock_0/Dense_1/bias"]
+    np.savez(tmp_path / "missing.npz", **broken)
+    with pytest.raises(ValueError, match=r"missing.npz: 1 missing parameters.*Dense_1/bias"):
+        checkpoints.load(str(tmp_path / "missing.npz"))
+
+    bad = dict(flat)
+    bad["txt/head/bias"] = np.zeros((7,), np.float32)
+    np.savez(tmp_path / "shape.npz", **bad)
+    with pytest.raises(ValueError, match=r"txt/head/bias has shape \(7,\), the model expects "
+                                         r"\(32,\)"):
+        checkpoints.load(str(tmp_path / "shape.npz"))
+
+    checkpoints.save(params, cfg, str(tmp_path / "oc.safetensors"), "open_clip")
+    from safetensors import numpy as st
+    state = st.load_file(str(tmp_path / "oc.safetensors"))
+    state["visual.trunk.extra.weight"] = np.zeros(3, np.float32)
+    st.save_file(state, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(ValueError, match=r"extra.safetensors.*1 unexpected keys.*extra.weight"):
+        checkpoints.load(str(tmp_path / "extra.safetensors"))
+
+    with pytest.raises(FileNotFoundError, match=r"nope.npz: no such checkpoint file$"):
+        checkpoints.load(str(tmp_path / "nope.npz"))
+
+
+class _CreatesFile:
+    """Unpickling this object would create a file: the attack a loader must refuse."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_refuses_files_that_need_unpickling(tmp_path):
+    victim = tmp_path / "pwned.txt"
+    arr = np.empty((1,), dtype=object)
+    arr[0] = _CreatesFile(str(victim))
+    np.savez(tmp_path / "evil.npz", **{"img/embedding/kernel": arr})
+    with pytest.raises(ValueError, match=r"evil.npz: refused, it holds pickled Python objects"):
+        checkpoints.load(str(tmp_path / "evil.npz"))
+    assert not victim.exists()
+
+    torch.save({"visual.conv1.weight": torch.zeros(2), "evil": _CreatesFile(str(victim))},
+               tmp_path / "evil.bin")
+    with pytest.raises(ValueError, match=r"evil.bin: refused, it needs arbitrary Python objects"):
+        checkpoints.load(str(tmp_path / "evil.bin"))
+    assert not victim.exists()
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"state_dict": _CreatesFile(str(victim))}, f)
+    with pytest.raises(ValueError, match=r"evil.pt: refused"):
+        checkpoints.load(str(tmp_path / "evil.pt"))
+    assert not victim.exists()
+    assert os.listdir(tmp_path) and not victim.exists()
