@@ -24,19 +24,19 @@ def tiny_config(family: str, text: bool = True):
     return cfg
 
 
-def randomize(params, seed: int = 0):
-    """Every leaf random: LayerNorm scales around 1, everything else ~ N(0, 0.2^2)."""
+def randomize(params, seed: int = 0, std: float = 0.2):
+    """Every leaf random: LayerNorm scales around 1, everything else ~ N(0, std^2)."""
     flat = tree.flatten(params)
     rng = np.random.default_rng(seed)
     out = {}
     for k, v in flat.items():
-        noise = rng.normal(0.0, 0.2, v.shape).astype(np.float32)
+        noise = rng.normal(0.0, std, v.shape).astype(np.float32)
         out[k] = 1.0 + noise if k.endswith("/scale") else noise
     return tree.unflatten(out)
 
 
-def random_params(cfg, seed: int = 0):
-    return randomize(models.init_params(cfg, jax.random.PRNGKey(seed)), seed)
+def random_params(cfg, seed: int = 0, std: float = 0.2):
+    return randomize(models.init_params(cfg, jax.random.PRNGKey(seed)), seed, std)
 
 
 def random_images(n: int, size: int = 32, seed: int = 0):

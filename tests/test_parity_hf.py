@@ -113,3 +113,27 @@ def test_hf_flax_hf_identical(family, tmp_path):
     for k in orig:
         np.testing.assert_array_equal(orig[k], again[k], err_msg=k)
     _load_hf(tmp_path / "again", family, True)
+
+
+@pytest.mark.slow
+def test_full_size_siglip_b16_image_tower(tmp_path):
+    """SigLIP B/16 at 224 px: big_vision npz -> Flax -> HF, identical weights and outputs."""
+    cfg = models.model_config("siglip", "B/16", 224, text_variant=None)
+    params = random_params(cfg, seed=3, std=0.02)  # a trained model's scale, not exploding
+    checkpoints.save(params, cfg, str(tmp_path / "b16.npz"), "big_vision")
+    loaded, cfg2 = checkpoints.load(str(tmp_path / "b16.npz"))
+    assert (cfg2.image.width, cfg2.image.depth, cfg2.image.num_heads, cfg2.image.mlp_dim,
+            cfg2.image.patch_size, cfg2.image_size) == (768, 12, 12, 3072, 16, 224)
+    flat, flat2 = checkpoints.to_flat(params), checkpoints.to_flat(loaded)
+    assert all(np.array_equal(flat[k], flat2[k]) for k in flat) and flat.keys() == flat2.keys()
+    checkpoints.save(loaded, cfg2, str(tmp_path / "hf"), "hf")
+    hf_model = _load_hf(tmp_path / "hf", "siglip", False)
+    images = random_images(2, size=224, seed=3)
+    _, _, out = models.build(cfg2).apply({"params": loaded}, images)
+    with torch.no_grad():
+        ref = hf_model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    assert _max_diff(out["img"]["encoded"], ref.last_hidden_state) <= TOL
+    assert _max_diff(out["img"]["embedding"], ref.pooler_output) <= TOL
+    params_back, _ = checkpoints.load(str(tmp_path / "hf"))
+    back = checkpoints.to_flat(params_back)
+    assert all(np.array_equal(flat[k], back[k]) for k in flat)
