@@ -191,7 +191,9 @@ class CLIPTokenizer:
     `CLIPTokenizer` (identical ids): NFC, every whitespace run -> one space,
     Unicode lowercase. OpenAI / open_clip also run `ftfy.fix_text` and
     `html.unescape` twice; that is not done here (ftfy is not a dependency),
-    so only mojibake or HTML entities like "&amp;" tokenize differently.
+    so mojibake, HTML entities like "&amp;" and control characters tokenize
+    differently; so do a word-final Greek "Σ" (Python lowercases it to "ς",
+    Rust to "σ") and U+001C-U+001F (whitespace to Python's regex, not to Rust's).
     The literal strings `<|startoftext|>` / `<|endoftext|>` in a text map to
     their special ids (as in OpenAI's and transformers' tokenizers).
 

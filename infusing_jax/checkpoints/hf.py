@@ -10,6 +10,7 @@ import os
 import numpy as np
 from safetensors import numpy as safetensors_np
 
+from infusing_jax import preprocessing
 from infusing_jax.checkpoints import mapping
 from infusing_jax.checkpoints.mapping import rule
 
@@ -86,8 +87,6 @@ TABLES = {"siglip": SIGLIP, "clip": CLIP}
 _ACT_TO_HF = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
 _ACT_FROM_HF = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu",
                 "quick_gelu": "quick_gelu"}
-_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 WEIGHTS = "model.safetensors"
 
 
@@ -159,8 +158,8 @@ def preprocessor_config(cfg) -> dict:
         return dict(image_processor_type="CLIPImageProcessor", do_resize=True,
                     size={"shortest_edge": s}, do_center_crop=True,
                     crop_size={"height": s, "width": s}, resample=3, do_rescale=True,
-                    rescale_factor=1 / 255, do_normalize=True, image_mean=_CLIP_MEAN,
-                    image_std=_CLIP_STD, do_convert_rgb=True)
+                    rescale_factor=1 / 255, do_normalize=True, image_mean=list(preprocessing.CLIP_MEAN),
+                    image_std=list(preprocessing.CLIP_STD), do_convert_rgb=True)
     return dict(image_processor_type="SiglipImageProcessor", do_resize=True,
                 size={"height": s, "width": s}, resample=2, do_rescale=True,
                 rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3,

@@ -1,0 +1,45 @@
+r"""Convert a SigLIP / CLIP checkpoint between big_vision, Hugging Face and open_clip formats.
+
+    python -m infusing_jax.convert SRC DST [--to=big_vision|hf|open_clip] [--image_size=N]
+
+The format of SRC is inferred (`file.npz[:img]`, a save_pretrained directory,
+an open_clip .safetensors / .bin); without --to, DST's name decides: .npz ->
+big_vision, .safetensors / .bin -> open_clip, anything else -> an HF directory.
+"""
+import sys
+
+from absl import app
+from absl import flags
+
+from infusing_jax import checkpoints
+
+_TO = flags.DEFINE_enum("to", None, checkpoints.FORMATS, "Output format (default: from DST).")
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", None, "Resample the image position embedding to this resolution.")
+
+
+def format_for(dst: str) -> str:
+    if dst.endswith(".npz"):
+        return "big_vision"
+    if dst.endswith((".safetensors", ".bin", ".pt", ".pth")):
+        return "open_clip"
+    return "hf"
+
+
+def main(argv):
+    if len(argv) != 3:
+        raise app.UsageError("usage: python -m infusing_jax.convert SRC DST [--to=FORMAT]")
+    src, dst = argv[1:]
+    fmt = _TO.value or format_for(dst)
+    try:
+        params, cfg = checkpoints.load(src, image_size=_IMAGE_SIZE.value)
+        checkpoints.save(params, cfg, dst, fmt)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"error: {e}")
+    towers = "image and text towers" if cfg.get("text") else "image tower"
+    print(f"wrote {dst} ({fmt}): {cfg.family} {towers}, width {cfg.image.width}, "
+          f"depth {cfg.image.depth}, patch {cfg.image.patch_size}, {cfg.image_size} px")
+
+
+if __name__ == "__main__":
+    app.run(main)
