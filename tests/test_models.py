@@ -1,0 +1,105 @@
+"""Model invariants: layouts, remat, dtypes, variants, position embeddings, config errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infusing_jax import checkpoints
+from infusing_jax import models
+from infusing_jax.checkpoints import tree
+from infusing_jax.models import transformer
+
+from conftest import random_images, random_params, random_tokens, tiny_config
+
+
+def _apply(cfg, params, images, tokens=None):
+    model = models.build(cfg)
+    return jax.jit(lambda p: model.apply({"params": p}, images, tokens))(params)
+
+
+def test_scan_and_remat_give_the_same_outputs_and_gradients(family):
+    cfg = tiny_config(family)
+    params = random_params(cfg)
+    images, tokens = random_images(2), random_tokens(3, family)
+    ref = _apply(cfg, params, images, tokens)[2]["logits"]
+
+    def grad(p, c):
+        model = models.build(c)
+        loss = lambda p: jnp.sum(model.apply({"params": p}, images, tokens)[2]["logits"] ** 2)
+        return checkpoints.to_flat(jax.jit(jax.grad(loss))(p))
+
+    grads = grad(params, cfg)
+    for scan, remat in ((True, "none"), (False, "nothing_saveable"), (True, "dots_saveable")):
+        c = tiny_config(family)
+        c.scan, c.remat_policy = scan, remat
+        p = tree.unflatten(tree.roll_scan(checkpoints.to_flat(params))) if scan else params
+        np.testing.assert_allclose(_apply(c, p, images, tokens)[2]["logits"], ref,
+                                   rtol=1e-5, atol=1e-5)
+        g = grad(p, c)
+        for k in grads:
+            np.testing.assert_allclose(g[k], grads[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_bfloat16_compute_and_params(family):
+    cfg = tiny_config(family)
+    params = random_params(cfg, std=0.05)
+    images, tokens = random_images(2), random_tokens(2, family)
+    zimg, ztxt, _ = _apply(cfg, params, images, tokens)
+    cfg.dtype = "bfloat16"
+    zimg16, ztxt16, out = _apply(cfg, params, images, tokens)
+    assert out["img"]["encoded"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(zimg16, np.float32), zimg, atol=0.05)
+    np.testing.assert_allclose(np.asarray(ztxt16, np.float32), ztxt, atol=0.05)
+    cfg.param_dtype = "bfloat16"
+    p16 = models.init_params(cfg, jax.random.PRNGKey(0))
+    assert {x.dtype for x in jax.tree_util.tree_leaves(p16)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_named_variants():
+    assert transformer.decode_variant("B/16") == dict(width=768, depth=12, mlp_dim=3072,
+                                                      num_heads=12, patch_size=16)
+    assert transformer.decode_variant("So400m/14")["mlp_dim"] == 4304
+    shapes = jax.eval_shape(lambda: models.init_params(
+        models.model_config("siglip", "L/16", 256, "L"), jax.random.PRNGKey(0)))
+    flat = {k: v.shape for k, v in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    n = sum(int(np.prod(s)) for s in flat.values())
+    assert 650e6 < n < 700e6  # SigLIP L/16 two-tower: ~652M (image ~316M)
+    with pytest.raises(ValueError, match="unknown model variant 'Q/16'"):
+        transformer.decode_variant("Q/16")
+
+
+def test_sincos2d_posemb_is_the_2d_fourier_features():
+    pe = np.asarray(transformer.posemb_sincos_2d(3, 4, 8))[0]
+    assert pe.shape == (12, 8)
+    omega = 1.0 / 10_000 ** (np.arange(2) / 1)
+    row, col = 1 * 4 + 2, (1, 2)  # token at grid row 1, column 2
+    expected = np.concatenate([np.sin(col[1] * omega), np.cos(col[1] * omega),
+                               np.sin(col[0] * omega), np.cos(col[0] * omega)])
+    np.testing.assert_allclose(pe[row], expected, rtol=1e-6)
+
+
+def test_pooling_choices_and_embedding_norms():
+    for pool in ("map", "tok", "gap"):
+        cfg = tiny_config("siglip", text=False)
+        cfg.image.pool_type = pool
+        params = random_params(cfg)
+        zimg, _, out = _apply(cfg, params, random_images(3))
+        np.testing.assert_allclose(np.linalg.norm(zimg, axis=-1), 1, atol=1e-5)
+        if pool == "gap":
+            np.testing.assert_allclose(out["img"]["pooled"],
+                                       np.mean(out["img"]["encoded"], axis=1), atol=1e-6)
+        if pool == "tok":
+            assert out["img"]["encoded"].shape[1] == 17  # 16 patches + cls
+
+
+def test_config_errors_name_the_field():
+    cfg = tiny_config("siglip")
+    cfg.image.num_heads = 3
+    with pytest.raises(ValueError, match=r"model.image: width 32 is not divisible by num_heads 3"):
+        models.build(cfg)
+    cfg = tiny_config("siglip")
+    cfg.image_size = 30
+    with pytest.raises(ValueError, match=r"model.image_size 30 is not a multiple"):
+        models.build(cfg)
+    with pytest.raises(ValueError, match=r"model.family: unknown family 'blip'"):
+        models.model_config("blip")
