@@ -15,12 +15,17 @@ VOCAB = 100
 
 
 def tiny_config(family: str, text: bool = True):
-    """A 2-block, 32-wide model on 32 px images with 8 px patches."""
+    """A 2-block model on 32 px images with 8 px patches and 2 heads per tower.
+
+    SigLIP: width 32 (big_vision's 'mu'); CLIP: width 128, since open_clip
+    stores no head count and its CLIP towers always use 64-wide heads.
+    """
     cfg = models.model_config(family, "mu/8", 32, "mu" if text else None,
                               vocab_size=VOCAB, seq_len=TEXT_LEN)
-    cfg.image.depth = 2
-    if text:
-        cfg.text.depth = 2
+    for tower in [cfg.image] + ([cfg.text] if text else []):
+        tower.depth = 2
+        if family == "clip":
+            tower.width, tower.mlp_dim, tower.out_dim = 128, 256, 48
     return cfg
 
 
@@ -35,7 +40,9 @@ def randomize(params, seed: int = 0, std: float = 0.2):
     return tree.unflatten(out)
 
 
-def random_params(cfg, seed: int = 0, std: float = 0.2):
+def random_params(cfg, seed: int = 0, std: float = None):
+    """Random params; std defaults to 0.2 * sqrt(32 / width), keeping activations O(1)."""
+    std = std or 0.2 * np.sqrt(32 / cfg.image.width)
     return randomize(models.init_params(cfg, jax.random.PRNGKey(seed)), seed, std)
 
 

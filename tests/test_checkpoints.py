@@ -56,7 +56,7 @@ def test_scan_layout_round_trip(family, tmp_path):
     checkpoints.save(scan_params, cfg, str(tmp_path / "scan.npz"), "big_vision")
     with np.load(tmp_path / "scan.npz") as npz:
         assert "img/Transformer/encoderblock/LayerNorm_0/scale" in npz.files
-        assert npz["img/Transformer/encoderblock/LayerNorm_0/scale"].shape == (2, 32)
+        assert npz["img/Transformer/encoderblock/LayerNorm_0/scale"].shape == (2, cfg.image.width)
     loaded, _ = checkpoints.load(str(tmp_path / "scan.npz"))
     _assert_identical(params, loaded)
     loaded_scan, cfg2 = checkpoints.load(str(tmp_path / "scan.npz"), scan=True)
@@ -96,7 +96,7 @@ def test_posemb_resampling(family, tmp_path):
     assert cfg2.image_size == 48
     pos = bigger["img"]["pos_embedding"]
     n_cls = 1 if family == "clip" else 0
-    assert pos.shape == (1, n_cls + 36, 32)
+    assert pos.shape == (1, n_cls + 36, cfg.image.width)
     if n_cls:
         np.testing.assert_array_equal(pos[:, 0], params["img"]["pos_embedding"][:, 0])
     # A constant grid stays constant under bilinear resampling.
@@ -184,3 +184,12 @@ def test_refuses_files_that_need_unpickling(tmp_path):
         checkpoints.load(str(tmp_path / "evil.pt"))
     assert not victim.exists()
     assert os.listdir(tmp_path) and not victim.exists()
+
+
+def test_open_clip_export_refuses_head_counts_it_cannot_store(tmp_path):
+    cfg = tiny_config("clip")
+    cfg.image.num_heads = 4  # 32-wide heads: open_clip's CLIP would read 2
+    with pytest.raises(ValueError, match=r"open_clip stores no head count.*image tower "
+                                         r"\(4 heads of width 128\) would load back with 2"):
+        checkpoints.save(random_params(cfg), cfg, str(tmp_path / "m.safetensors"), "open_clip")
+    assert not (tmp_path / "m.safetensors").exists()

@@ -24,7 +24,9 @@ Names follow the real modules, so `load_state_dict(strict=True)` proves that
 an exported file has exactly open_clip's keys and shapes.
 """
 import collections
+import functools
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -316,12 +318,14 @@ def _torch_outputs(model, images, tokens):
     return img.numpy(), txt.numpy(), logits.numpy()
 
 
-def _assert_match(ours, theirs):
+def _assert_match(ours, theirs, relative=False):
+    """max |diff| <= TOL (times max(1, max |theirs|) when `relative`)."""
     for name, a, b in zip(("image embedding", "text embedding", "logits"), ours, theirs):
         a = np.asarray(a)
         assert a.shape == b.shape, (name, a.shape, b.shape)
         diff = float(np.max(np.abs(a - b)))
-        assert diff <= TOL, f"{name}: max |diff| {diff:.3g} > {TOL}"
+        tol = TOL * max(1.0, float(np.abs(b).max())) if relative else TOL
+        assert diff <= tol, f"{name}: max |diff| {diff:.3g} > {tol:.3g}"
         assert np.abs(b).max() > 0.1, f"{name} trivially small"
 
 
@@ -334,7 +338,8 @@ def _flax_config(family):
 
 
 def _ours(params, cfg, images, tokens):
-    _, _, out = models.build(cfg).apply({"params": params}, images, tokens)
+    """Our model's image / text embeddings (before L2 normalisation) and image x text logits."""
+    _, _, out = jax.jit(models.build(cfg).apply)({"params": params}, images, tokens)
     return out["img"]["embedding"], out["txt"]["embedding"], out["logits"]
 
 
@@ -348,10 +353,18 @@ def _read_file(path):
 # Tests
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
-def test_export_loads_into_open_clip_and_matches(family, suffix, tmp_path):
+@functools.lru_cache(maxsize=None)
+def _flax_model(family):
+    """(cfg, params, images, tokens, our outputs), shared by the .safetensors / .bin cases."""
     cfg = _flax_config(family)
     params = random_params(cfg)
+    images, tokens = random_images(3), random_tokens(4, family)
+    return cfg, params, images, tokens, _ours(params, cfg, images, tokens)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_export_loads_into_open_clip_and_matches(family, suffix, tmp_path):
+    cfg, params, images, tokens, ours = _flax_model(family)
     path = str(tmp_path / f"open_clip{suffix}")
     checkpoints.save(params, cfg, path, "open_clip")
 
@@ -360,8 +373,7 @@ def test_export_loads_into_open_clip_and_matches(family, suffix, tmp_path):
     assert all(v.dtype == torch.float32 for v in state.values())
     model.load_state_dict(state, strict=True)  # no missing or unexpected keys, same shapes
 
-    images, tokens = random_images(3), random_tokens(4, family)
-    _assert_match(_ours(params, cfg, images, tokens), _torch_outputs(model, images, tokens))
+    _assert_match(ours, _torch_outputs(model, images, tokens))
 
     # And the file reads back to the very same parameters.
     again, cfg2 = checkpoints.load(path)
@@ -375,24 +387,26 @@ def test_export_loads_into_open_clip_and_matches(family, suffix, tmp_path):
         np.testing.assert_array_equal(ours_flat[k], again_flat[k], err_msg=k)
 
 
-def _randomize_torch(model, seed=0):
-    """Every parameter random: LayerNorm weights ~ 1 + N(0, 0.2^2), all else ~ N(0, 0.2^2)."""
+def _randomize_torch(model, seed=0, std=0.2):
+    """Every parameter random: LayerNorm weights ~ 1 + N(0, std^2), all else ~ N(0, std^2)."""
     gen = torch.Generator().manual_seed(seed)
     norms = {n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen) * 0.2
+            noise = torch.randn(p.shape, generator=gen) * std
             module, _, leaf = name.rpartition(".")
             p.copy_(1.0 + noise if module in norms and leaf == "weight" else noise)
 
 
 # Deliberately unlike tiny_config: another resolution, depths and (CLIP) an
 # embedding width that differs from the tower widths, so that transposed
-# projections or a wrong grid cannot pass. Widths 32 -> 2 heads and 64 -> 1 head
-# (64-wide heads) are what open_clip's head-count inference gives.
+# projections or a wrong grid cannot pass. The head counts are what open_clip's
+# head-count inference gives: 64-wide heads for CLIP, big_vision's variants for
+# SigLIP (width 32 -> 2 heads, 64 -> 1 head). `std` keeps activations O(1).
 REVERSE = {
-    "clip": dict(image_size=48, patch=8, v=(32, 3, 2, 128), t=(64, 1, 1, 256), embed_dim=24),
-    "siglip": dict(image_size=48, patch=8, v=(32, 3, 2, 128), t=(64, 1, 1, 256)),
+    "clip": dict(image_size=48, patch=8, v=(128, 3, 2, 256), t=(64, 1, 1, 256), embed_dim=24,
+                 std=0.1),
+    "siglip": dict(image_size=48, patch=8, v=(32, 3, 2, 128), t=(64, 1, 1, 256), std=0.2),
 }
 
 
@@ -401,7 +415,7 @@ def test_open_clip_training_checkpoint_loads_and_matches(family, tmp_path):
     torch.manual_seed(0)
     model = _reference(family, spec["image_size"], spec["patch"], spec["v"], spec["t"],
                        spec.get("embed_dim"))
-    _randomize_torch(model, seed=1)
+    _randomize_torch(model, seed=1, std=spec["std"])
     path = str(tmp_path / "epoch_1.bin")
     torch.save({"epoch": 1, "name": "tiny",
                 "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, path)
@@ -435,3 +449,21 @@ def test_open_clip_training_checkpoint_loads_and_matches(family, tmp_path):
     assert again.keys() == orig.keys()
     for k in orig:
         torch.testing.assert_close(again[k], orig[k], rtol=0, atol=0, msg=k)
+
+
+def test_open_clip_bigg_text_heads(tmp_path):
+    """open_clip ViT-bigG-14 text tower (model_configs/ViT-bigG-14.json): width 1280, 20 heads.
+
+    Depth 1, a narrow MLP and tiny vocab keep it cheap; only the head count matters.
+    """
+    text = (1280, 1, 20, 64)
+    model = _reference("clip", 32, 8, (64, 1, 1, 64), text, 24)
+    _randomize_torch(model, seed=3)
+    path = str(tmp_path / "bigg_text.bin")
+    torch.save(model.state_dict(), path)
+    params, cfg = checkpoints.load(path)
+    assert (cfg.text.width, cfg.text.depth, cfg.text.num_heads, cfg.text.mlp_dim) == text
+    images, tokens = random_images(2, seed=3), random_tokens(2, "clip", seed=3)
+    # Text embeddings reach ~20 at this width: float32 sums over 1280 terms, so relative.
+    _assert_match(_ours(params, cfg, images, tokens), _torch_outputs(model, images, tokens),
+                  relative=True)

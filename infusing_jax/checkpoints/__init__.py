@@ -79,20 +79,9 @@ def _read_flat(path: str):
     if family is None:
         raise ValueError(f"{path}: not an open_clip SigLIP or CLIP state dict (no "
                          "'visual.trunk.*' or 'visual.conv1.weight' keys)")
-    heads = _open_clip_heads(theirs, family)
-    return mapping.import_(open_clip.TABLES[family], theirs, heads, path), open_clip.hints(family)
-
-
-def _open_clip_heads(theirs, family):
-    """Head counts of an open_clip state dict, from the tower widths."""
-    img_key = "visual.trunk.patch_embed.proj.weight" if family == "siglip" else "visual.conv1.weight"
-    txt_key = "text.token_embedding.weight" if family == "siglip" else "token_embedding.weight"
-    heads = {}
-    if img_key in theirs:
-        heads["img"] = infer.heads_for_width(theirs[img_key].shape[0])
-    if txt_key in theirs:
-        heads["txt"] = infer.heads_for_width(theirs[txt_key].shape[1])
-    return heads
+    heads = open_clip.num_heads(theirs, family)
+    flat = mapping.import_(open_clip.TABLES[family], theirs, heads, path)
+    return flat, open_clip.hints(theirs, family)
 
 
 def check_shapes(flat: dict, cfg, where: str):
@@ -152,6 +141,13 @@ def save(params, cfg: ml_collections.ConfigDict, path: str, fmt: str):
     elif fmt == "open_clip":
         theirs = mapping.export(open_clip.TABLES[cfg.family], _float32(flat),
                                 f"export to {path}")
+        implied = open_clip.num_heads(theirs, cfg.family)
+        for tower, name in (("img", "image"), ("txt", "text")):
+            if tower in implied and implied[tower] != cfg[name].num_heads:
+                raise ValueError(
+                    f"export to {path}: open_clip stores no head count, and this model's "
+                    f"{name} tower ({cfg[name].num_heads} heads of width {cfg[name].width}) "
+                    f"would load back with {implied[tower]}; use the hf or big_vision format")
         _write_torch_state(path, theirs)
     else:
         raise ValueError(f"unknown format {fmt!r}; use one of {FORMATS}")

@@ -1,10 +1,11 @@
 """open_clip state dicts: OpenAI-style CLIP ViTs and SigLIP (`visual.trunk.*`, timm names).
 
-open_clip stores no hyperparameters with the weights; head counts come from
-the width (big_vision's variants, else 64-wide heads). Its SigLIP towers run
-timm's and torch's exact-erf GELU (SigLIP2 configs use tanh), and its CLIP
-towers OpenAI's quick_gelu, so those are the activations inferred.
+open_clip stores no hyperparameters with the weights, so they follow from the
+tensors: head counts from the widths (open_clip's own towers use 64-wide
+heads; SigLIP's timm trunks and text towers big_vision's variants), and the
+activation from which model the shapes identify (see `hints`).
 """
+from infusing_jax.checkpoints import infer
 from infusing_jax.checkpoints import mapping
 from infusing_jax.checkpoints.mapping import rule
 
@@ -96,6 +97,45 @@ def family_of(theirs: dict):
     return None
 
 
-def hints(family: str) -> dict:
-    act = "gelu" if family == "siglip" else "quick_gelu"
-    return dict(family=family, img=dict(act=act), txt=dict(act=act))
+_SIGLIP_KEYS = {"img": "visual.trunk.patch_embed.proj.weight", "txt": "text.token_embedding.weight"}
+_CLIP_KEYS = {"img": "visual.conv1.weight", "txt": "token_embedding.weight"}
+
+
+def num_heads(theirs: dict, family: str) -> dict:
+    """{'img': H, 'txt': H} for the towers present."""
+    keys = _SIGLIP_KEYS if family == "siglip" else _CLIP_KEYS
+    heads = {}
+    if keys["img"] in theirs:
+        width = theirs[keys["img"]].shape[0]
+        heads["img"] = infer.heads_for_width(width) if family == "siglip" else max(1, width // 64)
+    if keys["txt"] in theirs:
+        width = theirs[keys["txt"]].shape[1]
+        heads["txt"] = infer.heads_for_width(width) if family == "siglip" else max(1, width // 64)
+    return heads
+
+
+def _timm_siglip_uses_tanh(theirs: dict) -> bool:
+    """timm's SigLIP trunks run exact GELU except So400m/16, L/16 at 512 px, giant-opt, B/32."""
+    kernel = theirs[_SIGLIP_KEYS["img"]]
+    width, patch = kernel.shape[0], kernel.shape[-1]
+    grid = theirs["visual.trunk.pos_embed"].shape[1] ** 0.5
+    return ((width == 1152 and patch == 16) or width == 1536 or (width == 768 and patch == 32)
+            or (width == 1024 and patch == 16 and grid * patch == 512))
+
+
+def hints(theirs: dict, family: str) -> dict:
+    """What the format implies beyond the tensors: family and each tower's activation.
+
+    CLIP: OpenAI's quick_gelu. SigLIP: torch's exact GELU (open_clip's SigLIP text
+    towers and most timm trunks), except the tanh form in SigLIP2 text towers
+    (their 256k Gemma vocabulary) and in the timm trunks `_timm_siglip_uses_tanh`
+    lists.
+    """
+    if family == "clip":
+        return dict(family=family, img=dict(act="quick_gelu"), txt=dict(act="quick_gelu"))
+    out = dict(family=family, img=dict(act="gelu"), txt=dict(act="gelu"))
+    if _SIGLIP_KEYS["img"] in theirs and _timm_siglip_uses_tanh(theirs):
+        out["img"]["act"] = "gelu_tanh"
+    if _SIGLIP_KEYS["txt"] in theirs and theirs[_SIGLIP_KEYS["txt"]].shape[0] == 256_000:
+        out["txt"]["act"] = "gelu_tanh"
+    return out
