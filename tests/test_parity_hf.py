@@ -113,6 +113,11 @@ def test_hf_flax_hf_identical(family, tmp_path):
     for k in orig:
         np.testing.assert_array_equal(orig[k], again[k], err_msg=k)
     _load_hf(tmp_path / "again", family, True)
+    auto = transformers.AutoModel.from_pretrained(tmp_path / "again")
+    assert type(auto) is HF_CLASSES[family, True]
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "again")
+    pixels = processor(images=np.zeros((40, 50, 3), np.uint8), return_tensors="np")
+    assert pixels["pixel_values"].shape == (1, 3, 32, 32)
 
 
 @pytest.mark.slow
