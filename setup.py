@@ -22,6 +22,7 @@ setuptools.setup(
         "ml_collections",
         "absl-py",
         "numpy",
+        "scipy",
         "pillow",
         "tqdm",
         "safetensors",

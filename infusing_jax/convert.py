@@ -16,23 +16,19 @@ from infusing_jax import checkpoints
 _TO = flags.DEFINE_enum("to", None, checkpoints.FORMATS, "Output format (default: from DST).")
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", None, "Resample the image position embedding to this resolution.")
-
-
-def format_for(dst: str) -> str:
-    if dst.endswith(".npz"):
-        return "big_vision"
-    if dst.endswith((".safetensors", ".bin", ".pt", ".pth")):
-        return "open_clip"
-    return "hf"
+_ACT = flags.DEFINE_enum(
+    "act", None, ["gelu_tanh", "gelu", "quick_gelu"],
+    "Activation, for sources that do not record it (required for open_clip CLIP files: "
+    "quick_gelu for OpenAI weights, gelu for LAION / DataComp / DFN).")
 
 
 def main(argv):
     if len(argv) != 3:
         raise app.UsageError("usage: python -m infusing_jax.convert SRC DST [--to=FORMAT]")
     src, dst = argv[1:]
-    fmt = _TO.value or format_for(dst)
+    fmt = _TO.value or checkpoints.format_of(dst)
     try:
-        params, cfg = checkpoints.load(src, image_size=_IMAGE_SIZE.value)
+        params, cfg = checkpoints.load(src, image_size=_IMAGE_SIZE.value, act=_ACT.value)
         checkpoints.save(params, cfg, dst, fmt)
     except (ValueError, FileNotFoundError, ImportError) as e:
         sys.exit(f"error: {e}")

@@ -30,6 +30,9 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output .npz file.")
 _TEXTS = flags.DEFINE_string("texts", None, "Optional text file, one text per line.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer file for --texts.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
+_ACT = flags.DEFINE_enum(
+    "act", None, ["gelu_tanh", "gelu", "quick_gelu"],
+    "Activation, for checkpoints that do not record it (open_clip CLIP files).")
 _PRECISION = flags.DEFINE_enum(
     "matmul_precision", "highest", ["default", "high", "highest"],
     "JAX matmul precision. 'highest' is true float32 (matches PyTorch to ~1e-6); "
@@ -59,7 +62,10 @@ def _decode(path, size, family):
 
 
 def embed_images(encode, root, paths, size, family, batch_size):
-    """-> (embeddings (N, E), embedded paths, skipped paths). Batches are padded to one shape."""
+    """-> (list of (n_i, E) embedding arrays, embedded paths, skipped paths).
+
+    Every batch is padded to `batch_size` so that `encode` compiles once.
+    """
     embeddings, kept, skipped = [], [], []
     with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool, \
             tqdm.tqdm(total=len(paths), desc="images", unit="img", file=sys.stderr) as bar:
@@ -77,6 +83,22 @@ def embed_images(encode, root, paths, size, family, batch_size):
     return embeddings, kept, skipped
 
 
+def _texts_and_tokenizer(cfg):
+    """--texts lines and the --tokenizer, checked against the model before any work."""
+    if cfg.get("text") is None:
+        raise ValueError(f"--texts: {_CHECKPOINT.value} has no text tower")
+    with open(_TEXTS.value, encoding="utf-8") as f:
+        texts = [line.rstrip("\n") for line in f if line.strip()]
+    if not texts:
+        raise ValueError(f"--texts={_TEXTS.value}: no non-empty line")
+    tokenize = tokenizers.load_tokenizer(_TOKENIZER.value, cfg.family, cfg.text.seq_len)
+    if tokenize.vocab_size > cfg.text.vocab_size:
+        raise ValueError(f"--tokenizer={_TOKENIZER.value}: its {tokenize.vocab_size} tokens do "
+                         f"not fit the model's vocabulary of {cfg.text.vocab_size}; use the "
+                         "checkpoint's own tokenizer")
+    return texts, tokenize
+
+
 def main(argv):
     del argv
     for flag in (_CHECKPOINT, _IMAGES, _OUTPUT):
@@ -88,7 +110,8 @@ def main(argv):
         sys.exit(f"error: --images={_IMAGES.value}: no such folder")
     jax.config.update("jax_default_matmul_precision", _PRECISION.value)
     try:
-        params, cfg = checkpoints.load(_CHECKPOINT.value)
+        params, cfg = checkpoints.load(_CHECKPOINT.value, act=_ACT.value)
+        texts, tokenize = _texts_and_tokenizer(cfg) if _TEXTS.value else (None, None)
     except (ValueError, FileNotFoundError, ImportError) as e:
         sys.exit(f"error: {e}")
     model = models.build(cfg)
@@ -107,12 +130,7 @@ def main(argv):
         print(f"skipped {len(skipped)} of {len(paths)} images that could not be decoded "
               f"(listed in skipped_paths), e.g. {skipped[:3]}", file=sys.stderr)
 
-    if _TEXTS.value:
-        if cfg.get("text") is None:
-            sys.exit(f"error: --texts: {_CHECKPOINT.value} has no text tower")
-        with open(_TEXTS.value, encoding="utf-8") as f:
-            texts = [line.rstrip("\n") for line in f if line.strip()]
-        tokenize = tokenizers.load_tokenizer(_TOKENIZER.value, cfg.family, cfg.text.seq_len)
+    if texts is not None:
         encode_text = jax.jit(lambda t: model.apply({"params": params}, t,
                                                     method=model.encode_texts))
         out["text_embeddings"] = np.concatenate(

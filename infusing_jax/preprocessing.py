@@ -1,7 +1,10 @@
 """Decoding any image to RGB, and each family's eval preprocessing (PIL / numpy).
 
-Eval view: resize the shorter side to S, centre crop S x S, then scale pixels:
-SigLIP to [-1, 1] ((x - 0.5) / 0.5), CLIP with OpenAI's mean and std.
+Eval view, as each family's own code does it: SigLIP (big_vision) squash-resizes
+to S x S bilinearly and scales pixels to [-1, 1]; CLIP (OpenAI) resizes the
+shorter side to S bicubically, centre crops S x S, and normalises with OpenAI's
+mean and std. (The paper's retrieval protocol, shorter side + centre crop for
+both, belongs to the data pipeline.)
 """
 import numpy as np
 from PIL import Image
@@ -37,13 +40,16 @@ def load_rgb(path: str) -> Image.Image:
 
 
 def eval_view(image: Image.Image, size: int, family: str) -> np.ndarray:
-    """RGB image -> (size, size, 3) float32: shorter side to `size`, centre crop, normalise."""
-    w, h = image.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((new_w, new_h), RESAMPLE[family])
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
+    """RGB image -> (size, size, 3) float32, the family's eval view (module docstring)."""
+    if family == "siglip":
+        image = image.resize((size, size), RESAMPLE[family])
+    else:
+        w, h = image.size
+        scale = size / min(w, h)
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((new_w, new_h), RESAMPLE[family])
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
     mean, std = NORMALIZATION[family]
     x = np.asarray(image, np.float32) / 255.0
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)

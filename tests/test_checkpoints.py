@@ -33,7 +33,9 @@ def test_round_trip_bit_exact(family, fmt, name, text, tmp_path):
     params = random_params(cfg)
     path = str(tmp_path / name)
     checkpoints.save(params, cfg, path, fmt)
-    loaded, cfg2 = checkpoints.load(path)
+    # open_clip records no CLIP activation: the caller names it.
+    act = "quick_gelu" if (fmt, family) == ("open_clip", "clip") else None
+    loaded, cfg2 = checkpoints.load(path, act=act)
     _assert_identical(params, loaded)
     assert cfg2.image_size == cfg.image_size and cfg2.family == family
     want, got = resolved_towers(cfg), resolved_towers(cfg2)
@@ -119,6 +121,17 @@ def test_sincos2d_model_round_trip(tmp_path):
     _assert_identical(params, loaded)
 
 
+def test_open_clip_clip_needs_the_activation_named(tmp_path):
+    cfg = tiny_config("clip")
+    params = random_params(cfg)
+    checkpoints.save(params, cfg, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match=r"m.safetensors: open_clip stores no activation; "
+                                         r"pass act='quick_gelu'"):
+        checkpoints.load(str(tmp_path / "m.safetensors"))
+    _, cfg2 = checkpoints.load(str(tmp_path / "m.safetensors"), act="gelu")
+    assert resolved_towers(cfg2)[0]["act"] == resolved_towers(cfg2)[1]["act"] == "gelu"
+
+
 def test_errors_are_one_line(tmp_path):
     cfg = tiny_config("siglip")
     params = random_params(cfg)
@@ -193,3 +206,81 @@ def test_open_clip_export_refuses_head_counts_it_cannot_store(tmp_path):
                                          r"\(4 heads of width 128\) would load back with 2"):
         checkpoints.save(random_params(cfg), cfg, str(tmp_path / "m.safetensors"), "open_clip")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_posemb_resampling_is_big_vision_zoom(tmp_path):
+    """A linear ramp over the grid is resampled exactly, corners to corners."""
+    cfg = tiny_config("siglip", text=False)  # 4 x 4 grid of 8 px patches
+    flat = checkpoints.to_flat(random_params(cfg))
+    i, j = np.mgrid[:4, :4]
+    flat["img/pos_embedding"] = np.broadcast_to(
+        (i + 2.0 * j).reshape(1, 16, 1), (1, 16, 32)).astype(np.float32).copy()
+    checkpoints.save(tree.unflatten(flat), cfg, str(tmp_path / "ramp.npz"))
+    params, _ = checkpoints.load(str(tmp_path / "ramp.npz"), image_size=56)  # 7 x 7
+    oi, oj = np.mgrid[:7, :7] * (3 / 6)
+    np.testing.assert_allclose(params["img"]["pos_embedding"][0, :, 0],
+                               (oi + 2 * oj).reshape(-1), atol=1e-5)
+
+
+def test_image_size_not_a_multiple_of_the_patch(tmp_path):
+    """Like So400m/14 at 384 px (a 27 x 27 grid): the size is kept, nothing is resampled."""
+    cfg = tiny_config("siglip")
+    cfg.image_size = 36  # 4 x 4 patches of 8 px, 4 px dropped as by a VALID conv
+    params = random_params(cfg)
+    checkpoints.save(params, cfg, str(tmp_path / "hf"))
+    _, from_hf = checkpoints.load(str(tmp_path / "hf"))
+    assert from_hf.image_size == 36
+    checkpoints.save(params, cfg, str(tmp_path / "m.npz"))
+    same, from_npz = checkpoints.load(str(tmp_path / "m.npz"), image_size=36)
+    assert from_npz.image_size == 36
+    _assert_identical(params, same)
+
+
+def test_hf_config_without_default_values(tmp_path):
+    """Older transformers wrote only non-default fields: defaults must be assumed."""
+    import json
+    cfg = tiny_config("siglip")
+    for tower in (cfg.image, cfg.text):
+        tower.width, tower.mlp_dim, tower.num_heads = 48, 96, 12  # 12: HF's default
+    cfg.text.out_dim = 48
+    params = random_params(cfg)
+    checkpoints.save(params, cfg, str(tmp_path / "hf"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for tower in ("vision_config", "text_config"):
+        for field in ("num_attention_heads", "hidden_act", "layer_norm_eps"):
+            del config[tower][field]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    loaded, cfg2 = checkpoints.load(str(tmp_path / "hf"))
+    assert cfg2.image.num_heads == cfg2.text.num_heads == 12
+    _assert_identical(params, loaded)
+    config["vision_config"]["hidden_act"] = "swish"
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: hidden_act 'swish' is not supported"):
+        checkpoints.load(str(tmp_path / "hf"))
+
+
+def test_big_vision_files_that_are_not_checkpoints(tmp_path):
+    cfg = tiny_config("siglip")
+    flat = checkpoints.to_flat(random_params(cfg))
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match=r"corrupt.npz: not a readable .npz archive"):
+        checkpoints.load(str(tmp_path / "corrupt.npz"))
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    os.rename(tmp_path / "single.npy", tmp_path / "single.npz")
+    with pytest.raises(ValueError, match=r"single.npz: holds a single array"):
+        checkpoints.load(str(tmp_path / "single.npz"))
+    no_pos = {k: v for k, v in flat.items() if k != "txt/pos_embedding"}
+    np.savez(tmp_path / "no_pos.npz", **no_pos)
+    with pytest.raises(ValueError, match=r"no_pos.npz: parameter txt/pos_embedding is missing"):
+        checkpoints.load(str(tmp_path / "no_pos.npz"))
+    both = dict(flat)
+    both.update(tree.roll_scan({k: v for k, v in flat.items() if k.startswith("img/")}))
+    np.savez(tmp_path / "both.npz", **both)
+    with pytest.raises(ValueError, match=r"both.npz: holds both the scan"):
+        checkpoints.load(str(tmp_path / "both.npz"))
+    # A training state: parameters under params/, optimiser state beside them.
+    state = {f"params/{k}": v for k, v in flat.items()}
+    state.update({f"opt/mu/{k}": v for k, v in flat.items()})
+    np.savez(tmp_path / "state.npz", **state)
+    loaded, _ = checkpoints.load(str(tmp_path / "state.npz"))
+    assert set(checkpoints.to_flat(loaded)) == set(flat)

@@ -38,7 +38,7 @@ def test_embed_fails_when_nothing_decodes(tmp_path):
     checkpoints.save(random_params(cfg), cfg, str(tmp_path / "m.safetensors"), "open_clip")
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "bad.png").write_bytes(b"not a png")
-    result = _run("infusing_jax.embed", f"--checkpoint={tmp_path}/m.safetensors",
+    result = _run("infusing_jax.embed", f"--checkpoint={tmp_path}/m.safetensors", "--act=quick_gelu",
                   f"--images={tmp_path}/imgs", f"--output={tmp_path}/out.npz")
     assert result.returncode != 0
     assert "skipped 1 of 1 images" in result.stderr
@@ -60,7 +60,8 @@ def test_convert_between_formats_is_lossless(tmp_path):
     checkpoints.save(params, cfg, str(tmp_path / "a.npz"), "big_vision")
     chain = ["a.npz", "hf_dir", "b.bin", "c.safetensors", "d.npz"]
     for src, dst in zip(chain, chain[1:]):
-        result = _run("infusing_jax.convert", str(tmp_path / src), str(tmp_path / dst))
+        result = _run("infusing_jax.convert", str(tmp_path / src), str(tmp_path / dst),
+                      "--act=quick_gelu")
         assert result.returncode == 0, result.stderr[-2000:]
     with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "d.npz") as d:
         assert sorted(a.files) == sorted(d.files)
@@ -92,3 +93,22 @@ def test_eval_view_shapes_and_ranges():
     np.testing.assert_allclose(white[0, 0], (1 - np.array(preprocessing.CLIP_MEAN))
                                / np.array(preprocessing.CLIP_STD), rtol=1e-5)
     assert os.path.splitext("x.JPG")[1].lower() in preprocessing.IMAGE_EXTENSIONS
+
+
+def test_embed_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path):
+    import sentencepiece
+    cfg = tiny_config("siglip")  # vocabulary of 100
+    checkpoints.save(random_params(cfg), cfg, str(tmp_path / "m.npz"))
+    (tmp_path / "corpus.txt").write_text("\n".join(f"word{i} other{i * 7}" for i in range(500)))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "big"),
+        vocab_size=150, minloglevel=2)
+    tokenizer = tmp_path / "big.model"
+    (tmp_path / "texts.txt").write_text("a b\n")
+    (tmp_path / "imgs").mkdir()
+    result = _run("infusing_jax.embed", f"--checkpoint={tmp_path}/m.npz",
+                  f"--images={tmp_path}/imgs", f"--output={tmp_path}/o.npz",
+                  f"--texts={tmp_path}/texts.txt", f"--tokenizer={tokenizer}")
+    assert result.returncode != 0
+    assert "do not fit the model's vocabulary of 100" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o.npz").exists()

@@ -98,8 +98,9 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match=r"model.image: width 32 is not divisible by num_heads 3"):
         models.build(cfg)
     cfg = tiny_config("siglip")
-    cfg.image_size = 30
-    with pytest.raises(ValueError, match=r"model.image_size 30 is not a multiple"):
+    cfg.image_size = 6
+    with pytest.raises(ValueError, match=r"model.image_size 6 is smaller than "
+                                         r"model.image.patch_size 8"):
         models.build(cfg)
     with pytest.raises(ValueError, match=r"model.family: unknown family 'blip'"):
         models.model_config("blip")

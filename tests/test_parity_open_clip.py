@@ -362,6 +362,10 @@ def _flax_model(family):
     return cfg, params, images, tokens, _ours(params, cfg, images, tokens)
 
 
+# open_clip records no CLIP activation; these reference CLIPs run QuickGELU.
+_ACT = {"clip": "quick_gelu", "siglip": None}
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
 def test_export_loads_into_open_clip_and_matches(family, suffix, tmp_path):
     cfg, params, images, tokens, ours = _flax_model(family)
@@ -376,7 +380,7 @@ def test_export_loads_into_open_clip_and_matches(family, suffix, tmp_path):
     _assert_match(ours, _torch_outputs(model, images, tokens))
 
     # And the file reads back to the very same parameters.
-    again, cfg2 = checkpoints.load(path)
+    again, cfg2 = checkpoints.load(path, act=_ACT[family])
     assert cfg2.family == family
     (img, txt), (img2, txt2) = (model_config.resolved_towers(c) for c in (cfg, cfg2))
     assert (img2["act"], img2["ln_eps"], txt2["act"], txt2["ln_eps"]) == (
@@ -420,7 +424,7 @@ def test_open_clip_training_checkpoint_loads_and_matches(family, tmp_path):
     torch.save({"epoch": 1, "name": "tiny",
                 "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, path)
 
-    params, cfg = checkpoints.load(path)
+    params, cfg = checkpoints.load(path, act=_ACT[family])
     v_width, v_depth, v_heads, v_mlp = spec["v"]
     t_width, t_depth, t_heads, t_mlp = spec["t"]
     assert cfg.family == family
@@ -452,6 +456,7 @@ def test_open_clip_training_checkpoint_loads_and_matches(family, tmp_path):
 
 
 def test_open_clip_bigg_text_heads(tmp_path):
+    family = "clip"
     """open_clip ViT-bigG-14 text tower (model_configs/ViT-bigG-14.json): width 1280, 20 heads.
 
     Depth 1, a narrow MLP and tiny vocab keep it cheap; only the head count matters.
@@ -461,7 +466,7 @@ def test_open_clip_bigg_text_heads(tmp_path):
     _randomize_torch(model, seed=3)
     path = str(tmp_path / "bigg_text.bin")
     torch.save(model.state_dict(), path)
-    params, cfg = checkpoints.load(path)
+    params, cfg = checkpoints.load(path, act=_ACT[family])
     assert (cfg.text.width, cfg.text.depth, cfg.text.num_heads, cfg.text.mlp_dim) == text
     images, tokens = random_images(2, seed=3), random_tokens(2, "clip", seed=3)
     # Text embeddings reach ~20 at this width: float32 sums over 1280 terms, so relative.

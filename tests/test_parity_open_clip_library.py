@@ -23,9 +23,9 @@ from conftest import random_images, random_tokens  # noqa: E402
 TOL = 1e-5
 
 
-def _clip():
+def _clip(quick_gelu=True):
     return open_clip.CLIP(
-        embed_dim=48, quick_gelu=True,
+        embed_dim=48, quick_gelu=quick_gelu,
         vision_cfg=dict(image_size=32, patch_size=8, width=128, layers=2, head_width=64,
                         mlp_ratio=2.0),
         text_cfg=dict(context_length=8, vocab_size=100, width=128, heads=2, layers=2))
@@ -53,16 +53,25 @@ def _randomize(model, seed=0):
             p.copy_(1.0 + noise if is_norm_weight else noise)
 
 
-@pytest.mark.parametrize("family", ["clip", "siglip"])
-def test_real_open_clip_both_directions(family, tmp_path):
+# (family, open_clip's activation, what the user names: OpenAI weights run
+# quick_gelu, LAION / DataComp / DFN ones exact GELU; SigLIP's is inferred).
+CASES = [("clip", "quick_gelu"), ("clip", "gelu"), ("siglip", None)]
+
+
+def _model(family, act):
+    return _clip(quick_gelu=act == "quick_gelu") if family == "clip" else _siglip()
+
+
+@pytest.mark.parametrize("family,act", CASES)
+def test_real_open_clip_both_directions(family, act, tmp_path):
     torch.manual_seed(0)
-    model = (_clip() if family == "clip" else _siglip()).eval()
+    model = _model(family, act).eval()
     _randomize(model)
     path = str(tmp_path / "open_clip_model.safetensors")
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
 
-    params, cfg = checkpoints.load(path)
+    params, cfg = checkpoints.load(path, act=act)
     images, tokens = random_images(2, size=cfg.image_size), random_tokens(3, family)
     with torch.no_grad():
         pixels = torch.from_numpy(images.transpose(0, 3, 1, 2))
@@ -76,7 +85,7 @@ def test_real_open_clip_both_directions(family, tmp_path):
     # Our export loads back into the real open_clip model with no key left over.
     checkpoints.save(params, cfg, str(tmp_path / "again.safetensors"), "open_clip")
     from safetensors.torch import load_file
-    fresh = _clip() if family == "clip" else _siglip()
+    fresh = _model(family, act)
     fresh.load_state_dict(load_file(str(tmp_path / "again.safetensors")), strict=True)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[k], v, rtol=0, atol=0, msg=k)

@@ -5,6 +5,7 @@ arrays stored as 2-byte numpy void, and both the scan and unrolled layouts.
 Never unpickles (allow_pickle=False).
 """
 import os
+import zipfile
 
 import ml_dtypes
 import numpy as np
@@ -35,28 +36,45 @@ def _decode(key, value, file):
 
 
 def read(path: str) -> dict:
-    """'file.npz[:sub/tree]' -> canonical flat params ('img/...', 'txt/...', 't', 'b')."""
+    """'file.npz[:sub/tree]' -> canonical flat params ('img/...', 'txt/...', 't', 'b').
+
+    A file with a `params/` sub-tree (e.g. a training state with `opt/` beside
+    it) is read from that sub-tree.
+    """
     file, sub = split_path(path)
     if not os.path.exists(file):
         raise FileNotFoundError(f"{file}: no such checkpoint file")
     try:
-        with np.load(file, allow_pickle=False) as npz:
+        npz = np.load(file, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{file}: not a readable .npz archive ({e})") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{file}: holds a single array, not a .npz archive of named parameters")
+    try:
+        with npz:
             flat = {k: _decode(k, npz[k], file) for k in npz.files}
     except ValueError as e:
-        if "allow_pickle" in str(e) or "Object arrays" in str(e):
+        if "allow_pickle" in str(e):
             raise ValueError(f"{file}: refused, it holds pickled Python objects, and "
                              "loading them could run code; save plain arrays instead") from None
-        raise
-    if flat and all(k.startswith("params/") for k in flat):
-        flat = {k[len("params/"):]: v for k, v in flat.items()}
+        raise ValueError(f"{file}: unreadable array ({e})") from None
+    if any(k.startswith("params/") for k in flat):
+        flat = {k[len("params/"):]: v for k, v in flat.items() if k.startswith("params/")}
     if sub:
         prefix = sub + "/"
         flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
         if not flat:
             raise ValueError(f"{path}: no parameters under {sub!r} in {file}")
+    scanned = {k.replace("/encoderblock/", "/") for k in flat if "/encoderblock/" in k}
+    if scanned and any("/encoderblock_" in k for k in flat):
+        raise ValueError(f"{file}: holds both the scan ('encoderblock/') and unrolled "
+                         "('encoderblock_N/') layouts; keep one")
     flat = tree.unroll_scan(flat)
     if not any(k.split("/")[0] in _TWO_TOWER_ROOTS for k in flat):
         flat = {f"img/{k}": v for k, v in flat.items()}  # a lone image tower
+    if "img/embedding/kernel" not in flat:
+        raise ValueError(f"{path}: no image tower (img/embedding/kernel); name a sub-tree "
+                         "with file.npz:SUB if the model is nested")
     return flat
 
 

@@ -12,15 +12,12 @@ from safetensors import numpy as safetensors_np
 
 from infusing_jax import preprocessing
 from infusing_jax.checkpoints import mapping
+from infusing_jax.checkpoints.mapping import layer_norm as _ln
 from infusing_jax.checkpoints.mapping import rule
 
 _BLOCK = dict(ln1="layer_norm1", ln2="layer_norm2", q="self_attn.q_proj",
               k="self_attn.k_proj", v="self_attn.v_proj", out="self_attn.out_proj",
               fc1="mlp.fc1", fc2="mlp.fc2")
-
-
-def _ln(ours, theirs):
-    return [rule(f"{ours}/scale", f"{theirs}.weight"), rule(f"{ours}/bias", f"{theirs}.bias")]
 
 
 def _linear(ours, theirs, bias=True):
@@ -94,6 +91,15 @@ def is_hf_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
 
 
+# transformers' defaults for what a config.json may leave out (it writes only
+# non-default values in some versions): heads per tower, vision image size.
+_DEFAULT_HEADS = {("siglip", "img"): 12, ("siglip", "txt"): 12, ("clip", "img"): 12,
+                  ("clip", "txt"): 8}
+_DEFAULT_IMAGE_SIZE = 224
+# Buffers some transformers versions saved beside the parameters; not weights.
+_BUFFERS = ("vision_model.embeddings.position_ids", "text_model.embeddings.position_ids")
+
+
 def read(path: str):
     """A save_pretrained directory -> (their state dict, hints for config inference)."""
     with open(os.path.join(path, "config.json")) as f:
@@ -107,15 +113,21 @@ def read(path: str):
     if not os.path.exists(weights):
         raise ValueError(f"{path}: no {WEIGHTS}; re-save the model with "
                          "save_pretrained(safe_serialization=True)")
-    theirs = safetensors_np.load_file(weights)
-    vision = cfg.get("vision_config", cfg if "vision" in model_type else {})
-    text = cfg.get("text_config", {})
-    hints = dict(family=family, image_size=vision.get("image_size"))
-    for tower, c in (("img", vision), ("txt", text)):
-        if c:
-            hints[tower] = dict(num_heads=c.get("num_attention_heads"),
-                                act=_ACT_FROM_HF.get(c.get("hidden_act")),
-                                ln_eps=c.get("layer_norm_eps"))
+    theirs = {k: v for k, v in safetensors_np.load_file(weights).items() if k not in _BUFFERS}
+    vision_only = "vision" in model_type
+    towers = {"img": cfg.get("vision_config", cfg if vision_only else {}),
+              "txt": None if vision_only else cfg.get("text_config", {})}
+    hints = dict(family=family,
+                 image_size=towers["img"].get("image_size", _DEFAULT_IMAGE_SIZE))
+    for tower, c in towers.items():
+        if c is None:
+            continue
+        act = c.get("hidden_act")
+        if act is not None and act not in _ACT_FROM_HF:
+            raise ValueError(f"{path}/config.json: hidden_act {act!r} is not supported; "
+                             f"expected one of {sorted(_ACT_FROM_HF)}")
+        hints[tower] = dict(num_heads=c.get("num_attention_heads", _DEFAULT_HEADS[family, tower]),
+                            act=_ACT_FROM_HF.get(act), ln_eps=c.get("layer_norm_eps"))
     return theirs, hints
 
 

@@ -8,6 +8,7 @@ import math
 import jax
 import ml_collections
 import numpy as np
+import scipy.ndimage
 from flax import traverse_util
 
 from infusing_jax.checkpoints import tree
@@ -35,9 +36,7 @@ def _block(flat, prefix):
 
 
 def _image(flat, hints):
-    kernel = flat.get("img/embedding/kernel")
-    if kernel is None:
-        raise ValueError("checkpoint has no image tower (img/embedding/kernel)")
+    kernel = flat["img/embedding/kernel"]
     patch, width = int(kernel.shape[0]), int(kernel.shape[3])
     out = dict(patch_size=patch, width=width, **_block(flat, "img/Transformer/"))
     out["pool_type"] = ("map" if "img/MAPHead_0/probe" in flat else
@@ -55,7 +54,8 @@ def _image(flat, hints):
         out["cls_posemb"] = grid * grid != tokens
         if out["cls_posemb"]:
             grid = math.isqrt(tokens - 1)
-        image_size = grid * patch
+        if not image_size or image_size // patch != grid:
+            image_size = grid * patch  # e.g. So400m/14 at 384 px: a 27 x 27 grid
     else:
         out["cls_posemb"] = False
     return out, image_size or 224
@@ -73,16 +73,21 @@ def _text(flat):
     return out
 
 
-def infer_config(flat: dict, hints: dict = None) -> ml_collections.ConfigDict:
+def infer_config(flat: dict, hints: dict = None, where: str = "checkpoint"
+                 ) -> ml_collections.ConfigDict:
     """Canonical flat params (+ what the format did store) -> a model config.
 
     hints: optional 'family', 'image_size', and per tower ('img', 'txt') dicts
-    whose non-None entries (act, ln_eps, num_heads) override the family's defaults.
+    whose non-None entries (act, ln_eps) override the family's defaults.
     """
     hints = hints or {}
     family = _family(flat, hints)
-    image, image_size = _image(flat, hints)
-    text = _text(flat)
+    try:
+        image, image_size = _image(flat, hints)
+        text = _text(flat)
+    except KeyError as e:
+        raise ValueError(f"{where}: parameter {e.args[0]} is missing; the file is not a "
+                         "complete SigLIP / CLIP checkpoint") from None
     for tower, name in ((image, "img"), (text, "txt")):
         if tower is not None:
             tower.update({k: v for k, v in hints.get(name, {}).items()
@@ -103,24 +108,30 @@ def expected_shapes(cfg) -> dict:
 
 
 def resample_posemb(posemb: np.ndarray, new_grid: int, has_cls: bool) -> np.ndarray:
-    """(1, [1 +] g*g, D) -> (1, [1 +] new_grid^2, D), bilinear on the g x g grid."""
+    """(1, [1 +] g*g, D) -> (1, [1 +] new_grid^2, D): big_vision's bilinear zoom of the grid.
+
+    scipy.ndimage.zoom(order=1), as big_vision's `resample_posemb`: the grid's
+    corner values stay in the corners. A cls position is kept as it is.
+    """
     cls, grid = (posemb[:, :1], posemb[:, 1:]) if has_cls else (posemb[:, :0], posemb)
     g = math.isqrt(grid.shape[1])
     d = grid.shape[-1]
     grid = np.asarray(grid, np.float32).reshape(g, g, d)
-    grid = np.asarray(jax.image.resize(grid, (new_grid, new_grid, d), "bilinear"))
+    grid = scipy.ndimage.zoom(grid, (new_grid / g, new_grid / g, 1), order=1)
     out = grid.reshape(1, new_grid * new_grid, d).astype(posemb.dtype)
     return np.concatenate([cls, out], axis=1)
 
 
-def resample_image_posemb(flat: dict, cfg, image_size: int) -> dict:
-    """Resample the learned image position embedding so the model runs at `image_size`."""
-    if image_size % cfg.image.patch_size:
-        raise ValueError(f"image_size {image_size} is not a multiple of the patch size "
-                         f"{cfg.image.patch_size}")
+def resample_image_posemb(flat: dict, cfg, image_size: int):
+    """-> (flat, cfg) for running at `image_size`: the learned image position
+    embedding resampled when the patch grid changes, cfg.image_size updated."""
+    patch = cfg.image.patch_size
+    if image_size < patch:
+        raise ValueError(f"image_size {image_size} is smaller than the patch size {patch}")
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
     flat = dict(flat)
-    if cfg.image.posemb == "learn" and image_size != cfg.image_size:
+    if cfg.image.posemb == "learn" and image_size // patch != cfg.image_size // patch:
         flat["img/pos_embedding"] = resample_posemb(
-            flat["img/pos_embedding"], image_size // cfg.image.patch_size, cfg.image.cls_posemb)
+            flat["img/pos_embedding"], image_size // patch, cfg.image.cls_posemb)
     cfg.image_size = image_size
-    return flat
+    return flat, cfg

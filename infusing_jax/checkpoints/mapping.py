@@ -48,6 +48,11 @@ _KINDS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+def layer_norm(ours: str, theirs: str) -> list:
+    """LayerNorm 'ours/scale', 'ours/bias' <-> 'theirs.weight', 'theirs.bias'."""
+    return [rule(f"{ours}/scale", f"{theirs}.weight"), rule(f"{ours}/bias", f"{theirs}.bias")]
+
+
 def block_rules(ours: str, theirs: str, names: dict) -> list:
     """Rules for one pre-LN transformer block, `ours`/`theirs` ending in the block prefix.
 
@@ -59,8 +64,7 @@ def block_rules(ours: str, theirs: str, names: dict) -> list:
     a = f"{ours}MultiHeadDotProductAttention_0/"
     rules = []
     for ln, our_ln in (("ln1", "LayerNorm_0"), ("ln2", "LayerNorm_1")):
-        rules += [rule(f"{ours}{our_ln}/scale", f"{theirs}{names[ln]}.weight"),
-                  rule(f"{ours}{our_ln}/bias", f"{theirs}{names[ln]}.bias")]
+        rules += layer_norm(f"{ours}{our_ln}", f"{theirs}{names[ln]}")
     if "qkv" in names:
         w, b = names["qkv"] if isinstance(names["qkv"], tuple) else (
             f"{names['qkv']}.weight", f"{names['qkv']}.bias")

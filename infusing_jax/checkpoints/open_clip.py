@@ -1,22 +1,20 @@
 """open_clip state dicts: OpenAI-style CLIP ViTs and SigLIP (`visual.trunk.*`, timm names).
 
 open_clip stores no hyperparameters with the weights, so they follow from the
-tensors: head counts from the widths (open_clip's own towers use 64-wide
-heads; SigLIP's timm trunks and text towers big_vision's variants), and the
-activation from which model the shapes identify (see `hints`).
+tensors: head counts from the widths (see `num_heads`), and for SigLIP the
+activation from which model the shapes identify (see `hints`). A CLIP's
+activation cannot be told from its tensors (OpenAI's weights use quick_gelu,
+LAION / DataComp / DFN ones exact GELU): the caller must name it.
 """
 from infusing_jax.checkpoints import infer
 from infusing_jax.checkpoints import mapping
+from infusing_jax.checkpoints.mapping import layer_norm as _ln
 from infusing_jax.checkpoints.mapping import rule
 
 _RESBLOCK = dict(ln1="ln_1", ln2="ln_2", qkv=("attn.in_proj_weight", "attn.in_proj_bias"),
                  out="attn.out_proj", fc1="mlp.c_fc", fc2="mlp.c_proj")
 _TIMM_BLOCK = dict(ln1="norm1", ln2="norm2", qkv="attn.qkv", out="attn.proj",
                    fc1="mlp.fc1", fc2="mlp.fc2")
-
-
-def _ln(ours, theirs):
-    return [rule(f"{ours}/scale", f"{theirs}.weight"), rule(f"{ours}/bias", f"{theirs}.bias")]
 
 
 def _text(prefix, proj):
@@ -101,13 +99,23 @@ _SIGLIP_KEYS = {"img": "visual.trunk.patch_embed.proj.weight", "txt": "text.toke
 _CLIP_KEYS = {"img": "visual.conv1.weight", "txt": "token_embedding.weight"}
 
 
+# open_clip's CLIP image towers with heads wider than 64: ViT-H/14 (80),
+# ViT-g/14 (88), ViT-bigG/14 (104), all 16 heads (model_configs/*.json).
+_CLIP_WIDE_HEADS = {1280: 16, 1408: 16, 1664: 16}
+
+
 def num_heads(theirs: dict, family: str) -> dict:
-    """{'img': H, 'txt': H} for the towers present."""
+    """{'img': H, 'txt': H} for the towers present, from their widths.
+
+    SigLIP (timm trunks, big_vision-sized text towers): big_vision's variants.
+    CLIP: 64-wide heads, except the image towers in `_CLIP_WIDE_HEADS`.
+    """
     keys = _SIGLIP_KEYS if family == "siglip" else _CLIP_KEYS
     heads = {}
     if keys["img"] in theirs:
         width = theirs[keys["img"]].shape[0]
-        heads["img"] = infer.heads_for_width(width) if family == "siglip" else max(1, width // 64)
+        heads["img"] = (infer.heads_for_width(width) if family == "siglip" else
+                        _CLIP_WIDE_HEADS.get(width, max(1, width // 64)))
     if keys["txt"] in theirs:
         width = theirs[keys["txt"]].shape[1]
         heads["txt"] = infer.heads_for_width(width) if family == "siglip" else max(1, width // 64)
@@ -126,13 +134,13 @@ def _timm_siglip_uses_tanh(theirs: dict) -> bool:
 def hints(theirs: dict, family: str) -> dict:
     """What the format implies beyond the tensors: family and each tower's activation.
 
-    CLIP: OpenAI's quick_gelu. SigLIP: torch's exact GELU (open_clip's SigLIP text
-    towers and most timm trunks), except the tanh form in SigLIP2 text towers
-    (their 256k Gemma vocabulary) and in the timm trunks `_timm_siglip_uses_tanh`
-    lists.
+    SigLIP: torch's exact GELU (open_clip's SigLIP text towers and most timm
+    trunks), except the tanh form in SigLIP2 text towers (their 256k Gemma
+    vocabulary) and in the timm trunks `_timm_siglip_uses_tanh` lists. CLIP:
+    none (the caller names it).
     """
     if family == "clip":
-        return dict(family=family, img=dict(act="quick_gelu"), txt=dict(act="quick_gelu"))
+        return dict(family=family)
     out = dict(family=family, img=dict(act="gelu"), txt=dict(act="gelu"))
     if _SIGLIP_KEYS["img"] in theirs and _timm_siglip_uses_tanh(theirs):
         out["img"]["act"] = "gelu_tanh"

@@ -83,8 +83,8 @@ def validate(cfg) -> None:
         if t.width % t.num_heads:
             raise ValueError(f"model.{tower}: width {t.width} is not divisible by "
                              f"num_heads {t.num_heads}")
-    if cfg.image_size % cfg.image.patch_size:
-        raise ValueError(f"model.image_size {cfg.image_size} is not a multiple of "
+    if cfg.image_size < cfg.image.patch_size:
+        raise ValueError(f"model.image_size {cfg.image_size} is smaller than "
                          f"model.image.patch_size {cfg.image.patch_size}")
 
 

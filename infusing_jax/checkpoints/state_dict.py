@@ -1,0 +1,61 @@
+"""PyTorch state-dict files: .safetensors, or torch.save files read with weights_only=True.
+
+Nothing is unpickled beyond tensors and plain containers: a file that needs
+other objects is refused.
+"""
+import os
+import pickle
+
+import numpy as np
+from safetensors import numpy as safetensors_np
+
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+SUFFIXES = (".safetensors",) + TORCH_SUFFIXES
+
+
+def _torch():
+    try:
+        import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        raise ImportError("reading or writing torch files needs torch: pip install "
+                          "'infusing_jax[torch]', or use .safetensors") from None
+    return torch
+
+
+def read(path: str, unwrap=lambda state: state) -> dict:
+    """A state-dict file -> {key: np.ndarray} (bfloat16 as float32).
+
+    `unwrap` maps the loaded dict to the parameter dict (e.g. a training
+    checkpoint's 'state_dict'); any entry left that is not a tensor is an error.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.endswith(".safetensors"):
+        return safetensors_np.load_file(path)
+    torch = _torch()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refused, it needs arbitrary Python objects unpickled "
+                         f"(weights_only load failed: {first}); use a .safetensors file") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+    state = unwrap(state)
+    others = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if others:
+        raise ValueError(f"{path}: {len(others)} entries are not tensors, e.g. {others[:5]}")
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
+
+
+def write(path: str, tensors: dict):
+    """{key: np.ndarray} -> .safetensors, or a torch.save file for .bin / .pt / .pth."""
+    if not path.endswith(SUFFIXES):
+        raise ValueError(f"{path}: a state-dict file must end in one of {', '.join(SUFFIXES)}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tensors = {k: np.asarray(v, order="C") for k, v in tensors.items()}
+    if path.endswith(".safetensors"):
+        safetensors_np.save_file(tensors, path)
+    else:
+        torch = _torch()
+        torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, path)
