@@ -64,6 +64,12 @@ def test_named_variants():
     flat = {k: v.shape for k, v in jax.tree_util.tree_flatten_with_path(shapes)[0]}
     n = sum(int(np.prod(s)) for s in flat.values())
     assert 650e6 < n < 700e6  # SigLIP L/16 two-tower: ~652M (image ~316M)
+    # OpenAI CLIP ViT-B/16 and ViT-L/14 at 336 px: 149.6M and 427.9M parameters.
+    for variant, size, text, expected in (("B/16", 224, "B", 149.6e6), ("L/14", 336, "L", 427.9e6)):
+        cfg = models.model_config("clip", variant, size, text, vocab_size=49408, seq_len=77)
+        shapes = jax.eval_shape(lambda c=cfg: models.init_params(c, jax.random.PRNGKey(0)))
+        n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+        assert abs(n - expected) < 0.1e6, (variant, n)
     with pytest.raises(ValueError, match="unknown model variant 'Q/16'"):
         transformer.decode_variant("Q/16")
 

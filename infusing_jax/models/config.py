@@ -42,6 +42,12 @@ _TEXT_FIELDS = ("vocab_size", "width", "depth", "mlp_dim", "num_heads", "pool_ty
                 "out_dim", "act", "ln_eps", "causal", "head_bias")
 
 
+# OpenAI / open_clip CLIP text towers and embedding widths, by image variant:
+# (width, depth, mlp_dim, heads), embed_dim.
+CLIP_TEXT = {"B": ((512, 12, 2048, 8), 512), "L": ((768, 12, 3072, 12), 768),
+             "H": ((1024, 24, 4096, 16), 1024)}
+
+
 def model_config(family: str = "siglip", variant: str = "B/16", image_size: int = 224,
                  text_variant: Optional[str] = "B", vocab_size: int = 32_000,
                  seq_len: int = 64, embed_dim: Optional[int] = None,
@@ -49,8 +55,10 @@ def model_config(family: str = "siglip", variant: str = "B/16", image_size: int 
     """A model config by names, e.g. model_config('siglip', 'B/16', 224, 'B').
 
     SigLIP: the image embedding is the MAP-pooled output (no image head); the
-    text head maps to the image width. CLIP: both towers project to
-    `embed_dim` (default 512 for B, else the image width).
+    text head maps to the image width; `text_variant` names a big_vision variant.
+    CLIP: both towers project to `embed_dim`; `text_variant` names the image
+    variant whose OpenAI text tower and embedding width to use (CLIP_TEXT),
+    or a big_vision variant for other sizes (embed_dim then the image width).
     """
     if family not in FAMILIES:
         raise ValueError(f"model.family: unknown family {family!r}; use siglip or clip")
@@ -58,12 +66,18 @@ def model_config(family: str = "siglip", variant: str = "B/16", image_size: int 
     if family == "siglip":
         img.update(posemb="learn", pool_type="map", out_dim=None)
         out_dim = img["width"]
+    elif text_variant in CLIP_TEXT:
+        out_dim = embed_dim or CLIP_TEXT[text_variant][1]
     else:
-        out_dim = embed_dim or (512 if img["width"] == 768 else img["width"])
+        out_dim = embed_dim or img["width"]
+    if family == "clip":
         img.update(posemb="learn", pool_type="tok", out_dim=out_dim)
     txt = None
-    if text_variant:
+    if family == "clip" and text_variant in CLIP_TEXT:
+        txt = dict(zip(("width", "depth", "mlp_dim", "num_heads"), CLIP_TEXT[text_variant][0]))
+    elif text_variant:
         txt = transformer.decode_variant(text_variant)
+    if txt is not None:
         txt.update(vocab_size=vocab_size, seq_len=seq_len, out_dim=out_dim)
     cfg = ml_collections.ConfigDict(dict(
         family=family, image_size=image_size, image=img, text=txt,
