@@ -1,0 +1,1 @@
+"""Input: sources, the paper's splits, preprocessing, and the multi-domain tf.data pipeline."""

@@ -1,0 +1,136 @@
+"""The multi-domain tf.data pipeline: determinism, mixing, sharding, skip counts, resumption."""
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from infusing_jax.data import pipeline
+from infusing_jax.data import schema
+
+SIZE = 8
+
+
+def _jpeg(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 10), (value, 255 - value, (7 * value) % 256)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def fake_split(name, num, num_classes, broken=()):
+    """A SplitData over in-memory JPEGs; indices in `broken` hold garbage bytes."""
+    images = [b"not an image" if i in broken else _jpeg(i * 5 % 256) for i in range(num)]
+    labels = np.arange(num) % num_classes
+
+    def dataset(shard_index, num_shards):
+        ds = tf.data.Dataset.from_tensor_slices(dict(
+            image=images, label=labels.astype(np.int64),
+            coarse_label=np.full(num, schema.NO_LABEL, np.int64),
+            id=[f"{name}/{i}" for i in range(num)]))
+        return ds.shard(num_shards, shard_index)
+
+    return schema.SplitData(name=name, num_examples=num, num_classes=num_classes,
+                            num_coarse_classes=0, dataset=dataset)
+
+
+def preprocess(image_bytes, seed):
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image = tf.image.resize(tf.cast(image, tf.float32), (SIZE + 2, SIZE + 2))
+    image = tf.image.stateless_random_crop(image, (SIZE, SIZE, 3), seed=seed)
+    return tf.image.stateless_random_flip_left_right(image, seed=seed)
+
+
+def _domains(broken=()):
+    return [pipeline.Domain("target", fake_split("target", 30, 5, broken), weight=3.0),
+            pipeline.Domain("generic", fake_split("generic", 50, 10), weight=1.0)]
+
+
+def _take(ds, n):
+    return [{k: v.numpy() for k, v in b.items()} for b in ds.take(n)]
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_deterministic_by_seed_and_round_robin_one_domain_per_batch():
+    make = lambda seed: pipeline.train_dataset(_domains(), preprocess, 4, seed=seed,
+                                               shuffle_buffer=16)
+    a, b = _take(make(0), 6), _take(make(0), 6)
+    _assert_same(a, b)
+    assert [int(x["domain"][0]) for x in a] == [0, 1, 0, 1, 0, 1]
+    assert all(len(set(x["domain"].tolist())) == 1 for x in a)
+    assert a[0]["image"].shape == (4, SIZE, SIZE, 3)
+    c = _take(make(1), 6)
+    assert any(not np.array_equal(x["id"], y["id"]) for x, y in zip(a, c))
+
+
+def test_weighted_mixes_follow_their_probabilities():
+    domains = _domains()
+    np.testing.assert_allclose(pipeline.mix_weights(domains, "dataset_size"), [30 / 80, 50 / 80])
+    np.testing.assert_allclose(pipeline.mix_weights(domains, "weights"), [0.75, 0.25])
+    ds = pipeline.train_dataset(domains, preprocess, 2, seed=3, mix="weights", shuffle_buffer=8)
+    first = [int(b["domain"][0]) for b in _take(ds, 400)]
+    assert 0.68 < first.count(0) / 400 < 0.82
+    mixed = pipeline.train_dataset(domains, preprocess, 16, seed=3, mix="balanced",
+                                   one_domain_per_batch=False, shuffle_buffer=8)
+    domains_in_batches = np.concatenate([b["domain"] for b in _take(mixed, 25)])
+    assert 0.4 < domains_in_batches.mean() < 0.6
+    assert any(len(set(b["domain"].tolist())) == 2 for b in _take(mixed, 3))
+
+
+def test_undecodable_images_are_dropped_and_counted():
+    broken = {3, 11, 17}
+    ds = pipeline.train_dataset(_domains(broken), preprocess, 4, seed=0, shuffle_buffer=64)
+    counter = pipeline.SkipCounter(["target", "generic"])
+    seen_ids = []
+    for batch in _take(ds, 40):  # 20 target batches of 4: 80 examples, > 2 epochs of 30
+        counter.update(batch)
+        seen_ids += [i.decode() for i, d in zip(batch["id"], batch["domain"]) if d == 0]
+    assert not {f"target/{i}" for i in broken} & set(seen_ids)
+    skipped = counter.skipped()
+    assert skipped["generic"] == 0
+    # Dropped = broken files among the stream positions consumed so far (2 to 3 epochs).
+    assert skipped["target"] in (6, 7, 8, 9)
+    epochs_done = (len(seen_ids) + skipped["target"]) // 30
+    assert skipped["target"] >= 3 * epochs_done
+
+
+def test_processes_read_disjoint_shards_of_their_share():
+    shards = [pipeline.train_dataset(_domains(), preprocess, 8, seed=0, process_index=i,
+                                     process_count=2, shuffle_buffer=64) for i in range(2)]
+    ids = [set() for _ in shards]
+    for i, ds in enumerate(shards):
+        for batch in _take(ds, 10):
+            assert batch["image"].shape[0] == 4  # the global batch of 8 over 2 processes
+            ids[i] |= {x.decode() for x in batch["id"]}
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    with pytest.raises(ValueError, match="data.batch_size 9 is not divisible by the 2"):
+        pipeline.train_dataset(_domains(), preprocess, 9, seed=0, process_count=2)
+    with pytest.raises(ValueError, match="data.mix: unknown mix 'zipf'"):
+        pipeline.train_dataset(_domains(), preprocess, 8, seed=0, mix="zipf")
+
+
+def test_resume_gives_the_batches_an_uninterrupted_run_sees(tmp_path):
+    make = lambda: pipeline.train_dataset(_domains({5}), preprocess, 4, seed=7, mix="balanced",
+                                          shuffle_buffer=16)
+    uninterrupted = _take(make(), 30)
+
+    it = iter(make())
+    counter = pipeline.SkipCounter(["target", "generic"])
+    for _ in range(17):
+        counter.update(next(it))
+    pipeline.save_iterator(it, counter, str(tmp_path))
+    del it
+
+    resumed = iter(make())
+    counter2 = pipeline.SkipCounter(["target", "generic"])
+    pipeline.restore_iterator(resumed, counter2, str(tmp_path))
+    assert counter2.skipped() == counter.skipped()
+    rest = [{k: v.numpy() for k, v in next(resumed).items()} for _ in range(13)]
+    _assert_same(uninterrupted[17:], rest)
