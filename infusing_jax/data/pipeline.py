@@ -6,7 +6,7 @@ deterministic function of (seed, process index, process count). Domains are
 mixed per batch (one domain per batch, the authors' way) or per example, by a
 schedule that is a deterministic function of the seed and the step.
 
-Undecodable images are dropped by `ignore_errors` and counted: each example
+Undecodable images are dropped by `Dataset.ignore_errors` and counted: each example
 carries its position in its stream, and the gaps are the dropped ones
 (`SkipCounter`). The iterator (shuffle buffers, positions) is saved with
 `tf.train.Checkpoint`, so a resumed run sees the batches an uninterrupted one
@@ -57,7 +57,7 @@ def domain_stream(split: schema.SplitData, domain: int, preprocess: Callable, se
                     domain=tf.constant(domain, tf.int64), id=ex["id"], position=position)
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.apply(tf.data.experimental.ignore_errors())
+    return ds.ignore_errors()
 
 
 def mix_weights(domains: Sequence[Domain], mix: str) -> np.ndarray:

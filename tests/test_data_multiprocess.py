@@ -1,0 +1,48 @@
+"""The input pipeline over 8 CPU devices, and as a real two-process run (gloo on 127.0.0.1)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+WORKER = os.path.join(os.path.dirname(__file__), "data_worker.py")
+STEPS = 4
+
+
+def _env(devices):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    return env
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_feed_the_global_batch_one_process_would():
+    single = subprocess.run([sys.executable, WORKER, "0", "1", "0", str(STEPS)],
+                            env=_env(8), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    reference = json.loads(single.stdout.strip().splitlines()[-1])
+    assert reference[0]["devices"] == 8 and reference[0]["shape"] == [8, 8, 8, 3]
+
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, WORKER, str(i), "2", str(port), str(STEPS)],
+                              env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    for step in range(STEPS):
+        ref = reference[step]
+        for r in results:  # every process sees the same global reductions
+            assert r[step]["devices"] == 8 and r[step]["shape"] == [8, 8, 8, 3]
+            assert abs(r[step]["image_sum"] - ref["image_sum"]) <= 1e-3 * abs(ref["image_sum"])
+            assert r[step]["label_sum"] == ref["label_sum"]
+        ids = [r[step]["ids"] for r in results]
+        assert not set(ids[0]) & set(ids[1])  # each process read only its shard
+        assert sorted(ids[0] + ids[1]) == ref["ids"]
