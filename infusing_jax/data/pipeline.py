@@ -15,22 +15,25 @@ would have.
 import dataclasses
 import json
 import os
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from infusing_jax.data import schema
+from infusing_jax.data import teacher
 
 MIXES = ("round_robin", "balanced", "dataset_size", "weights")
 
 
 @dataclasses.dataclass(frozen=True)
 class Domain:
-    """A training domain: its split and, for mix='weights', its sampling weight."""
+    """A training domain: its split, its weight for mix='weights', and optional
+    precomputed teacher descriptors (`teacher.Descriptors`) looked up by id."""
     name: str
     split: schema.SplitData
     weight: float = 1.0
+    descriptors: Optional[object] = None
 
 
 def _example_seed(seed: int, domain: int, position):
@@ -40,12 +43,15 @@ def _example_seed(seed: int, domain: int, position):
 
 def domain_stream(split: schema.SplitData, domain: int, preprocess: Callable, seed: int,
                   process_index: int = 0, process_count: int = 1,
-                  shuffle_buffer: int = 2048) -> tf.data.Dataset:
+                  shuffle_buffer: int = 2048, descriptors=None,
+                  teacher_dim: int = 0) -> tf.data.Dataset:
     """Infinite stream of {'image' (S, S, 3) float32, 'label', 'coarse_label', 'domain',
     'id', 'position'} for this process's shard; undecodable images dropped.
 
     preprocess: (image bytes, seed (2,) int64) -> float32 (S, S, 3).
     position: the example's index in this stream before dropping (see SkipCounter).
+    With teacher_dim > 0, also 'teacher' (teacher_dim,) and 'has_teacher': the
+    example's descriptor, or zeros and False for a domain without descriptors.
     """
     ds = split.dataset(process_index, process_count)
     ds = ds.shuffle(shuffle_buffer, seed=seed * 1000 + domain, reshuffle_each_iteration=True)
@@ -57,7 +63,18 @@ def domain_stream(split: schema.SplitData, domain: int, preprocess: Callable, se
                     domain=tf.constant(domain, tf.int64), id=ex["id"], position=position)
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.ignore_errors()
+    ds = ds.ignore_errors()
+    if not teacher_dim:
+        return ds
+    # After ignore_errors: an id without a descriptor must fail, not vanish.
+    lookup = teacher.lookup_fn(descriptors) if descriptors is not None else None
+
+    def add_teacher(ex):
+        if lookup is None:
+            return dict(ex, teacher=tf.zeros([teacher_dim]), has_teacher=tf.constant(False))
+        return dict(ex, teacher=lookup(ex["id"]), has_teacher=tf.constant(True))
+
+    return ds.map(add_teacher, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def mix_weights(domains: Sequence[Domain], mix: str) -> np.ndarray:
@@ -101,8 +118,13 @@ def train_dataset(domains: Sequence[Domain], preprocess: Callable, global_batch_
                          f"{process_count} processes")
     batch = global_batch_size // process_count
     probs = mix_weights(domains, mix)
+    dims = {d.descriptors.embeddings.shape[1] for d in domains if d.descriptors is not None}
+    if len(dims) > 1:
+        raise ValueError(f"data.domains: teacher descriptors of different widths {sorted(dims)}")
+    teacher_dim = next(iter(dims), 0)
     streams = [domain_stream(d.split, i, preprocess, seed, process_index, process_count,
-                             shuffle_buffer) for i, d in enumerate(domains)]
+                             shuffle_buffer, d.descriptors, teacher_dim)
+               for i, d in enumerate(domains)]
     if one_domain_per_batch:
         streams = [s.batch(batch, drop_remainder=True) for s in streams]
         ds = tf.data.Dataset.choose_from_datasets(streams, choices(len(domains), mix, probs, seed))
