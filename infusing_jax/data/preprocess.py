@@ -1,0 +1,123 @@
+"""Image preprocessing as TensorFlow ops, for tf.data `map` (graph mode, parallel calls).
+
+decode: any JPEG / PNG / GIF / BMP / WebP -> uint8 RGB, matching
+  `infusing_jax.preprocessing.load_rgb` (PIL): 16-bit PNGs scaled by 255/65535
+  and rounded (PIL truncates 16-bit colour: off by <= 1); PNG and WebP alpha
+  composited on white; a BMP's 4th byte ignored, as PIL does. Not matched: a
+  GIF's transparent pixels come out black (PIL: white); an 8-bit palette BMP
+  is read as gray indices (wrong colours) and 1/4-bit BMPs raise (TF's BMP
+  decoder; both rare); an animated WebP raises (see `_decode_webp`).
+  A broken file raises, so `Dataset.ignore_errors()` after the
+  map drops it.
+train_view: squash-resize to (resize, resize), random crop (size, size), random
+  horizontal flip; stateless, so the same seed gives the same view.
+eval_view: shorter side to `size`, centre crop (size, size): the paper's eval
+  protocol for every family.
+Views are float32 in [0, 255]; `normalize` maps them to each family's input range.
+Resizing is bilinear with antialiasing (a triangle filter widened when
+downscaling, like PIL's BILINEAR).
+"""
+import tensorflow as tf
+
+from infusing_jax.preprocessing import CLIP_MEAN, CLIP_STD
+
+FAMILIES = ("siglip", "clip")
+
+
+def _on_white(rgba):
+    """uint8 or uint16 (H, W, 4) -> uint8 (H, W, 3): alpha composited on white, rounded."""
+    x = tf.cast(rgba, tf.float32) / rgba.dtype.max
+    rgb, alpha = x[..., :3], x[..., 3:]
+    return tf.cast(tf.round((rgb * alpha + 1.0 - alpha) * 255.0), tf.uint8)
+
+
+def _decode_png(image_bytes):
+    """PNG of any bit depth / colour type -> uint8 (H, W, 3)."""
+    return _on_white(tf.io.decode_png(image_bytes, channels=4, dtype=tf.uint16))
+
+
+def _decode_webp(image_bytes):
+    """Still WebP (RGB or RGBA) -> uint8 (H, W, 3); an animated one raises.
+
+    TF 2.21 overruns the heap decoding an animated WebP without alpha (process
+    crash or silent corruption), so animations (VP8X chunk, flag 0x02) are refused.
+    """
+    vp8x = tf.equal(tf.strings.substr(image_bytes, 12, 4), b"VP8X")
+    flags = tf.io.decode_raw(tf.strings.substr(image_bytes, 20, 1), tf.uint8)[0]
+    animated = tf.logical_and(vp8x, tf.bitwise.bitwise_and(flags, 2) > 0)
+    check = tf.debugging.Assert(tf.logical_not(animated), ["animated WebP is not supported"])
+    with tf.control_dependencies([check]):
+        image = tf.io.decode_image(image_bytes, expand_animations=False)  # (H, W, 3 or 4)
+    return tf.cond(tf.shape(image)[-1] == 4, lambda: _on_white(image), lambda: image)
+
+
+def decode(image_bytes):
+    """Encoded image file (scalar tf.string) -> uint8 (H, W, 3); raises on a broken file."""
+    magic = tf.strings.substr(image_bytes, 0, 4)
+    image = tf.case(
+        [(tf.io.is_jpeg(image_bytes), lambda: tf.io.decode_jpeg(
+            image_bytes, channels=3, dct_method="INTEGER_ACCURATE")),  # libjpeg's default, as PIL
+         (tf.equal(magic, b"\x89PNG"), lambda: _decode_png(image_bytes)),
+         (tf.equal(magic, b"RIFF"), lambda: _decode_webp(image_bytes))],
+        default=lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False))
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def _resize(image, height, width):
+    """(H, W, 3) -> float32 (height, width, 3) in [0, 255], bilinear with antialiasing."""
+    image = tf.image.resize(image, tf.stack([height, width]), "bilinear", antialias=True)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def train_view(image, size: int, resize: int, seed):
+    """(H, W, 3) -> float32 (size, size, 3) in [0, 255]; seed: int (2,), same seed -> same view."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = _resize(image, resize, resize)
+    image = tf.image.stateless_random_crop(image, (size, size, 3), crop_seed)
+    return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+
+def eval_view(image, size: int):
+    """(H, W, 3) -> float32 (size, size, 3) in [0, 255]: shorter side to size, centre crop."""
+    hw = tf.cast(tf.shape(image)[:2], tf.float64)
+    new_hw = tf.maximum(size, tf.cast(tf.round(hw * size / tf.reduce_min(hw)), tf.int32))
+    image = _resize(image, new_hw[0], new_hw[1])
+    top, left = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
+    return tf.ensure_shape(image[top:top + size, left:left + size], (size, size, 3))
+
+
+def _check(family: str):
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def normalize(x, family: str):
+    """float32 (..., 3) in [0, 255] -> the family's input: siglip [-1, 1]; clip OpenAI mean/std."""
+    _check(family)
+    x = x / 255.0
+    if family == "siglip":
+        return (x - 0.5) / 0.5
+    return (x - tf.constant(CLIP_MEAN)) / tf.constant(CLIP_STD)
+
+
+def train_fn(family: str, size: int, resize: int = None):
+    """-> fn(image_bytes, seed int (2,)) -> float32 (size, size, 3).
+
+    resize defaults to round(size * 256 / 224): 256 for 224, as the authors.
+    """
+    _check(family)
+    resize = resize or round(size * 256 / 224)
+
+    def fn(image_bytes, seed):
+        return normalize(train_view(decode(image_bytes), size, resize, seed), family)
+    return fn
+
+
+def eval_fn(family: str, size: int):
+    """-> fn(image_bytes, seed=None) -> float32 (size, size, 3); the seed is ignored."""
+    _check(family)
+
+    def fn(image_bytes, seed=None):
+        del seed
+        return normalize(eval_view(decode(image_bytes), size), family)
+    return fn
