@@ -118,7 +118,7 @@ def test_ignore_errors_drops_exactly_the_broken_files():
               b"not an image at all", _animated_webp("RGB")]
     files = [f for pair in zip(good, broken) for f in pair] + [b""]
     ds = tf.data.Dataset.from_tensor_slices(files).map(preprocess.decode, num_parallel_calls=4)
-    kept = list(ds.apply(tf.data.experimental.ignore_errors()).as_numpy_iterator())
+    kept = list(ds.ignore_errors().as_numpy_iterator())
     assert len(kept) == len(good)
     for image, data in zip(kept, good):
         np.testing.assert_array_equal(image, decode(tf.constant(data)).numpy())
