@@ -1,4 +1,5 @@
 """The multi-domain tf.data pipeline: determinism, mixing, sharding, skip counts, resumption."""
+import dataclasses
 import io
 
 import numpy as np
@@ -112,6 +113,9 @@ def test_processes_read_disjoint_shards_of_their_share():
     assert ids[0] and ids[1] and not ids[0] & ids[1]
     with pytest.raises(ValueError, match="data.batch_size 9 is not divisible by the 2"):
         pipeline.train_dataset(_domains(), preprocess, 9, seed=0, process_count=2)
+    unsized = [pipeline.Domain("t", dataclasses.replace(_domains()[0].split, num_examples=None))]
+    with pytest.raises(ValueError, match=r"the sizes of \['t'\] are unknown"):
+        pipeline.mix_weights(unsized, "dataset_size")
     with pytest.raises(ValueError, match="data.mix: unknown mix 'zipf'"):
         pipeline.train_dataset(_domains(), preprocess, 8, seed=0, mix="zipf")
 

@@ -82,6 +82,10 @@ def mix_weights(domains: Sequence[Domain], mix: str) -> np.ndarray:
     if mix == "balanced" or mix == "round_robin":
         w = np.ones(len(domains))
     elif mix == "dataset_size":
+        unknown = [d.name for d in domains if d.split.num_examples is None]
+        if unknown:
+            raise ValueError(f"data.mix 'dataset_size': the sizes of {unknown} are unknown "
+                             "(filtered TFDS splits); use mix 'weights'")
         w = np.array([d.split.num_examples for d in domains], np.float64)
     elif mix == "weights":
         w = np.array([d.weight for d in domains], np.float64)

@@ -11,6 +11,7 @@
 import dataclasses
 from typing import Callable, Optional
 
+import numpy as np
 import tensorflow as tf
 
 NO_LABEL = -1
@@ -22,13 +23,16 @@ class SplitData:
 
     `dataset(shard_index, num_shards)` -> tf.data.Dataset of schema dicts
     (without 'domain'), the examples of that shard only, in a fixed order.
-    `num_examples` counts the whole split; `num_classes` the label range
-    (labels are 0..num_classes-1), 0 where there are none.
+    `num_examples` counts the whole split (None where counting needs a full
+    read, e.g. a filtered TFDS split); `num_classes` the label range (labels
+    are 0..num_classes-1), 0 where there are none. `labels` and `ids`
+    (num_examples,) are there when known without a pass (file sources).
     """
     name: str
-    num_examples: int
+    num_examples: Optional[int]
     num_classes: int
     num_coarse_classes: int
     dataset: Callable[[int, int], tf.data.Dataset]
     has_captions: bool = False
-    labels: Optional[object] = None  # np.ndarray (num_examples,) when known without a pass
+    labels: Optional[np.ndarray] = None
+    ids: Optional[np.ndarray] = None

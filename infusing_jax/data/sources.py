@@ -1,0 +1,320 @@
+"""Sources: where a dataset's examples come from, as schema dicts (see schema.py).
+
+    source = load_source("tfds:stanford_online_products", data_dir="/data/tfds")
+    source.splits                  # ('train', 'test')
+    source.roles                   # Roles(query='test', index='test')
+    split = source.split("train")  # SplitData
+    ds = split.dataset(jax.process_index(), jax.process_count())
+
+Specs:
+  tfds:NAME[:CONFIG]      a TFDS dataset from _TFDS (data_dir: the TFDS data folder)
+  folder:DIR              DIR/<class>/**/<image>, or DIR/{train,val,test}/<class>/**/<image>
+  uned:DIR                UnED split files DIR/{train,val,test,index}.json
+                          (data_dir: the image root, default DIR)
+  captions:FILE.json[:SPLIT]  an image-text set (data_dir: the image root, default
+                          FILE's folder); the source has one split, SPLIT (default 'test')
+
+No source decodes images: `image` is the encoded file, broken files included.
+"""
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from infusing_jax.data.schema import NO_LABEL, SplitData
+from infusing_jax.preprocessing import IMAGE_EXTENSIONS
+
+_SPLIT_ORDER = ("train", "val", "test", "index")
+
+
+@dataclasses.dataclass(frozen=True)
+class Roles:
+    """The splits that retrieval evaluation uses as queries and as the index (may be the same)."""
+    query: str
+    index: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One dataset: its splits by name and its retrieval roles."""
+    name: str
+    roles: Roles
+    split_data: Mapping[str, SplitData]
+
+    @property
+    def splits(self) -> tuple:
+        return tuple(self.split_data)
+
+    def split(self, name: str) -> SplitData:
+        if name not in self.split_data:
+            raise ValueError(f"{self.name}: no split {name!r}; it has {', '.join(self.splits)}")
+        return self.split_data[name]
+
+
+def load_source(spec: str, data_dir: Optional[str] = None) -> Source:
+    """'tfds:NAME[:CONFIG]' | 'folder:DIR' | 'uned:DIR' | 'captions:FILE.json[:SPLIT]' -> Source."""
+    kind, _, rest = spec.partition(":")
+    loaders = {"tfds": _tfds_source, "folder": _folder_source, "uned": _uned_source,
+               "captions": _captions_source}
+    if kind not in loaders or not rest:
+        raise ValueError(f"unknown source spec {spec!r}; use tfds:NAME[:CONFIG], folder:DIR, "
+                         "uned:DIR or captions:FILE.json[:SPLIT]")
+    return loaders[kind](rest, data_dir)
+
+
+def _roles(splits) -> Roles:
+    """query = 'test' (else the first split); index = 'index' if there is one, else = query."""
+    query = "test" if "test" in splits else splits[0]
+    return Roles(query=query, index="index" if "index" in splits else query)
+
+
+def _ordered(names) -> list:
+    """Split names, train/val/test/index first, the rest sorted."""
+    return sorted(names, key=lambda s: (_SPLIT_ORDER.index(s) if s in _SPLIT_ORDER else 99, s))
+
+
+# ---------------------------------------------------------------------------- TFDS
+
+
+@dataclasses.dataclass(frozen=True)
+class _TfdsSet:
+    """How a TFDS dataset maps onto the schema; field names as in the installed builders."""
+    label: Optional[str]                 # ClassLabel feature; None: no labels (caption sets)
+    splits: Mapping[str, str]            # our split name -> TFDS split name
+    coarse: Optional[str] = None         # ClassLabel feature of a coarser class
+    captions: bool = False               # has the feature captions: Sequence({'text': ...})
+
+
+_TRAIN_TEST = {"train": "train", "test": "test"}
+_TEST = {"test": "test"}
+_TFDS = {
+    "cars196": _TfdsSet("label", _TRAIN_TEST),
+    "stanford_online_products": _TfdsSet("class_id", _TRAIN_TEST, coarse="super_class_id"),
+    "food101": _TfdsSet("label", {"train": "train", "test": "validation"}),
+    # TFDS 'test' is iNat's public test set, whose labels are -1.
+    "i_naturalist2021": _TfdsSet("label", {"train": "train", "mini": "mini", "test": "val"},
+                                 coarse="supercategory"),
+    "caltech_birds2011": _TfdsSet("label", _TRAIN_TEST),
+    "oxford_flowers102": _TfdsSet("label", {"train": "train", "val": "validation", "test": "test"}),
+    "oxford_iiit_pet": _TfdsSet("label", _TRAIN_TEST, coarse="species"),
+    # TFDS 'test' is the unlabelled ImageNet test set.
+    "imagenet2012": _TfdsSet("label", {"train": "train", "test": "validation"}),
+    "imagenet_v2": _TfdsSet("label", _TEST),
+    "imagenet_sketch": _TfdsSet("label", _TEST),
+    "imagenet_r": _TfdsSet("label", _TEST),
+    "imagenet_a": _TfdsSet("label", _TEST),
+    "coco_captions": _TfdsSet(None, {"train": "train", "val": "val", "test": "test",
+                                     "restval": "restval"}, captions=True),
+}
+
+
+def _tfds_source(rest: str, data_dir: Optional[str]) -> Source:
+    name, _, config = rest.partition(":")
+    if name not in _TFDS:
+        raise ValueError(f"tfds:{rest}: unsupported TFDS dataset; supported: {', '.join(_TFDS)}")
+    info = _TFDS[name]
+    builder = _tfds_builder(f"{name}/{config}" if config else name, data_dir)
+    split_data = {ours: _tfds_split(builder, info, ours, theirs, rest)
+                  for ours, theirs in info.splits.items()}
+    return Source(name=name, roles=_roles(tuple(split_data)), split_data=split_data)
+
+
+def _tfds_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
+    """The builder from the installed code, or from the prepared files' own metadata.
+
+    i_naturalist2021's code cannot build its DatasetInfo offline: its label-names file is
+    not shipped in the tensorflow_datasets wheel (FileNotFoundError).
+    """
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except FileNotFoundError:
+        try:
+            return tfds.core.read_only_builder.builder_from_files(name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError:
+            where = data_dir or "the default TFDS data_dir"
+            raise ValueError(f"tfds:{name}: no prepared data in {where}; prepare it "
+                             f"(tfds build {name}) and pass data_dir=that folder") from None
+
+
+def _tfds_split(builder, info: _TfdsSet, ours: str, theirs: str, spec: str) -> SplitData:
+    """One TFDS split as SplitData; id = tfds_id ('<file>__<index>': stable for given files)."""
+    wanted = {"image": True}
+    for key in (info.label, info.coarse):
+        if key:
+            wanted[key] = True
+    if info.captions:
+        wanted["captions"] = {"text": True}
+    # Only the fields we use are parsed: skips segmentation masks (pets, birds), COCO objects, ...
+    decoders = tfds.decode.PartialDecoding(wanted, decoders={"image": tfds.decode.SkipDecoding()})
+
+    def read(read_config):
+        try:
+            return builder.as_dataset(split=theirs, decoders=decoders, read_config=read_config,
+                                      shuffle_files=False)
+        except AssertionError:  # how TFDS says the data is not prepared
+            raise ValueError(f"tfds:{spec}: no prepared data in {builder.data_dir}; prepare it "
+                             f"(tfds build {builder.name}) or pass data_dir=the TFDS data "
+                             "folder that holds it") from None
+
+    # TFDS knows its split's files only once prepared (not under tfds.testing.mock_data).
+    num_files = builder.info.splits[theirs].num_shards if theirs in builder.info.splits else 0
+
+    def dataset(shard_index: int, num_shards: int) -> tf.data.Dataset:
+        if num_shards > 1 and num_files >= num_shards:
+            # Whole files per process: each process reads only its own files.
+            context = tf.distribute.InputContext(num_input_pipelines=num_shards,
+                                                 input_pipeline_id=shard_index)
+            ds = read(tfds.ReadConfig(add_tfds_id=True, input_context=context))
+        else:
+            # Fewer files than processes (TFDS refuses input_context): every process reads
+            # the split and keeps every num_shards-th example.
+            ds = read(tfds.ReadConfig(add_tfds_id=True)).shard(num_shards, shard_index)
+        return ds.map(to_schema, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def to_schema(ex):
+        out = {
+            "image": ex["image"],
+            "label": ex[info.label] if info.label else tf.constant(NO_LABEL, tf.int64),
+            "coarse_label": ex[info.coarse] if info.coarse else tf.constant(NO_LABEL, tf.int64),
+            "id": ex["tfds_id"],
+        }
+        if info.captions:
+            out["captions"] = ex["captions"]["text"]
+        return out
+
+    features = builder.info.features
+    return SplitData(
+        name=ours,
+        num_examples=int(read(tfds.ReadConfig(add_tfds_id=True)).cardinality()),
+        num_classes=features[info.label].num_classes if info.label else 0,
+        num_coarse_classes=features[info.coarse].num_classes if info.coarse else 0,
+        dataset=dataset,
+        has_captions=info.captions,
+    )
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _file_split(name: str, root: Path, records: list, num_classes: int,
+                captions: bool = False) -> SplitData:
+    """records: [(relative path, label[, captions list])] -> SplitData with ids, sorted by path.
+
+    id = the relative path; image = the bytes of root/path (read after sharding).
+    """
+    records = sorted(records, key=lambda r: r[0])
+    ids = np.array([r[0] for r in records], dtype=object)
+    labels = np.array([r[1] for r in records], dtype=np.int64)
+    paths = [str(root / r[0]) for r in records]
+
+    def dataset(shard_index: int, num_shards: int) -> tf.data.Dataset:
+        columns = {"path": paths, "label": labels, "id": list(ids)}
+        if captions:
+            columns["captions"] = tf.RaggedTensor.from_row_lengths(
+                [c for r in records for c in r[2]], [len(r[2]) for r in records])
+        ds = tf.data.Dataset.from_tensor_slices(columns).shard(num_shards, shard_index)
+        return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def read(ex):
+        out = {"image": tf.io.read_file(ex["path"]), "label": ex["label"],
+               "coarse_label": tf.constant(NO_LABEL, tf.int64), "id": ex["id"]}
+        if captions:
+            out["captions"] = ex["captions"]
+        return out
+
+    return SplitData(name=name, num_examples=len(records), num_classes=num_classes,
+                     num_coarse_classes=0, dataset=dataset, has_captions=captions,
+                     labels=labels, ids=ids)
+
+
+def _images_under(folder: Path) -> list:
+    """All image files under folder, recursively, by extension (any case)."""
+    return [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+
+
+def _folder_source(rest: str, data_dir: Optional[str]) -> Source:
+    """DIR/<class>/... (one split, 'train') or DIR/{train,val,test}/<class>/...; classes sorted
+    by name over all splits -> labels 0..C-1 (the same class, the same label in every split)."""
+    root = Path(rest)
+    if not root.is_dir():
+        raise ValueError(f"folder:{rest}: no such directory")
+    split_dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+    split_dirs = split_dirs or {"train": root}
+    class_dirs = {s: sorted(d for d in folder.iterdir() if d.is_dir())
+                  for s, folder in split_dirs.items()}
+    classes = sorted({d.name for dirs in class_dirs.values() for d in dirs})
+    label_of = {c: i for i, c in enumerate(classes)}
+    split_data = {}
+    for s, dirs in class_dirs.items():
+        records = [(p.relative_to(root).as_posix(), label_of[d.name])
+                   for d in dirs for p in _images_under(d)]
+        if not records:
+            raise ValueError(f"folder:{rest}: no images in class sub-folders of {split_dirs[s]} "
+                             f"(extensions {' '.join(IMAGE_EXTENSIONS)})")
+        split_data[s] = _file_split(s, root, records, num_classes=len(classes))
+    return Source(name=root.name, roles=_roles(tuple(split_data)), split_data=split_data)
+
+
+def _uned_source(rest: str, data_dir: Optional[str]) -> Source:
+    """UnED split files DIR/<split>.json: [{"path": relative image path, "class_id": int}, ...].
+
+    Images are at <data_dir or DIR>/<path> (the UnED layout keeps them in data/images, beside
+    data/info_files/<dataset>). num_classes = max class_id + 1, per split.
+    """
+    folder = Path(rest)
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not files:
+        raise ValueError(f"uned:{rest}: no split files there (train.json, val.json, test.json, "
+                         "index.json)")
+    root = Path(data_dir) if data_dir else folder
+    split_data = {}
+    for name in _ordered([f.stem for f in files]):
+        with open(folder / f"{name}.json") as f:
+            records = [(r["path"], _single_class(r["class_id"], folder / f"{name}.json"))
+                       for r in json.load(f)]
+        if not records:
+            raise ValueError(f"uned:{rest}: {name}.json has no records")
+        num_classes = max(label for _, label in records) + 1
+        split_data[name] = _file_split(name, root, records, num_classes=num_classes)
+    return Source(name=folder.name, roles=_roles(tuple(split_data)), split_data=split_data)
+
+
+def _single_class(class_id, path: Path) -> int:
+    """UnED class_id: an int, or a list (multi-label records); one class only here."""
+    if isinstance(class_id, list):
+        if len(class_id) != 1:
+            raise ValueError(f"{path}: multi-label class_id {class_id} is not supported")
+        class_id = class_id[0]
+    return int(class_id)
+
+
+def _captions_source(rest: str, data_dir: Optional[str]) -> Source:
+    """An image-text set: a JSON list [{"image": path, "captions": [str, ...]}, ...], or
+    Karpathy's dataset_{coco,flickr30k}.json {"images": [{"filepath"?, "filename", "split",
+    "sentences": [{"raw": str}, ...]}, ...]} filtered to SPLIT. Images at <data_dir or the
+    JSON's folder>/<path>. label = -1."""
+    if rest.endswith(".json"):
+        file, split = rest, "test"
+    else:
+        file, _, split = rest.rpartition(":")
+    path = Path(file)
+    if not file or not path.is_file():
+        raise ValueError(f"captions:{rest}: no such JSON file {file or rest}")
+    with open(path) as f:
+        data = json.load(f)
+    if isinstance(data, list):
+        records = [(r["image"], NO_LABEL, list(r["captions"])) for r in data]
+    else:
+        records = [(os.path.join(r.get("filepath", ""), r["filename"]), NO_LABEL,
+                    [s["raw"] for s in r["sentences"]])
+                   for r in data["images"] if r["split"] == split]
+    if not records:
+        raise ValueError(f"captions:{rest}: no images for split {split!r} in {file}")
+    root = Path(data_dir) if data_dir else path.parent
+    split_data = {split: _file_split(split, root, records, num_classes=0, captions=True)}
+    return Source(name=path.stem, roles=_roles((split,)), split_data=split_data)
