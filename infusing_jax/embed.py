@@ -10,6 +10,7 @@ eval preprocessing at the checkpoint's resolution. Exit status 0 unless no
 image could be embedded.
 """
 import concurrent.futures
+import functools
 import os
 import sys
 
@@ -115,7 +116,9 @@ def main(argv):
     except (ValueError, FileNotFoundError, ImportError) as e:
         sys.exit(f"error: {e}")
     model = models.build(cfg)
-    encode = jax.jit(lambda x: model.apply({"params": params}, x, method=model.encode_images))
+    # Parameters are arguments, not closed-over constants baked into the program.
+    encode_images = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_images))
+    encode = functools.partial(encode_images, params)
 
     paths, others = find_images(_IMAGES.value)
     if others:
@@ -131,11 +134,11 @@ def main(argv):
               f"(listed in skipped_paths), e.g. {skipped[:3]}", file=sys.stderr)
 
     if texts is not None:
-        encode_text = jax.jit(lambda t: model.apply({"params": params}, t,
-                                                    method=model.encode_texts))
+        encode_text = jax.jit(lambda p, t: model.apply({"params": p}, t,
+                                                       method=model.encode_texts))
         out["text_embeddings"] = np.concatenate(
-            [np.asarray(encode_text(tokenize(texts[i:i + _BATCH_SIZE.value])))
-             for i in range(0, len(texts), _BATCH_SIZE.value)] or [np.zeros((0, 0), np.float32)])
+            [np.asarray(encode_text(params, tokenize(texts[i:i + _BATCH_SIZE.value])))
+             for i in range(0, len(texts), _BATCH_SIZE.value)])
         out["texts"] = np.asarray(texts, dtype=str)
 
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
