@@ -33,6 +33,6 @@ setuptools.setup(
     ],
     extras_require={
         "torch": TORCH,
-        "test": TORCH + ["pytest"],
+        "test": TORCH + ["pytest", "pytorch-metric-learning==2.9.0"],
     },
 )

@@ -1,0 +1,1 @@
+"""Training losses: pure JAX functions, one kind of loss per module."""
