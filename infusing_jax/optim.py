@@ -1,0 +1,245 @@
+"""The optimiser: AdamW with a head LR and a (smaller) backbone LR, built from optax.
+
+Parameter tree expected by `make_optimizer` (and `param_labels`):
+
+    {'backbone': <Flax image-tower params, e.g. init_params(...)['img']>,
+     'heads': {domain_name: (D, C) array, ...}}
+
+Any other top-level key is an error.
+
+Transformation (all optax):
+
+    chain(clip_by_global_norm(grad_clip_norm)        # only if grad_clip_norm > 0
+          multi_transform({label: adamw(schedule_label, b1, b2, weight_decay)}))
+
+Labels: 'heads' for every head leaf; 'backbone' for every backbone leaf, or, with
+`layer_decay`, 'backbone_{k}' where k is the leaf's layer id (below).
+
+Learning rates (schedules from optax; `learning_rates` returns them for logging):
+  * 'constant':       optax.constant_schedule(peak)
+  * 'warmup_cosine':  optax.warmup_cosine_decay_schedule(0, peak, warmup_steps,
+                                                         total_steps, end_value=0)
+  with peak = lr for the heads, lr * backbone_lr_mult for the backbone, and
+  lr * backbone_lr_mult * layer_decay ** (L + 1 - k) for backbone layer k.
+
+Layer-wise LR decay (BEiT rule) over a ViT with L = `depth` blocks:
+  * layer 0:     top-level `embedding`, `pos_embedding`, `cls`, `pre_norm`
+  * layer i + 1: `Transformer/encoderblock_{i}` (i = 0 .. L-1)
+  * layer L + 1: everything else (`Transformer/encoder_norm`, `MAPHead_0`, `head`)
+  so encoder_norm/MAPHead get the full backbone LR, block i gets
+  layer_decay ** (L - i) of it and the embeddings layer_decay ** (L + 1).
+  Needs `depth` and the unrolled layout (`scan=False`); the scanned layout's
+  stacked `encoderblock` is refused.
+
+Freezing the backbone:
+  * freeze_backbone_epochs = N > 0: the backbone schedule is multiplied by
+    optax.join_schedules([constant 0, constant 1], [N * steps_per_epoch]), so the
+    first N * steps_per_epoch updates are exactly zero. optax.adamw applies the
+    learning rate after adding the decayed weights, so weight decay is gated too.
+    Adam's moments (and its bias-correction count) still see the backbone
+    gradients during the frozen steps; pass zero / stop-gradient backbone grads
+    if that matters (PyTorch's requires_grad=False would start Adam fresh).
+  * freeze_backbone_epochs = -1: the backbone gets optax.set_to_zero() (no state).
+  The global-norm clip is over every gradient passed in, backbone included.
+
+EMA (separate from the optimiser; the trainer keeps the state):
+    ema = ema_init(params)                       # a copy of params
+    ema = ema_update(ema, new_params, decay)     # ema <- decay*ema + (1-decay)*new
+"""
+import re
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+SCHEDULES = ("constant", "warmup_cosine")
+_FIELDS = ("lr", "backbone_lr_mult", "b1", "b2", "weight_decay", "schedule",
+           "warmup_steps", "total_steps", "grad_clip_norm", "freeze_backbone_epochs",
+           "layer_decay", "ema_decay")
+_INPUT_SIDE = ("embedding", "pos_embedding", "cls", "pre_norm")
+_BLOCK = re.compile(r"encoderblock_(\d+)$")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """METHOD.md: AdamW(0.9, 0.999), wd 1e-6, constant LR 1e-3 (heads) / 1e-5
+    (backbone, multiplier 1e-2), no warm-up, no clipping, no freezing."""
+    cfg = ml_collections.ConfigDict()
+    cfg.lr = 1e-3
+    cfg.backbone_lr_mult = 1e-2
+    cfg.b1 = 0.9
+    cfg.b2 = 0.999
+    cfg.weight_decay = 1e-6
+    cfg.schedule = "constant"
+    cfg.warmup_steps = 0
+    cfg.total_steps = 0
+    cfg.grad_clip_norm = 0.0
+    cfg.freeze_backbone_epochs = 0
+    cfg.layer_decay = ml_collections.config_dict.placeholder(float)
+    cfg.ema_decay = ml_collections.config_dict.placeholder(float)
+    return cfg
+
+
+def _err(field: str, msg: str):
+    raise ValueError(f"optim.{field}: {msg}")
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate(cfg) -> None:
+    """Raises a one-line ValueError naming the first bad field (`optim.<field>`)."""
+    for k in cfg.keys():
+        if k not in _FIELDS:
+            _err(k, f"unknown field (known: {', '.join(_FIELDS)})")
+    for k in _FIELDS:
+        if k not in cfg:
+            _err(k, "missing")
+    if not _is_num(cfg.lr) or cfg.lr <= 0:
+        _err("lr", f"must be a number > 0, got {cfg.lr!r}")
+    if not _is_num(cfg.backbone_lr_mult) or cfg.backbone_lr_mult < 0:
+        _err("backbone_lr_mult", f"must be a number >= 0, got {cfg.backbone_lr_mult!r}")
+    for k in ("b1", "b2"):
+        if not _is_num(cfg[k]) or not 0 <= cfg[k] < 1:
+            _err(k, f"must be in [0, 1), got {cfg[k]!r}")
+    if not _is_num(cfg.weight_decay) or cfg.weight_decay < 0:
+        _err("weight_decay", f"must be a number >= 0, got {cfg.weight_decay!r}")
+    if cfg.schedule not in SCHEDULES:
+        _err("schedule", f"must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    for k in ("warmup_steps", "total_steps"):
+        if not _is_int(cfg[k]) or cfg[k] < 0:
+            _err(k, f"must be an int >= 0, got {cfg[k]!r}")
+    if cfg.schedule == "constant" and cfg.warmup_steps != 0:
+        _err("warmup_steps", "must be 0 with schedule 'constant' (use 'warmup_cosine')")
+    if cfg.schedule == "warmup_cosine" and cfg.total_steps <= cfg.warmup_steps:
+        _err("total_steps", f"must be > warmup_steps ({cfg.warmup_steps}) with "
+             f"schedule 'warmup_cosine', got {cfg.total_steps!r}")
+    if not _is_num(cfg.grad_clip_norm) or cfg.grad_clip_norm < 0:
+        _err("grad_clip_norm", f"must be a number >= 0 (0 = off), got {cfg.grad_clip_norm!r}")
+    if not _is_int(cfg.freeze_backbone_epochs) or cfg.freeze_backbone_epochs < -1:
+        _err("freeze_backbone_epochs",
+             f"must be an int >= -1 (-1 = always frozen), got {cfg.freeze_backbone_epochs!r}")
+    if cfg.layer_decay is not None and (not _is_num(cfg.layer_decay)
+                                        or not 0 < cfg.layer_decay <= 1):
+        _err("layer_decay", f"must be None or in (0, 1], got {cfg.layer_decay!r}")
+    if cfg.ema_decay is not None and (not _is_num(cfg.ema_decay)
+                                      or not 0 < cfg.ema_decay < 1):
+        _err("ema_decay", f"must be None or in (0, 1), got {cfg.ema_decay!r}")
+
+
+def _key_name(k) -> str:
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def layer_id(path, depth: int) -> int:
+    """Layer id (0 .. depth + 1) of a backbone leaf from its key names (see module doc)."""
+    names = [_key_name(k) for k in path]
+    if names[0] in _INPUT_SIDE:
+        return 0
+    if len(names) > 1 and names[0] == "Transformer":
+        if names[1] == "encoderblock":
+            raise ValueError("optim.layer_decay: needs the unrolled layout "
+                             "(encoderblock_{i}); the scanned 'encoderblock' is stacked")
+        m = _BLOCK.match(names[1])
+        if m:
+            i = int(m.group(1))
+            if i >= depth:
+                raise ValueError(f"optim.layer_decay: found encoderblock_{i} but depth={depth}")
+            return i + 1
+    return depth + 1
+
+
+def param_labels(params, layer_decay: bool = False, depth: Optional[int] = None):
+    """Labels tree for optax.multi_transform: 'heads', 'backbone' or 'backbone_{k}'."""
+    extra = set(params) - {"backbone", "heads"}
+    if extra:
+        raise ValueError(f"optim: params must be {{'backbone', 'heads'}}, got extra {sorted(extra)}")
+    labels = {}
+    if "heads" in params:
+        labels["heads"] = jax.tree.map(lambda _: "heads", params["heads"])
+    if "backbone" in params:
+        if layer_decay:
+            labels["backbone"] = jax.tree_util.tree_map_with_path(
+                lambda p, _: f"backbone_{layer_id(p, depth)}", params["backbone"])
+        else:
+            labels["backbone"] = jax.tree.map(lambda _: "backbone", params["backbone"])
+    return labels
+
+
+def _base_schedule(cfg, peak: float) -> optax.Schedule:
+    if cfg.schedule == "constant":
+        return optax.constant_schedule(peak)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.total_steps, end_value=0.0)
+
+
+def learning_rates(cfg, steps_per_epoch: int,
+                   depth: Optional[int] = None) -> Dict[str, optax.Schedule]:
+    """label -> LR schedule (step -> LR) for every trainable group.
+
+    Always-frozen backbone groups are absent (they get optax.set_to_zero())."""
+    validate(cfg)
+    out = {"heads": _base_schedule(cfg, cfg.lr)}
+    if cfg.freeze_backbone_epochs == -1:
+        return out
+    peak = cfg.lr * cfg.backbone_lr_mult
+    if cfg.layer_decay is None:
+        peaks = {"backbone": peak}
+    else:
+        if not _is_int(depth) or depth < 0:
+            raise ValueError(f"optim.layer_decay: make_optimizer needs depth=<number of "
+                             f"encoder blocks>, got {depth!r}")
+        peaks = {f"backbone_{k}": peak * cfg.layer_decay ** (depth + 1 - k)
+                 for k in range(depth + 2)}
+    freeze = cfg.freeze_backbone_epochs * steps_per_epoch
+    if freeze > 0:
+        gate = optax.join_schedules(
+            [optax.constant_schedule(0.0), optax.constant_schedule(1.0)], [freeze])
+    for label, p in peaks.items():
+        base = _base_schedule(cfg, p)
+        if freeze > 0:
+            out[label] = (lambda b: lambda step: gate(step) * b(step))(base)
+        else:
+            out[label] = base
+    return out
+
+
+def make_optimizer(cfg, steps_per_epoch: int,
+                   depth: Optional[int] = None) -> optax.GradientTransformation:
+    """The optax transformation for {'backbone': ..., 'heads': {...}} (module doc).
+
+    `steps_per_epoch` turns freeze_backbone_epochs into steps; `depth` (the image
+    tower's number of encoder blocks) is needed only with layer_decay."""
+    validate(cfg)
+    if cfg.freeze_backbone_epochs > 0 and (not _is_int(steps_per_epoch) or steps_per_epoch < 1):
+        raise ValueError(f"optim.freeze_backbone_epochs: needs steps_per_epoch >= 1, "
+                         f"got {steps_per_epoch!r}")
+    scheds = learning_rates(cfg, steps_per_epoch, depth)
+    txs = {label: optax.adamw(s, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+           for label, s in scheds.items()}
+    # Always frozen: one 'backbone' label whatever layer_decay says.
+    layer_decay = cfg.layer_decay is not None and cfg.freeze_backbone_epochs != -1
+    if cfg.freeze_backbone_epochs == -1:
+        txs["backbone"] = optax.set_to_zero()
+    tx = optax.multi_transform(
+        txs, lambda params: param_labels(params, layer_decay, depth))
+    if cfg.grad_clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+    return tx
+
+
+def ema_init(params):
+    """EMA state: a copy of params (so the EMA starts at the initial weights)."""
+    return jax.tree.map(jnp.array, params)
+
+
+def ema_update(ema, params, decay: float):
+    """ema <- decay * ema + (1 - decay) * params (optax.incremental_update)."""
+    return optax.incremental_update(params, ema, 1.0 - decay)
