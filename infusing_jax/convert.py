@@ -12,12 +12,13 @@ from absl import app
 from absl import flags
 
 from infusing_jax import checkpoints
+from infusing_jax.models import transformer
 
 _TO = flags.DEFINE_enum("to", None, checkpoints.FORMATS, "Output format (default: from DST).")
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", None, "Resample the image position embedding to this resolution.")
 _ACT = flags.DEFINE_enum(
-    "act", None, ["gelu_tanh", "gelu", "quick_gelu"],
+    "act", None, sorted(transformer.ACTIVATIONS),
     "Activation, for sources that do not record it (required for open_clip CLIP files: "
     "quick_gelu for OpenAI weights, gelu for LAION / DataComp / DFN).")
 

@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 
 from infusing_jax import checkpoints
+from infusing_jax.models import transformer
 from infusing_jax import models
 from infusing_jax import preprocessing
 from infusing_jax import tokenizers
@@ -32,7 +33,7 @@ _TEXTS = flags.DEFINE_string("texts", None, "Optional text file, one text per li
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer file for --texts.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
 _ACT = flags.DEFINE_enum(
-    "act", None, ["gelu_tanh", "gelu", "quick_gelu"],
+    "act", None, sorted(transformer.ACTIVATIONS),
     "Activation, for checkpoints that do not record it (open_clip CLIP files).")
 _PRECISION = flags.DEFINE_enum(
     "matmul_precision", "highest", ["default", "high", "highest"],

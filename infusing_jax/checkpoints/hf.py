@@ -12,17 +12,13 @@ from safetensors import numpy as safetensors_np
 
 from infusing_jax import preprocessing
 from infusing_jax.checkpoints import mapping
+from infusing_jax.checkpoints.mapping import dense as _dense
 from infusing_jax.checkpoints.mapping import layer_norm as _ln
 from infusing_jax.checkpoints.mapping import rule
 
 _BLOCK = dict(ln1="layer_norm1", ln2="layer_norm2", q="self_attn.q_proj",
               k="self_attn.k_proj", v="self_attn.v_proj", out="self_attn.out_proj",
               fc1="mlp.fc1", fc2="mlp.fc2")
-
-
-def _linear(ours, theirs, bias=True):
-    return [rule(f"{ours}/kernel", f"{theirs}.weight", "linear")] + (
-        [rule(f"{ours}/bias", f"{theirs}.bias")] if bias else [])
 
 
 def _map_head(ours, theirs):
@@ -36,8 +32,8 @@ def _map_head(ours, theirs):
         rule(f"{a}/out/kernel", f"{theirs}.attention.out_proj.weight", "heads_out"),
         rule(f"{a}/out/bias", f"{theirs}.attention.out_proj.bias"),
         *_ln(f"{ours}/LayerNorm_0", f"{theirs}.layernorm"),
-        *_linear(f"{ours}/MlpBlock_0/Dense_0", f"{theirs}.mlp.fc1"),
-        *_linear(f"{ours}/MlpBlock_0/Dense_1", f"{theirs}.mlp.fc2"),
+        *_dense(f"{ours}/MlpBlock_0/Dense_0", f"{theirs}.mlp.fc1"),
+        *_dense(f"{ours}/MlpBlock_0/Dense_1", f"{theirs}.mlp.fc2"),
     ]
 
 
@@ -60,7 +56,7 @@ SIGLIP = [
     *_ln("img/Transformer/encoder_norm", "vision_model.post_layernorm"),
     *_map_head("img/MAPHead_0", "vision_model.head"),
     *_text_rules(),
-    *_linear("txt/head", "text_model.head"),
+    *_dense("txt/head", "text_model.head"),
     rule("t", "logit_scale"),
     rule("b", "logit_bias"),
 ]
@@ -73,9 +69,9 @@ CLIP = [
     *mapping.block_rules("img/Transformer/encoderblock_{i}/",
                          "vision_model.encoder.layers.{i}.", _BLOCK),
     *_ln("img/Transformer/encoder_norm", "vision_model.post_layernorm"),
-    rule("img/head/kernel", "visual_projection.weight", "linear"),
+    *_dense("img/head", "visual_projection", bias=False),
     *_text_rules(),
-    rule("txt/head/kernel", "text_projection.weight", "linear"),
+    *_dense("txt/head", "text_projection", bias=False),
     rule("t", "logit_scale", "scalar"),
 ]
 

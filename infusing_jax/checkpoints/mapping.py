@@ -53,6 +53,12 @@ def layer_norm(ours: str, theirs: str) -> list:
     return [rule(f"{ours}/scale", f"{theirs}.weight"), rule(f"{ours}/bias", f"{theirs}.bias")]
 
 
+def dense(ours: str, theirs: str, bias: bool = True) -> list:
+    """Dense 'ours/kernel' (in, out), 'ours/bias' <-> torch Linear 'theirs.weight' (out, in), '.bias'."""
+    return [rule(f"{ours}/kernel", f"{theirs}.weight", "linear")] + (
+        [rule(f"{ours}/bias", f"{theirs}.bias")] if bias else [])
+
+
 def block_rules(ours: str, theirs: str, names: dict) -> list:
     """Rules for one pre-LN transformer block, `ours`/`theirs` ending in the block prefix.
 
@@ -76,9 +82,8 @@ def block_rules(ours: str, theirs: str, names: dict) -> list:
                       rule(f"{a}{p}/bias", f"{theirs}{names[n]}.bias", "heads_bias")]
     rules += [rule(f"{a}out/kernel", f"{theirs}{names['out']}.weight", "heads_out"),
               rule(f"{a}out/bias", f"{theirs}{names['out']}.bias")]
-    for fc, dense in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
-        rules += [rule(f"{ours}MlpBlock_0/{dense}/kernel", f"{theirs}{names[fc]}.weight", "linear"),
-                  rule(f"{ours}MlpBlock_0/{dense}/bias", f"{theirs}{names[fc]}.bias")]
+    for fc, our_dense in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
+        rules += dense(f"{ours}MlpBlock_0/{our_dense}", f"{theirs}{names[fc]}")
     return rules
 
 

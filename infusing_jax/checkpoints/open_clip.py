@@ -8,6 +8,7 @@ LAION / DataComp / DFN ones exact GELU): the caller must name it.
 """
 from infusing_jax.checkpoints import infer
 from infusing_jax.checkpoints import mapping
+from infusing_jax.checkpoints.mapping import dense as _dense
 from infusing_jax.checkpoints.mapping import layer_norm as _ln
 from infusing_jax.checkpoints.mapping import rule
 
@@ -48,12 +49,9 @@ SIGLIP = [
     rule(_POOL_ATTN + "out/kernel", _T + "attn_pool.proj.weight", "heads_out"),
     rule(_POOL_ATTN + "out/bias", _T + "attn_pool.proj.bias"),
     *_ln(_POOL + "LayerNorm_0", _T + "attn_pool.norm"),
-    rule(_POOL + "MlpBlock_0/Dense_0/kernel", _T + "attn_pool.mlp.fc1.weight", "linear"),
-    rule(_POOL + "MlpBlock_0/Dense_0/bias", _T + "attn_pool.mlp.fc1.bias"),
-    rule(_POOL + "MlpBlock_0/Dense_1/kernel", _T + "attn_pool.mlp.fc2.weight", "linear"),
-    rule(_POOL + "MlpBlock_0/Dense_1/bias", _T + "attn_pool.mlp.fc2.bias"),
-    *_text("text.", [rule("txt/head/kernel", "text.text_projection.weight", "linear"),
-                     rule("txt/head/bias", "text.text_projection.bias")]),
+    *_dense(_POOL + "MlpBlock_0/Dense_0", _T + "attn_pool.mlp.fc1"),
+    *_dense(_POOL + "MlpBlock_0/Dense_1", _T + "attn_pool.mlp.fc2"),
+    *_text("text.", _dense("txt/head", "text.text_projection")),
     rule("t", "logit_scale", "scalar"),
     rule("b", "logit_bias", "scalar"),
 ]
