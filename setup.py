@@ -30,6 +30,7 @@ setuptools.setup(
         "tokenizers",
         "tensorflow-cpu",
         "tensorflow-datasets",
+        "tensorboard",
     ],
     extras_require={
         "torch": TORCH,

@@ -1,0 +1,97 @@
+"""Orbax checkpoints of a run: the train state and the input pipeline, saved together.
+
+    WORKDIR/checkpoints/<step>/state   the TrainState (sharded arrays; async where allowed)
+    WORKDIR/checkpoints/<step>/data    each process's tf.data iterator and skip counts
+    WORKDIR/best/<step>/params         the parameters that scored best on validation
+
+A restarted run restores the latest step of both, so it goes on with exactly
+the batches an uninterrupted run would have seen.
+"""
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from infusing_jax.data import pipeline
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+    """Saves / restores this process's tf.data iterator (tf.train.Checkpoint) and skip counts."""
+
+    def save(self, directory, args: "DataIteratorSave"):
+        pipeline.save_iterator(args.iterator, args.counter, os.fspath(directory),
+                               jax.process_index())
+
+    def restore(self, directory, args: "DataIteratorRestore"):
+        pipeline.restore_iterator(args.iterator, args.counter, os.fspath(directory),
+                                  jax.process_index())
+        return args.counter
+
+    def metadata(self, directory):
+        return None
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+    iterator: Any
+    counter: pipeline.SkipCounter
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+    iterator: Any
+    counter: pipeline.SkipCounter
+
+
+def manager(workdir: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
+    """Periodic checkpoints of state + data, the last `keep` kept."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 options=options, item_names=("state", "data"))
+
+
+def best_manager(workdir: str) -> ocp.CheckpointManager:
+    """The best parameters by the validation score (metrics {'score': ...}, higher is better)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                           best_fn=lambda m: m["score"], best_mode="max")
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best"),
+                                 options=options, item_names=("params", "metrics"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, iterator, counter) -> None:
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=DataIteratorSave(iterator, counter)))
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state, iterator, counter,
+            step: Optional[int] = None):
+    """-> the state at `step` (default: the latest), into `abstract_state`'s shardings;
+    the iterator and counter are restored in place."""
+    step = mngr.latest_step() if step is None else step
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=DataIteratorRestore(iterator, counter)))
+    return restored.state
+
+
+def save_best(mngr: ocp.CheckpointManager, step: int, params, metrics: dict) -> None:
+    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                            metrics=ocp.args.JsonSave(metrics)),
+              metrics={"score": float(metrics["score"])})
+
+
+def write_json(path: str, obj) -> None:
+    """Process 0 writes `obj` as JSON (atomically: a reader never sees half a file)."""
+    if jax.process_index() != 0:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)

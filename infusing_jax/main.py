@@ -1,0 +1,50 @@
+"""Train a run: python -m infusing_jax.main --config=configs/X.py --workdir=DIR [--config.F=V].
+
+Restarting the same command in the same workdir resumes from the latest
+checkpoint. On several hosts (TPU pod slices, GPU clusters) run the same command
+on every host with --distributed (jax.distributed finds the coordinator on TPU
+and SLURM; elsewhere give --coordinator_address, --num_processes, --process_id).
+"""
+import sys
+
+import jax
+import tensorflow as tf
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from infusing_jax import config as config_lib
+from infusing_jax import train
+
+config_flags.DEFINE_config_file("config", None, "A configs/*.py file (and :ARG).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, logs and results go here.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize (multi-host).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators are JAX's
+    if FLAGS.distributed:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
+    logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
+                 jax.device_count())
+    try:
+        config_lib.validate(FLAGS.config)
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ValueError, train.NonFiniteLoss) as e:
+        if not (isinstance(e, train.NonFiniteLoss) or str(e).startswith("config.")):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,149 @@
+"""The training objective: every domain's loss terms on its own examples.
+
+For a batch with examples of domains d (masks m_d, fractions p_d = mean(m_d)):
+
+    loss = sum_d p_d * L_d,    L_d = sum_i w_i l_i            ('weighted_sum')
+                               L_d = sum_i w_i l_i / sum_i w_i ('weighted_average')
+
+over the terms l_i of domain d's config (`config.domains.<d>.losses`). With one
+domain per batch (the authors' way) p_d is 1 for the batch's domain and the
+other domains' terms are skipped (lax.cond), the online teacher included.
+Parameter terms (anchoring, EWC) count once per step whatever the mix.
+
+Heads (the trainable per-domain parameters): {'classifier' (E, C), 'log_scale'
+() with a trainable scale, 'proxies' (C, E) for proxy-anchor}.
+"""
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from infusing_jax import config as config_lib
+from infusing_jax.losses import classification
+from infusing_jax.losses import metric
+from infusing_jax.losses import retention
+
+
+def init_heads(cfg, names: Sequence[str], num_classes: dict, dim: int, rng) -> dict:
+    """{domain: {'classifier' (dim, C), 'log_scale' (), 'proxies' (C, dim)}} where its losses need them."""
+    heads = {}
+    for name, key in zip(names, jax.random.split(rng, len(names))):
+        losses = cfg.domains[name].losses
+        head = {}
+        kinds = [k for k in losses.keys() if k in config_lib.CLASSIFIERS]
+        if kinds:
+            head["classifier"] = classification.init_head(key, dim, num_classes[name])
+            if any(losses[k].trainable_scale for k in kinds):
+                head["log_scale"] = jnp.log(jnp.float32(losses[kinds[0]].scale))
+        if "proxy_anchor" in losses:
+            head["proxies"] = jax.random.normal(jax.random.fold_in(key, 1),
+                                                (num_classes[name], dim)) / np.sqrt(dim)
+        if head:
+            heads[name] = head
+    return heads
+
+
+def _classifier_logits(kind, settings, head, f, labels):
+    scale = jnp.exp(head["log_scale"]) if "log_scale" in head else settings.scale
+    w = head["classifier"]
+    if kind == "normface":
+        return classification.normface_logits(f, w, scale)
+    if kind == "cosface":
+        return classification.cosface_logits(f, w, labels, scale, settings.margin)
+    return classification.arcface_logits(f, w, labels, scale, settings.margin)
+
+
+def _masked_mean(values, mask):
+    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def domain_terms(losses, head: dict, f, batch: dict, mask, backbone, reference, fisher,
+                 embed: Callable) -> dict:
+    """{kind: scalar} for one domain's losses on the examples where `mask` (B,) holds.
+
+    f (B, E): student embeddings; batch['label'] (B,); batch['teacher'] (B, E) and
+    batch['has_teacher'] (B,) for a precomputed teacher. embed(backbone, images)
+    -> (B, E) runs the online teacher (on `reference`, the pretrained weights).
+    """
+    labels = jnp.where(mask, batch["label"], 0)
+    terms, online = {}, None
+    for kind in losses.keys():
+        s = losses[kind]
+        if kind in config_lib.CLASSIFIERS:
+            logits = _classifier_logits(kind, s, head, f, labels)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            terms[kind] = _masked_mean(ce, mask)
+        elif kind == "supcon":
+            terms[kind] = metric.supcon(f, labels, s.temperature)
+        elif kind == "multi_similarity":
+            terms[kind] = metric.multi_similarity(f, labels, s.alpha, s.beta, s.base, s.epsilon)
+        elif kind == "triplet":
+            terms[kind] = metric.triplet_batch_hard(f, labels, s.margin)
+        elif kind == "proxy_anchor":
+            terms[kind] = metric.proxy_anchor(f, labels, head["proxies"], s.alpha, s.delta)
+        elif kind in config_lib.DISTILLATION:
+            if s.teacher == "online":
+                if online is None:
+                    online = jax.lax.stop_gradient(embed(reference, batch["image"]))
+                f0, m = online, mask
+            else:
+                f0, m = batch["teacher"], mask & batch["has_teacher"]
+            if kind == "feature_mse":
+                terms[kind] = retention.feature_mse(f, f0, m)
+            elif kind == "feature_cosine":
+                terms[kind] = retention.feature_cosine(f, f0, m)
+            elif kind == "relational":
+                terms[kind] = retention.relational(f, f0, m)
+            else:
+                classifier = next(k for k in losses.keys() if k in config_lib.CLASSIFIERS)
+                student = _classifier_logits(classifier, losses[classifier], head, f, labels)
+                teacher = _classifier_logits(classifier, losses[classifier], head, f0, labels)
+                terms[kind] = retention.logit_kl(student, teacher, s.temperature, m)
+        elif kind == "anchoring":
+            terms[kind] = retention.anchoring(backbone, reference, s.reduction,
+                                              retention.exclude_prefixes(*s.exclude))
+        elif kind == "ewc":
+            terms[kind] = retention.ewc(backbone, reference, fisher,
+                                        retention.exclude_prefixes(*s.exclude))
+    return {k: v.astype(jnp.float32) for k, v in terms.items()}
+
+
+def aggregate(losses, terms: dict, how: str):
+    total = sum(losses[k].weight * terms[k] for k in terms)
+    if how == "weighted_average":
+        total = total / max(sum(losses[k].weight for k in terms), 1e-12)
+    return total
+
+
+def make_loss_fn(cfg, names: Sequence[str], embed: Callable) -> Callable:
+    """-> loss_fn(params, reference, fisher, batch) -> (loss, {'<domain>/<kind>': term,
+    '<domain>/present': 0 or 1}).
+
+    params: {'backbone', 'heads'}; embed(backbone, images (B, S, S, 3)) -> (B, E)
+    L2-normalised; batch['domain'] (B,) indexes `names`.
+    """
+    def loss_fn(params, reference, fisher, batch):
+        f = embed(params["backbone"], batch["image"]).astype(jnp.float32)
+        total, logged = jnp.zeros((), jnp.float32), {}
+        for i, name in enumerate(names):
+            losses = cfg.domains[name].losses
+            mask = batch["domain"] == i
+            head = params["heads"].get(name, {})
+
+            def compute(losses=losses, head=head, mask=mask):
+                terms = domain_terms(losses, head, f, batch, mask, params["backbone"],
+                                     reference, fisher, embed)
+                return terms, aggregate(losses, terms, cfg.loss_aggregation)
+
+            present = jnp.any(mask)
+            shapes = jax.eval_shape(compute)
+            terms, value = jax.lax.cond(
+                present, compute, lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+            total += jnp.mean(mask) * value
+            logged.update({f"{name}/{k}": v for k, v in terms.items()})
+            logged[f"{name}/present"] = present.astype(jnp.float32)
+        return total, logged
+
+    return loss_fn

@@ -1,0 +1,46 @@
+"""Where arrays live: one 1-D 'data' mesh over every device of every process.
+
+Batches are split over 'data' (data parallelism). With FSDP, every parameter-
+sized array (parameters, optimiser moments, EMA, the frozen reference) is also
+split over 'data', along its largest axis that the device count divides; the
+compiler all-gathers it for the forward pass and reduce-scatters its gradient
+(ZeRO-3). Without FSDP they are replicated.
+"""
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from infusing_jax.data import device_put
+
+DATA_AXIS = device_put.DATA_AXIS
+
+
+def make_mesh(devices=None) -> Mesh:
+    return device_put.data_mesh(devices)
+
+
+def fsdp_spec(shape, num_devices: int) -> PartitionSpec:
+    """Split the largest axis that `num_devices` divides; replicate if none does."""
+    axes = [i for i in np.argsort(shape)[::-1] if shape[i] % num_devices == 0 and shape[i] > 1]
+    if num_devices == 1 or not axes:
+        return PartitionSpec()
+    spec = [None] * len(shape)
+    spec[axes[0]] = DATA_AXIS
+    return PartitionSpec(*spec)
+
+
+def state_shardings(abstract_state, mesh: Mesh, fsdp: bool):
+    """A tree of NamedShardings like `abstract_state` (a tree of ShapeDtypeStructs)."""
+    def one(x):
+        shape = getattr(x, "shape", ())
+        spec = fsdp_spec(shape, mesh.size) if fsdp and len(shape) else PartitionSpec()
+        return NamedSharding(mesh, spec)
+    return jax.tree.map(one, abstract_state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,370 @@
+"""Fine-tuning: the train state, the pure train step, and the training loop.
+
+    state = create_train_state(backbone, heads, tx, ema, fisher)
+    state, metrics = train_step(state, batch, reference, loss_fn=..., tx=...)
+    train_and_evaluate(config, workdir)
+
+The step is one `jax.jit` over a 1-D device mesh (sharding.py): the batch split
+over devices, parameters replicated or FSDP-sharded. `reference` is the frozen
+pretrained backbone: the anchor of the parameter terms and the online teacher.
+It is not checkpointed (it is reloaded from model.checkpoint).
+"""
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+from flax.metrics import tensorboard
+
+from infusing_jax import checkpointing
+from infusing_jax import checkpoints
+from infusing_jax import config as config_lib
+from infusing_jax import models
+from infusing_jax import objective
+from infusing_jax import optim
+from infusing_jax import sharding
+from infusing_jax import validation
+from infusing_jax.data import device_put
+from infusing_jax.data import domains as domains_lib
+from infusing_jax.data import pipeline
+from infusing_jax.data import preprocess
+from infusing_jax.data import teacher as teacher_lib
+from infusing_jax.losses import retention
+
+DEVICE_FIELDS = ("image", "label", "domain", "teacher", "has_teacher")
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss or the gradient norm went NaN / inf; the last good checkpoint is kept."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # {'backbone': image tower, 'heads': {domain: {...}}}
+    opt_state: Any
+    ema: Any  # like params, or None
+    fisher: Any  # like params['backbone'] (EWC), or None
+
+
+def create_train_state(backbone, heads, tx: optax.GradientTransformation,
+                       ema: bool = False, fisher=None) -> TrainState:
+    params = {"backbone": backbone, "heads": heads}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema=optim.ema_init(params) if ema else None, fisher=fisher)
+
+
+def train_step(state: TrainState, batch: dict, reference, *, loss_fn: Callable,
+               tx: optax.GradientTransformation, ema_decay: Optional[float] = None):
+    """-> (new state, metrics): one AdamW step on loss_fn(params, reference, fisher, batch).
+
+    metrics: 'loss', each '<domain>/<kind>' term and '<domain>/present', and the
+    global norms 'grad_norm', 'param_norm', 'update_norm'.
+    """
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, reference, state.fisher, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema if ema_decay is None else optim.ema_update(state.ema, params, ema_decay)
+    metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params), update_norm=optax.global_norm(updates))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+
+# ---------------------------------------------------------------------------- set-up
+
+
+def load_image_tower(model_cfg):
+    """-> (Flax module, backbone params (numpy tree), model config) for config.model."""
+    m = model_cfg
+    if m.checkpoint:
+        try:
+            params, cfg = checkpoints.load(m.checkpoint, image_size=m.image_size,
+                                           act=m.act or None, scan=m.scan,
+                                           param_dtype=m.param_dtype)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise ValueError(f"config.model.checkpoint: {e}") from None
+        if "img" not in params:
+            raise ValueError(f"config.model.checkpoint: {m.checkpoint} has no image tower")
+        backbone = params["img"]
+    else:
+        cfg = models.model_config(m.family, m.variant, m.image_size, None, scan=m.scan,
+                                  param_dtype=m.param_dtype)
+        backbone = None
+    cfg.text = None
+    cfg.dtype, cfg.remat_policy = m.dtype, m.remat_policy
+    model = models.build(cfg)
+    if backbone is None:
+        backbone = jax.device_get(models.init_params(cfg, jax.random.PRNGKey(0))["img"])
+    return model, backbone, cfg
+
+
+def embed_fn(model) -> Callable:
+    """(backbone params, images (B, S, S, 3)) -> L2-normalised embeddings (B, E)."""
+    def embed(backbone, images):
+        return model.apply({"params": {"img": backbone}}, images, method=model.encode_images)
+    return embed
+
+
+def _needs_reference(cfg, names) -> bool:
+    return any(k in config_lib.PARAMETER or
+               (k in config_lib.DISTILLATION and cfg.domains[n].losses[k].teacher == "online")
+               for n in names for k in cfg.domains[n].losses.keys())
+
+
+def _precomputed(cfg, name) -> bool:
+    losses = cfg.domains[name].losses
+    return any(k in config_lib.DISTILLATION and losses[k].teacher == "precomputed"
+               for k in losses.keys())
+
+
+def teacher_descriptors(cfg, split, name: str, encode, fingerprint: str, workdir: str):
+    """The domain's precomputed teacher: its file, or extracted once into WORKDIR/teacher/."""
+    path = cfg.domains[name].teacher_descriptors
+    where = f"config.domains.{name}.teacher_descriptors"
+    if not path:
+        path = os.path.join(workdir, "teacher", f"{name}.npz")
+        if not os.path.exists(path) and not os.path.exists(teacher_lib.part_path(
+                path, jax.process_index(), jax.process_count())):
+            family, size = cfg.model.family, cfg.model.image_size
+            desc, skipped = teacher_lib.extract(
+                encode, split, preprocess.eval_fn(family, size), fingerprint,
+                batch_size=cfg.train.eval_batch_size // jax.process_count(),
+                process_index=jax.process_index(), process_count=jax.process_count())
+            if skipped:
+                logging.warning("teacher %s: %d undecodable images skipped", name, len(skipped))
+            teacher_lib.save(teacher_lib.part_path(path, jax.process_index(),
+                                                   jax.process_count()), desc)
+        _barrier("teacher_" + name)
+    descriptors = teacher_lib.load(path)
+    ids = split.ids if split.ids is not None else descriptors.ids
+    teacher_lib.check(descriptors, ids, fingerprint, where)
+    return descriptors
+
+
+def _barrier(name: str):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def schedule_length(cfg, splits) -> tuple:
+    """-> (steps_per_epoch, num_steps); an epoch covers every domain's train examples once."""
+    sizes = [s.train.num_examples for s in splits.values()]
+    if None in sizes:
+        if not cfg.train.num_steps:
+            unknown = [n for n, s in splits.items() if s.train.num_examples is None]
+            raise ValueError(f"config.train.num_steps: the sizes of {unknown} are unknown "
+                             "(filtered TFDS splits); set train.num_steps")
+        return max(1, cfg.train.num_steps), cfg.train.num_steps
+    steps_per_epoch = max(1, sum(sizes) // cfg.data.batch_size)
+    num_steps = cfg.train.num_steps or int(round(cfg.train.num_epochs * steps_per_epoch))
+    return steps_per_epoch, max(1, num_steps)
+
+
+def estimate_fisher(cfg, splits, loss_domain: str, embed, backbone, heads, train_fn,
+                    descriptors, seed: int):
+    """EWC's diagonal empirical Fisher at the pretrained weights, per example, on
+    `fisher_batches` batches of the domain `loss_domain` under its own data losses."""
+    losses = cfg.domains[loss_domain].losses
+    data_losses = {k: losses[k] for k in losses.keys() if k not in config_lib.PARAMETER}
+    if not data_losses:
+        raise ValueError(f"config.domains.{loss_domain}.losses.ewc: the Fisher needs a data "
+                         "loss in the same domain (e.g. feature_mse or a classifier)")
+    ds = pipeline.train_dataset([pipeline.Domain(loss_domain, splits[loss_domain].train,
+                                                 descriptors=descriptors.get(loss_domain))],
+                                train_fn, cfg.data.batch_size, seed + 1,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    head = heads.get(loss_domain, {})
+
+    def per_example(bb, batch):
+        def one(ex):
+            ex = jax.tree.map(lambda x: x[None], ex)
+            ex["domain"] = jnp.zeros_like(ex["domain"])
+            mask = jnp.ones((1,), bool)
+            f = embed(bb, ex["image"]).astype(jnp.float32)
+            terms = objective.domain_terms(data_losses, head, f, ex, mask, bb, backbone, None,
+                                           embed)
+            return objective.aggregate(data_losses, terms, cfg.loss_aggregation)
+        return jax.vmap(one)(batch)
+
+    batches = ({k: np.asarray(v) for k, v in b.items() if k in DEVICE_FIELDS}
+               for b in ds.take(losses.ewc.fisher_batches))
+    fisher = retention.estimate_fisher(per_example, backbone, batches)
+    if not any(np.any(np.asarray(x) > 0) for x in jax.tree.leaves(fisher)):
+        raise ValueError(f"config.domains.{loss_domain}.losses.ewc: the Fisher is zero at the "
+                         "pretrained weights (an online teacher on the same view has no "
+                         "gradient there); use teacher='precomputed' or a classifier loss")
+    return fisher
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+class _Log:
+    """Averages step metrics over a logging window; domain terms over the steps they ran."""
+
+    def __init__(self, names):
+        self.names = names
+        self.reset()
+
+    def reset(self):
+        self.sums, self.counts, self.images, self.start = {}, {}, 0, time.perf_counter()
+
+    def add(self, metrics: dict, images: int):
+        self.images += images
+        for k, v in metrics.items():
+            if k.endswith("/present"):
+                continue
+            domain = k.split("/")[0] if "/" in k else None
+            if domain is not None and not metrics.get(f"{domain}/present", 1.0):
+                continue
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def scalars(self) -> dict:
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        out["images_per_s"] = self.images / max(time.perf_counter() - self.start, 1e-9)
+        return out
+
+
+def _host_batch(batch) -> dict:
+    return {k: v.numpy() for k, v in batch.items()}
+
+
+def train_and_evaluate(cfg, workdir: str) -> dict:
+    """Train (or resume) the run in `workdir`; -> the run summary (also train_summary.json)."""
+    config_lib.validate(cfg)
+    os.makedirs(workdir, exist_ok=True)
+    checkpointing.write_json(os.path.join(workdir, "config.json"),
+                             json.loads(cfg.to_json_best_effort()))
+    names = config_lib.ordered_domains(cfg)
+    mesh = sharding.make_mesh()
+    if cfg.data.batch_size % mesh.size:
+        raise ValueError(f"config.data.batch_size: {cfg.data.batch_size} is not divisible by "
+                         f"the {mesh.size} devices")
+
+    model, backbone, model_cfg = load_image_tower(cfg.model)
+    embed = embed_fn(model)
+    splits = {n: domains_lib.load(cfg, n) for n in names}
+    fingerprint = teacher_lib.fingerprint(checkpoints.to_flat({"img": backbone}), model_cfg)
+    encode = jax.jit(lambda images: embed(backbone, images))
+    descriptors = {n: teacher_descriptors(cfg, splits[n].train, n, encode, fingerprint, workdir)
+                   for n in names if _precomputed(cfg, n)}
+
+    steps_per_epoch, num_steps = schedule_length(cfg, splits)
+    tx = optim.make_optimizer(cfg.optim, steps_per_epoch, model_cfg.image.depth)
+    lrs = optim.learning_rates(cfg.optim, steps_per_epoch, model_cfg.image.depth)
+    num_classes = {n: splits[n].train.num_classes for n in names}
+    dim = jax.eval_shape(embed, backbone, np.zeros((1, cfg.model.image_size,
+                                                    cfg.model.image_size, 3))).shape[-1]
+    heads = jax.device_get(objective.init_heads(cfg, names, num_classes, dim,
+                                                jax.random.PRNGKey(cfg.seed)))
+    train_fn = preprocess.train_fn(cfg.model.family, cfg.model.image_size, cfg.data.resize or None)
+    ewc_domains = [n for n in names if "ewc" in cfg.domains[n].losses]
+    reference = backbone if _needs_reference(cfg, names) else None
+
+    init = functools.partial(create_train_state, tx=tx, ema=cfg.optim.ema_decay is not None)
+    abstract = jax.eval_shape(init, backbone, heads, fisher=backbone if ewc_domains else None)
+    state_sh = sharding.state_shardings(abstract, mesh, cfg.train.fsdp)
+    ref_sh = sharding.state_shardings(jax.eval_shape(lambda: reference), mesh, cfg.train.fsdp)
+    reference = jax.device_put(reference, ref_sh)
+    loss_fn = objective.make_loss_fn(cfg, names, embed)
+    step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx,
+                                        ema_decay=cfg.optim.ema_decay),
+                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+
+    ds = pipeline.train_dataset(
+        [pipeline.Domain(n, splits[n].train, cfg.domains[n].weight, descriptors.get(n))
+         for n in names],
+        train_fn, cfg.data.batch_size, cfg.seed, cfg.data.mix, cfg.data.one_domain_per_batch,
+        jax.process_index(), jax.process_count(), cfg.data.shuffle_buffer)
+    iterator = iter(ds)
+    counter = pipeline.SkipCounter(names)
+    mngr = checkpointing.manager(workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpoints)
+    best = checkpointing.best_manager(workdir)
+    abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                               abstract, state_sh)
+
+    if mngr.latest_step() is not None:
+        state = checkpointing.restore(mngr, abstract_sh, iterator, counter)
+        logging.info("resumed from step %d in %s", int(state.step), workdir)
+    else:
+        fisher = None
+        if ewc_domains:
+            generic = [n for n in names if cfg.domains[n].role == "generic"]
+            fisher = estimate_fisher(cfg, splits, (generic or ewc_domains)[0], embed,
+                                     backbone, heads, train_fn, descriptors, cfg.seed)
+        state = jax.jit(init, out_shardings=state_sh)(backbone, heads, fisher=fisher)
+
+    validator = validation.Validator(cfg, names, splits, embed, mesh)
+    is_main = jax.process_index() == 0
+    writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
+    log, step = _Log(names), int(state.step)
+    bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", unit="step", file=sys.stderr,
+                    disable=not (cfg.train.progress and is_main), dynamic_ncols=True)
+    while step < num_steps:
+        host = _host_batch(next(iterator))
+        counter.update(host)
+        batch = device_put.global_batch({k: v for k, v in host.items() if k in DEVICE_FIELDS},
+                                        mesh)
+        state, metrics = step_fn(state, batch, reference)
+        metrics = jax.device_get(metrics)
+        step += 1
+        if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+            mngr.wait_until_finished()
+            raise NonFiniteLoss(
+                f"non-finite loss {metrics['loss']} (grad norm {metrics['grad_norm']}) at step "
+                f"{step}; stopped, the last good checkpoint is step {mngr.latest_step()} in "
+                f"{os.path.join(workdir, 'checkpoints')}; lower optim.lr or check the data")
+        log.add(metrics, cfg.data.batch_size)
+        bar.update(1)
+        if step % cfg.train.log_every == 0 or step == num_steps:
+            scalars = log.scalars()
+            scalars.update({f"lr/{k}": float(s(step - 1)) for k, s in lrs.items()})
+            scalars.update({f"skipped/{k}": v for k, v in counter.skipped().items()})
+            _write_scalars(writer, workdir, step, scalars)
+            bar.set_postfix(loss=f"{scalars['loss']:.4g}", refresh=False)
+            log.reset()
+        if step % cfg.train.checkpoint_every == 0 or step == num_steps:
+            checkpointing.save(mngr, step, state, iterator, counter)
+        eval_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
+        if validator.active and (eval_now or step == num_steps):
+            val = validator.run(state.params["backbone"])
+            _write_scalars(writer, workdir, step, {f"val/{k}": v for k, v in val.items()})
+            if cfg.train.select_by != "last" and "score" in val:
+                checkpointing.save_best(best, step, state.params, val)
+    bar.close()
+    mngr.wait_until_finished()
+    best.wait_until_finished()
+    summary = dict(step=step, num_steps=num_steps, steps_per_epoch=steps_per_epoch,
+                   skipped=counter.skipped(), best_step=best.best_step(),
+                   domains=names)
+    checkpointing.write_json(os.path.join(workdir, "train_summary.json"), summary)
+    skipped = {k: v for k, v in counter.skipped().items() if v}
+    if skipped:
+        logging.warning("undecodable images skipped (per domain): %s", skipped)
+    if writer is not None:
+        writer.flush()
+    return summary
+
+
+def _write_scalars(writer, workdir: str, step: int, scalars: dict):
+    """TensorBoard and WORKDIR/metrics.jsonl (one JSON object per line), process 0 only."""
+    if writer is None:
+        return
+    for k, v in scalars.items():
+        writer.scalar(k, v, step)
+    writer.flush()
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(dict(step=step, **{k: float(v) for k, v in scalars.items()})) + "\n")
