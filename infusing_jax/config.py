@@ -9,7 +9,9 @@ A run config (an ml_collections ConfigDict; configs/*.py return one):
                   position embeddings are resampled), act (open_clip CLIP only),
                   scan, remat_policy, dtype (compute), param_dtype (master weights)
   data            data_dir, batch_size (global), mix, one_domain_per_batch,
-                  shuffle_buffer, resize (train squash size; 0 = size * 256 / 224)
+                  shuffle_buffer, resize (train squash size; 0 = size * 256 / 224),
+                  num_shards (0 = one per process; fix it to make the batches the
+                  same whatever the number of hosts, see data/pipeline.py)
   domains         one ConfigDict per domain, built by `domain(...)`: its source,
                   splits, role and its losses, one ConfigDict per loss (`loss(...)`)
   loss_aggregation  'weighted_sum' | 'weighted_average' of a domain's loss terms
@@ -100,7 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
         scan=False, remat_policy="none", dtype="float32", param_dtype="float32"))
     c.data = ml_collections.ConfigDict(dict(
         data_dir="", batch_size=128, mix="round_robin", one_domain_per_batch=True,
-        shuffle_buffer=2048, resize=0))
+        shuffle_buffer=2048, resize=0, num_shards=0))
     c.domains = ml_collections.ConfigDict()
     c.loss_aggregation = "weighted_sum"
     c.optim = optim.default_config()
@@ -214,6 +216,8 @@ def validate(cfg) -> None:
         _err("data.mix", f"must be one of {pipeline.MIXES}, got {d.mix!r}")
     if not _int(d.resize) or d.resize < 0:
         _err("data.resize", f"must be an int >= 0 (0 = image_size * 256 / 224), got {d.resize!r}")
+    if not _int(d.num_shards) or d.num_shards < 0:
+        _err("data.num_shards", f"must be an int >= 0 (0 = one per process), got {d.num_shards!r}")
     if not cfg.domains.keys():
         _err("domains", "no domain configured; a configs/ file adds them with config.domain(...)")
     for name in cfg.domains.keys():

@@ -184,7 +184,8 @@ def estimate_fisher(cfg, splits, loss_domain: str, embed, backbone, heads, train
                                                  descriptors=descriptors.get(loss_domain))],
                                 train_fn, cfg.data.batch_size, seed + 1,
                                 process_index=jax.process_index(),
-                                process_count=jax.process_count())
+                                process_count=jax.process_count(),
+                                num_shards=cfg.data.num_shards)
     head = heads.get(loss_domain, {})
 
     def per_example(bb, batch):
@@ -288,7 +289,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         [pipeline.Domain(n, splits[n].train, cfg.domains[n].weight, descriptors.get(n))
          for n in names],
         train_fn, cfg.data.batch_size, cfg.seed, cfg.data.mix, cfg.data.one_domain_per_batch,
-        jax.process_index(), jax.process_count(), cfg.data.shuffle_buffer)
+        jax.process_index(), jax.process_count(), cfg.data.shuffle_buffer, cfg.data.num_shards)
     iterator = iter(ds)
     counter = pipeline.SkipCounter(names)
     mngr = checkpointing.manager(workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpoints)

@@ -109,35 +109,54 @@ def choices(num_domains: int, mix: str, probs: np.ndarray, seed: int) -> tf.data
 def train_dataset(domains: Sequence[Domain], preprocess: Callable, global_batch_size: int,
                   seed: int, mix: str = "round_robin", one_domain_per_batch: bool = True,
                   process_index: int = 0, process_count: int = 1,
-                  shuffle_buffer: int = 2048) -> tf.data.Dataset:
+                  shuffle_buffer: int = 2048, num_shards: int = 0) -> tf.data.Dataset:
     """Batches of this process's share (global_batch_size / process_count) of each step.
 
     one_domain_per_batch: each batch from one domain, chosen by the mix (the
     authors' way); else every example's domain is chosen by the mix.
+    num_shards (0 = process_count, a multiple of it): the data is cut into this
+    many shards, each with its own stream of global_batch_size / num_shards
+    examples per step; a process reads its consecutive num_shards / process_count
+    shards and concatenates them. So a run's batches depend on num_shards, not on
+    how many processes share the work.
     """
     if not domains:
         raise ValueError("data.domains: no training domain configured")
-    if global_batch_size % process_count:
-        raise ValueError(f"data.batch_size {global_batch_size} is not divisible by the "
+    num_shards = num_shards or process_count
+    if num_shards % process_count:
+        raise ValueError(f"data.num_shards {num_shards} is not a multiple of the "
                          f"{process_count} processes")
-    batch = global_batch_size // process_count
+    if global_batch_size % num_shards:
+        raise ValueError(f"data.batch_size {global_batch_size} is not divisible by the "
+                         f"{num_shards} data shards (processes)")
+    per_process = num_shards // process_count
+    shards = [_shard_dataset(domains, preprocess, global_batch_size // num_shards, seed, mix,
+                             one_domain_per_batch, s, num_shards, shuffle_buffer)
+              for s in range(process_index * per_process, (process_index + 1) * per_process)]
+    ds = shards[0] if len(shards) == 1 else tf.data.Dataset.zip(tuple(shards)).map(
+        lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _shard_dataset(domains, preprocess, batch: int, seed: int, mix: str,
+                   one_domain_per_batch: bool, shard: int, num_shards: int,
+                   shuffle_buffer: int) -> tf.data.Dataset:
+    """The batches (batch, ...) of one shard; the domain schedule is the same for every shard."""
     probs = mix_weights(domains, mix)
     dims = {d.descriptors.embeddings.shape[1] for d in domains if d.descriptors is not None}
     if len(dims) > 1:
         raise ValueError(f"data.domains: teacher descriptors of different widths {sorted(dims)}")
     teacher_dim = next(iter(dims), 0)
-    streams = [domain_stream(d.split, i, preprocess, seed, process_index, process_count,
+    streams = [domain_stream(d.split, i, preprocess, seed, shard, num_shards,
                              shuffle_buffer, d.descriptors, teacher_dim)
                for i, d in enumerate(domains)]
     if one_domain_per_batch:
         streams = [s.batch(batch, drop_remainder=True) for s in streams]
-        ds = tf.data.Dataset.choose_from_datasets(streams, choices(len(domains), mix, probs, seed))
-    else:
-        ds = tf.data.Dataset.choose_from_datasets(streams, choices(len(domains), mix, probs, seed))
-        ds = ds.batch(batch, drop_remainder=True)
-    options = tf.data.Options()
-    options.deterministic = True
-    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+        return tf.data.Dataset.choose_from_datasets(streams, choices(len(domains), mix, probs, seed))
+    ds = tf.data.Dataset.choose_from_datasets(streams, choices(len(domains), mix, probs, seed))
+    return ds.batch(batch, drop_remainder=True)
 
 
 class SkipCounter:

@@ -1,0 +1,1 @@
+"""Evaluation: exact kNN retrieval at scale and the paper's retrieval metrics."""

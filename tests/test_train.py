@@ -1,0 +1,237 @@
+"""The trainer: config validation, the objective's invariants, and end-to-end runs on a tiny world."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import conftest
+import train_world
+from infusing_jax import config as config_lib
+from infusing_jax import objective
+from infusing_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return train_world.make_world(str(tmp_path_factory.mktemp("world")), broken=2)
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: setattr(c, "domains", config_lib.ml_collections.ConfigDict()),
+     "config.domains: no domain configured"),
+    (lambda c: setattr(c.domains.target.losses, "focal", config_lib.loss("normface")),
+     "config.domains.target.losses.focal: unknown loss kind"),
+    (lambda c: setattr(c.domains.generic.losses.feature_mse, "teacher", "offline"),
+     "config.domains.generic.losses.feature_mse.teacher: must be one of"),
+    (lambda c: setattr(c.domains.target, "role", "main"), "config.domains.target.role"),
+    (lambda c: setattr(c.train, "select_by", "best"), "config.train.select_by"),
+    (lambda c: setattr(c.optim, "lr", -1.0), "config.optim.lr: must be a number > 0"),
+    (lambda c: setattr(c.domains.target, "source", "/data/sop"), "config.domains.target.source"),
+])
+def test_validate_names_the_bad_field(edit, message):
+    c = train_world.world_config("/nowhere")
+    config_lib.validate(c)
+    with c.unlocked():
+        edit(c)
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        config_lib.validate(c)
+
+
+def test_metric_losses_need_whole_domain_batches():
+    c = train_world.world_config("/nowhere")
+    c.domains.target.losses.supcon = config_lib.loss("supcon")
+    config_lib.validate(c)
+    c.data.one_domain_per_batch = False
+    with pytest.raises(ValueError, match="losses.supcon: metric losses need whole-domain"):
+        config_lib.validate(c)
+
+
+def test_missing_data_and_checkpoint_name_the_field(world, tmp_path):
+    c = train_world.world_config(world)
+    c.domains.target.source = f"folder:{tmp_path}/none"
+    with pytest.raises(ValueError, match=r"config\.domains\.target\.source: folder:.*no such"):
+        train.train_and_evaluate(c, str(tmp_path / "a"))
+    c = train_world.world_config(world)
+    c.model.checkpoint = str(tmp_path / "none.npz")
+    with pytest.raises(ValueError, match=r"config\.model\.checkpoint: .*none\.npz"):
+        train.train_and_evaluate(c, str(tmp_path / "b"))
+
+
+# ---------------------------------------------------------------------------- objective
+
+
+def _tiny_setup(method="full", teacher="online", aggregation="weighted_sum"):
+    c = train_world.world_config("/nowhere", method, teacher)
+    c.loss_aggregation = aggregation
+    names = config_lib.ordered_domains(c)
+    model_cfg = conftest.tiny_config("siglip", text=False)
+    from infusing_jax import models
+    model = models.build(model_cfg)
+    backbone = conftest.random_params(model_cfg)["img"]
+    embed = train.embed_fn(model)
+    heads = objective.init_heads(c, names, {"target": 8, "generic": 4}, 32, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    batch = dict(image=conftest.random_images(6), label=rng.integers(0, 4, 6),
+                 domain=np.array([0, 0, 0, 1, 1, 1]),
+                 teacher=rng.normal(size=(6, 32)).astype(np.float32),
+                 has_teacher=np.ones(6, bool))
+    return c, names, embed, backbone, heads, batch
+
+
+def test_online_distillation_and_anchoring_are_zero_at_the_pretrained_weights():
+    c, names, embed, backbone, heads, batch = _tiny_setup()
+    loss_fn = objective.make_loss_fn(c, names, embed)
+    params = {"backbone": backbone, "heads": heads}
+    _, terms = loss_fn(params, backbone, None, batch)
+    assert float(terms["generic/feature_mse"]) < 1e-12  # two compiled forwards: rounding only
+    assert float(terms["generic/anchoring"]) == 0.0 == float(terms["target/anchoring"])
+    moved = jax.tree.map(lambda p: p + 0.01, backbone)
+    _, terms = loss_fn({"backbone": moved, "heads": heads}, backbone, None, batch)
+    assert float(terms["generic/feature_mse"]) > 1e-6
+    # The authors' anchoring: the sum over tensors of the mean squared change.
+    n_tensors = len(jax.tree.leaves(backbone))
+    np.testing.assert_allclose(float(terms["target/anchoring"]), n_tensors * 1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("aggregation", ["weighted_sum", "weighted_average"])
+def test_domains_count_by_their_share_of_the_batch(aggregation):
+    c, names, embed, backbone, heads, batch = _tiny_setup("full", "precomputed", aggregation)
+    loss_fn = objective.make_loss_fn(c, names, embed)
+    params = {"backbone": jax.tree.map(lambda p: p * 1.01, backbone), "heads": heads}
+    loss, t = loss_fn(params, backbone, None, batch)
+    w = {name: {k: c.domains[name].losses[k].weight for k in c.domains[name].losses.keys()}
+         for name in names}
+
+    def agg(name):
+        total = sum(w[name][k] * float(t[f"{name}/{k}"]) for k in w[name])
+        return total / sum(w[name].values()) if aggregation == "weighted_average" else total
+
+    np.testing.assert_allclose(float(loss), 0.5 * agg("target") + 0.5 * agg("generic"), rtol=1e-5)
+    # One domain per batch: the other domain's terms are not computed (zero), its share is 0.
+    only_target = dict(batch, domain=np.zeros(6, int))
+    loss, t = loss_fn(params, backbone, None, only_target)
+    assert float(t["generic/present"]) == 0 and float(t["generic/feature_mse"]) == 0
+    np.testing.assert_allclose(float(loss), agg("target"), rtol=1e-5)  # agg reads the new t
+    # The classifier term on the whole batch is the mean cross-entropy of every example.
+    from infusing_jax.losses import classification
+    f = embed(params["backbone"], batch["image"])
+    expected = classification.cosine_classifier_loss(
+        f, heads["target"]["classifier"], batch["label"], "normface", 16.0)
+    np.testing.assert_allclose(float(t["target/normface"]), float(expected), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+def test_a_run_learns_the_target_and_reports_skipped_images(world, tmp_path):
+    c = train_world.world_config(world, "naive")
+    c.train.num_steps = 40
+    c.train.log_every = 10
+    c.train.eval_every = 0
+    summary = train.train_and_evaluate(c, str(tmp_path))
+    losses = [m["target/normface"] for m in _metrics(str(tmp_path)) if "target/normface" in m]
+    assert losses[-1] < 0.7 * losses[0], losses
+    # 2 broken files in 48 target examples, over 40 * 8 / 46 ~ 7 passes: each pass counts them.
+    assert summary["skipped"]["target"] >= 2 * 5 and summary["skipped"].get("generic", 0) == 0
+    logged = [m["skipped/target"] for m in _metrics(str(tmp_path)) if "skipped/target" in m]
+    assert logged[-1] == summary["skipped"]["target"]
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["train"]["num_steps"] == 40
+    assert os.listdir(tmp_path / "tensorboard")
+    assert summary["best_step"] == 40
+
+
+def test_an_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(world, tmp_path,
+                                                                            monkeypatch):
+    real_step = train.train_step
+
+    def nan_from_step_7(state, batch, reference, **kw):
+        new, metrics = real_step(state, batch, reference, **kw)
+        bad = state.step >= 6
+        metrics["loss"] = jnp.where(bad, jnp.nan, metrics["loss"])
+        params = jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), new.params)
+        return new.replace(params=params), metrics
+
+    monkeypatch.setattr(train, "train_step", nan_from_step_7)
+    c = train_world.world_config(world)
+    with pytest.raises(train.NonFiniteLoss, match="at step 7; .*last good checkpoint is step 4"):
+        train.train_and_evaluate(c, str(tmp_path))
+    monkeypatch.setattr(train, "train_step", real_step)
+    import orbax.checkpoint as ocp
+    state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "4" / "state")
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+
+
+def _main(workdir, root, *overrides, devices=1, **popen):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, "-m", "infusing_jax.main", f"--config=tests/world_config.py:{root}",
+           f"--workdir={workdir}", "--config.train.progress=False", *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _run(*args, **kw):
+    proc = _main(*args, **kw)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return out, err
+
+
+def _final_params(workdir):
+    import orbax.checkpoint as ocp
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    state = ocp.StandardCheckpointer().restore(
+        os.path.join(workdir, "checkpoints", str(steps[-1]), "state"))
+    return steps[-1], {k: np.asarray(v) for k, v in
+                       jax.tree_util.tree_flatten_with_path(state["params"])[0]}
+
+
+def test_the_same_global_batch_gives_the_same_losses_on_1_and_8_devices(world, tmp_path):
+    common = ("--config.train.num_steps=6", "--config.train.log_every=1",
+              "--config.train.eval_every=0")
+    _run(str(tmp_path / "one"), world, *common)
+    _run(str(tmp_path / "eight"), world, *common, "--config.train.fsdp=True", devices=8)
+    one = [m for m in _metrics(str(tmp_path / "one")) if "loss" in m]
+    eight = [m for m in _metrics(str(tmp_path / "eight")) if "loss" in m]
+    assert [m["step"] for m in one] == [m["step"] for m in eight] == list(range(1, 7))
+    for a, b in zip(one, eight):
+        for key in ("loss", "target/normface", "generic/feature_mse", "grad_norm"):
+            if key in a:
+                np.testing.assert_allclose(a[key], b[key], rtol=2e-4, err_msg=key)
+
+
+def test_kill_9_and_resume_ends_bit_identical_to_an_uninterrupted_run(world, tmp_path):
+    common = ("--config.train.num_steps=40", "--config.train.checkpoint_every=5",
+              "--config.train.eval_every=0", "--config.train.log_every=5")
+    _run(str(tmp_path / "straight"), world, *common)
+    killed = str(tmp_path / "killed")
+    proc = _main(killed, world, *common)
+    first = os.path.join(killed, "checkpoints", "10")
+    while proc.poll() is None and not os.path.isdir(first):
+        pass
+    proc.kill()
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "train_summary.json")), "finished before kill"
+    _run(killed, world, *common)
+    step_a, a = _final_params(str(tmp_path / "straight"))
+    step_b, b = _final_params(killed)
+    assert step_a == step_b == 40 and a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
