@@ -1,0 +1,15 @@
+"""The paper's recipe (infusing_jax/recipes.py) with this target domain:
+iNaturalist 2021 (UnED splits).
+
+  python -m infusing_jax.main --workdir=DIR \
+      --config=configs/inat2021.py:method=full,family=siglip,data=/data,checkpoints=/ckpt
+
+method: full (the paper's method) | naive (the baseline); family: siglip (B/16 224,
+big_vision) | clip (B/16, a Hugging Face directory). recipes.py lists the files
+expected under data= and checkpoints=; any field can be overridden with --config.F=V.
+"""
+from infusing_jax import recipes
+
+
+def get_config(arg=None):
+    return recipes.config_file("inat2021", arg)

@@ -1,0 +1,92 @@
+"""The paper's recipes (METHOD.md), shared by the configs/ files.
+
+    paper_config("sop", method="full", family="siglip", data="/data", checkpoints="/ckpt")
+
+method 'full': target domain (NormFace s=16 + anchoring 1e5) and ImageNet's 80%
+  as the generic domain (feature MSE 1000 to the precomputed teacher + anchoring
+  1e5), round-robin batches of 128 from one domain, best checkpoint by 'all'.
+method 'naive': the target domain with NormFace only, best by 'in-domain'.
+Both: AdamW(0.9, 0.999, wd 1e-6), constant LR 1e-3 heads / 1e-5 backbone, 3
+epochs over all domains' train examples. CLIP uses the same settings (the
+authors ran SigLIP and TIPS only).
+
+Where the files go (DATA and CKPT are the `data` and `checkpoints` arguments):
+  DATA/uned/<name>/{train,val,test[,index]}.json + images   UnED splits (the authors')
+  DATA/tfds/                                               TFDS data_dir (imagenet2012, food101)
+  CKPT/webli_en_b16_224_63724782.npz                       SigLIP B/16 (gs://big_vision)
+  CKPT/clip-vit-base-patch16/                              CLIP B/16 (HF save_pretrained dir)
+"""
+import os
+
+import ml_collections
+
+from infusing_jax import config as config_lib
+
+# name -> (source spec relative to DATA, domain fields, train examples); the UnED
+# sizes of METHOD.md. Food101 (TFDS) has no class-disjoint val: 10% of its classes.
+TARGETS = {
+    "sop": ("uned:{data}/uned/sop", dict(val_split="val"), 48_942),
+    "cars196": ("uned:{data}/uned/cars", dict(val_split="val"), 6_346),
+    "inshop": ("uned:{data}/uned/inshop", dict(val_split="val"), 20_897),
+    "inat2021": ("uned:{data}/uned/inat", dict(val_split="val"), 273_929),
+    "food2k": ("uned:{data}/uned/food2k", dict(val_split="val"), 472_349),
+    "food101": ("tfds:food101", dict(val_classes_fraction=0.1), 68_175),
+}
+IMAGENET_KEPT = 1_024_934  # 80% of ImageNet-1k train (1,281,167)
+CHECKPOINTS = {
+    "siglip": "webli_en_b16_224_63724782.npz:img",
+    "clip": "clip-vit-base-patch16",
+}
+BATCH, EPOCHS = 128, 3
+LAMBDA_DISTILL, LAMBDA_ANCHOR = 1000.0, 1e5
+
+
+def parse_arg(arg, **defaults) -> dict:
+    """'k=v,k2=v2' (a config file's :ARG) over the defaults; unknown keys are an error."""
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(f"config argument {item!r}: use k=v with k in {sorted(defaults)}")
+        out[key] = value
+    return out
+
+
+def paper_config(target: str, method: str = "full", family: str = "siglip",
+                 data: str = "/data", checkpoints: str = "/checkpoints"):
+    if target not in TARGETS:
+        raise ValueError(f"target {target!r}: use one of {sorted(TARGETS)}")
+    if method not in ("full", "naive"):
+        raise ValueError(f"method {method!r}: use 'full' or 'naive'")
+    if family not in CHECKPOINTS:
+        raise ValueError(f"family {family!r}: use one of {sorted(CHECKPOINTS)}")
+    c = config_lib.default_config()
+    c.model.family = family
+    c.model.checkpoint = os.path.join(checkpoints, CHECKPOINTS[family])
+    c.data.data_dir = os.path.join(data, "tfds")
+    c.data.batch_size = BATCH
+    spec, fields, size = TARGETS[target]
+    target_losses = dict(normface=dict(scale=16.0))
+    if method == "full":
+        target_losses["anchoring"] = dict(weight=LAMBDA_ANCHOR)
+    setattr(c.domains, target, config_lib.domain(spec.format(data=data), role="target",
+                                                 losses=target_losses, **fields))
+    examples = size
+    if method == "full":
+        c.domains.imagenet = config_lib.domain(
+            "tfds:imagenet2012", role="generic", holdout_fraction=0.2, val_seed=42,
+            losses=dict(feature_mse=dict(weight=LAMBDA_DISTILL, teacher="precomputed"),
+                        anchoring=dict(weight=LAMBDA_ANCHOR)))
+        examples += IMAGENET_KEPT
+    # ImageNet's 80% is a filtered TFDS split (its size unknown without a pass): fix the length.
+    c.train.num_steps = round(EPOCHS * examples / BATCH)
+    c.train.eval_every = 2000
+    c.train.checkpoint_every = 1000
+    c.train.select_by = "all" if method == "full" else "in-domain"
+    return c
+
+
+def config_file(target: str, arg) -> ml_collections.ConfigDict:
+    """What a configs/<target>.py returns for its :ARG (method, family, data, checkpoints)."""
+    a = parse_arg(arg, method="full", family="siglip", data="/data", checkpoints="/checkpoints")
+    return paper_config(target, **a)

@@ -1,0 +1,63 @@
+"""The configs/ files: each loads, validates, and follows METHOD.md's recipe."""
+import glob
+import os
+import subprocess
+import sys
+
+import importlib.util
+
+import pytest
+
+from infusing_jax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+
+
+def _load(path, arg):
+    """What config_flags does with --config=PATH:ARG."""
+    spec = importlib.util.spec_from_file_location("config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def test_there_are_the_papers_targets():
+    names = {os.path.basename(p)[:-3] for p in CONFIGS}
+    assert {"sop", "cars196", "inshop", "inat2021", "food2k", "food101"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
+@pytest.mark.parametrize("arg", ["", "method=naive", "family=clip,data=/d,checkpoints=/c"])
+def test_every_config_validates(path, arg):
+    c = _load(path, arg)
+    config_lib.validate(c)
+    names = config_lib.ordered_domains(c)
+    target = c.domains[names[0]]
+    assert target.role == "target" and target.losses.normface.scale == 16.0
+    assert c.optim.lr == 1e-3 and c.optim.backbone_lr_mult == 1e-2
+    assert c.optim.weight_decay == 1e-6 and c.optim.schedule == "constant"
+    assert c.data.batch_size == 128 and c.data.mix == "round_robin"
+    if "naive" in arg:
+        assert names == names[:1] and "anchoring" not in target.losses
+        assert c.train.select_by == "in-domain"
+    else:
+        generic = c.domains.imagenet
+        assert generic.role == "generic" and generic.holdout_fraction == 0.2
+        assert generic.val_seed == 42 and generic.losses.feature_mse.weight == 1000
+        assert target.losses.anchoring.weight == generic.losses.anchoring.weight == 1e5
+        assert c.train.select_by == "all"
+    if "family=clip" in arg:
+        assert c.model.family == "clip" and c.model.checkpoint.startswith("/c/")
+
+
+def test_a_bad_argument_and_missing_files_give_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="config argument 'methd=naive'"):
+        _load(CONFIGS[0], "methd=naive")
+    run = subprocess.run(
+        [sys.executable, "-m", "infusing_jax.main", f"--workdir={tmp_path}",
+         f"--config=configs/sop.py:data={tmp_path}/none,checkpoints={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: config.model.checkpoint: ") and str(tmp_path) in last
