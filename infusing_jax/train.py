@@ -171,6 +171,11 @@ def schedule_length(cfg, splits) -> tuple:
     return steps_per_epoch, max(1, num_steps)
 
 
+_ZERO_FISHER = ("config.domains.{}.losses.ewc: the Fisher is zero at the pretrained weights "
+                "(an online teacher on the student's own view has no gradient there); use "
+                "teacher='precomputed' or add a classifier loss")
+
+
 def estimate_fisher(cfg, splits, loss_domain: str, embed, backbone, heads, train_fn,
                     descriptors, seed: int):
     """EWC's diagonal empirical Fisher at the pretrained weights, per example, on
@@ -180,6 +185,9 @@ def estimate_fisher(cfg, splits, loss_domain: str, embed, backbone, heads, train
     if not data_losses:
         raise ValueError(f"config.domains.{loss_domain}.losses.ewc: the Fisher needs a data "
                          "loss in the same domain (e.g. feature_mse or a classifier)")
+    if all(k in config_lib.DISTILLATION and data_losses[k].teacher == "online"
+           for k in data_losses):
+        raise ValueError(_ZERO_FISHER.format(loss_domain))
     ds = pipeline.train_dataset([pipeline.Domain(loss_domain, splits[loss_domain].train,
                                                  descriptors=descriptors.get(loss_domain))],
                                 train_fn, cfg.data.batch_size, seed + 1,
@@ -203,9 +211,7 @@ def estimate_fisher(cfg, splits, loss_domain: str, embed, backbone, heads, train
                for b in ds.take(losses.ewc.fisher_batches))
     fisher = retention.estimate_fisher(per_example, backbone, batches)
     if not any(np.any(np.asarray(x) > 0) for x in jax.tree.leaves(fisher)):
-        raise ValueError(f"config.domains.{loss_domain}.losses.ewc: the Fisher is zero at the "
-                         "pretrained weights (an online teacher on the same view has no "
-                         "gradient there); use teacher='precomputed' or a classifier loss")
+        raise ValueError(_ZERO_FISHER.format(loss_domain))
     return fisher
 
 

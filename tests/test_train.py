@@ -235,3 +235,31 @@ def test_kill_9_and_resume_ends_bit_identical_to_an_uninterrupted_run(world, tmp
     assert step_a == step_b == 40 and a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
+
+
+def test_ewc_ema_bfloat16_and_remat_run_together(world, tmp_path):
+    c = train_world.world_config(world)
+    c.domains.generic.losses.ewc = config_lib.loss("ewc", weight=1.0, fisher_batches=2)
+    c.optim.ema_decay = 0.9
+    c.model.dtype = "bfloat16"
+    c.model.remat_policy = "nothing_saveable"
+    c.train.num_steps = 4
+    c.train.eval_every = 0
+    train.train_and_evaluate(c, str(tmp_path))
+    import orbax.checkpoint as ocp
+    state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "4" / "state")
+    fisher = jax.tree.leaves(state["fisher"])
+    assert fisher and all(np.all(f >= 0) for f in fisher) and any(np.any(f > 0) for f in fisher)
+    params, ema = jax.tree.leaves(state["params"]), jax.tree.leaves(state["ema"])
+    assert all(p.dtype == np.float32 for p in params)  # float32 master weights
+    assert any(not np.array_equal(p, e) for p, e in zip(params, ema))
+    logged = [m for m in _metrics(str(tmp_path)) if "generic/ewc" in m]
+    assert logged and all(np.isfinite(m["loss"]) for m in logged)
+
+
+def test_ewc_refuses_a_zero_fisher(world, tmp_path):
+    c = train_world.world_config(world, "full", "online")
+    c.domains.generic.losses.ewc = config_lib.loss("ewc", fisher_batches=1)
+    c.domains.generic.losses.__delattr__("anchoring")
+    with pytest.raises(ValueError, match="losses.ewc: the Fisher is zero"):
+        train.train_and_evaluate(c, str(tmp_path))
