@@ -305,6 +305,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
     if mngr.latest_step() is not None:
         state = checkpointing.restore(mngr, abstract_sh, iterator, counter)
+        _forget_logs_after(workdir, int(state.step))
         logging.info("resumed from step %d in %s", int(state.step), workdir)
     else:
         fisher = None
@@ -343,8 +344,13 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
             _write_scalars(writer, workdir, step, scalars)
             bar.set_postfix(loss=f"{scalars['loss']:.4g}", refresh=False)
             log.reset()
-        if step % cfg.train.checkpoint_every == 0 or step == num_steps:
+        preempted = mngr.reached_preemption(step)
+        if step % cfg.train.checkpoint_every == 0 or step == num_steps or preempted:
             checkpointing.save(mngr, step, state, iterator, counter)
+        if preempted:
+            mngr.wait_until_finished()
+            logging.warning("preempted: saved step %d; run the same command to resume", step)
+            break
         eval_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
         if validator.active and (eval_now or step == num_steps):
             val = validator.run(state.params["backbone"])
@@ -364,6 +370,17 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     if writer is not None:
         writer.flush()
     return summary
+
+
+def _forget_logs_after(workdir: str, step: int):
+    """Drop metrics.jsonl lines past `step` (written after the checkpoint a run resumes from)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
 
 
 def _write_scalars(writer, workdir: str, step: int, scalars: dict):

@@ -235,6 +235,10 @@ def test_kill_9_and_resume_ends_bit_identical_to_an_uninterrupted_run(world, tmp
     assert step_a == step_b == 40 and a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
+    # The log of the resumed run reads as one run: each step once, the same losses.
+    logged = [[(m["step"], m.get("loss")) for m in _metrics(d)]
+              for d in (str(tmp_path / "straight"), killed)]
+    assert logged[0] == logged[1]
 
 
 def test_ewc_ema_bfloat16_and_remat_run_together(world, tmp_path):
