@@ -87,6 +87,19 @@ def save_best(mngr: ocp.CheckpointManager, step: int, params, metrics: dict) -> 
               metrics={"score": float(metrics["score"])})
 
 
+def restore_best(mngr: ocp.CheckpointManager, step: int, abstract_params):
+    """The parameters saved by `save_best` at `step`, into `abstract_params`' shardings."""
+    return mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params))).params
+
+
+def restore_item(mngr: ocp.CheckpointManager, step: int, item: str):
+    """One item ('state', 'params') of a step as it was saved (arrays on this host), for
+    evaluation outside a run; the input pipeline is not touched."""
+    return mngr.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.StandardRestore()}))[item]
+
+
 def write_json(path: str, obj) -> None:
     """Process 0 writes `obj` as JSON (atomically: a reader never sees half a file)."""
     if jax.process_index() != 0:

@@ -17,6 +17,7 @@ A run config (an ml_collections ConfigDict; configs/*.py return one):
   loss_aggregation  'weighted_sum' | 'weighted_average' of a domain's loss terms
   optim           infusing_jax.optim.default_config()
   train           length, logging, checkpoints, validation, sharding
+  eval            test sets: image->image retrieval, image<->text retrieval, zero-shot
 
 Domains train in this order: targets, then generic ones, each by name; the
 first is domain 0 (the paper's target). `validate` raises a one-line
@@ -93,6 +94,29 @@ def domain(source: str, role: str = "target", losses: dict = None, **fields):
     return cfg
 
 
+def retrieval_test(source: str, role: str = "target", query_split: str = "",
+                   index_split: str = "", data_dir: str = ""):
+    """An image->image test set: queries against an index (default: the source's roles,
+    e.g. InShop's test queries against its gallery; the same split = each query left out)."""
+    return ml_collections.ConfigDict(dict(source=source, role=role, query_split=query_split,
+                                          index_split=index_split, data_dir=data_dir))
+
+
+def text_test(source: str, text_embeddings: str = "", data_dir: str = ""):
+    """An image<->text test set (`captions:FILE.json`); text embeddings from the frozen text
+    tower, or from a file (.npz with `embeddings`, `image_index`)."""
+    return ml_collections.ConfigDict(dict(source=source, text_embeddings=text_embeddings,
+                                          data_dir=data_dir))
+
+
+def zero_shot_test(source: str, split: str = "test", class_names: str = "",
+                   templates: tuple = (), data_dir: str = ""):
+    """A zero-shot classification set: class names from TFDS or a file (one per line),
+    prompt templates ('' = evaluation/prompts.py's for the dataset)."""
+    return ml_collections.ConfigDict(dict(source=source, split=split, class_names=class_names,
+                                          templates=tuple(templates), data_dir=data_dir))
+
+
 def default_config() -> ml_collections.ConfigDict:
     """Every field with its default; a configs/ file fills in `domains`."""
     c = ml_collections.ConfigDict()
@@ -120,6 +144,15 @@ def default_config() -> ml_collections.ConfigDict:
                                 # their mean 'all', or 'last' (no keep-best)
         fsdp=False,             # shard params / optimiser state / reference over devices
         progress=True))
+    c.eval = ml_collections.ConfigDict(dict(
+        batch_size=256,
+        k=20,
+        tokenizer="",          # the checkpoint's tokenizer, for text retrieval / zero-shot
+        text_checkpoint="",    # '' = model.checkpoint's text tower (without its ':img')
+        validate_text=False,   # text retrieval at every validation too
+        retrieval=ml_collections.ConfigDict(),       # name -> retrieval_test(...)
+        text_retrieval=ml_collections.ConfigDict(),  # name -> text_test(...)
+        zero_shot=ml_collections.ConfigDict()))      # name -> zero_shot_test(...)
     return c
 
 
@@ -240,3 +273,26 @@ def validate(cfg) -> None:
         _err("train.eval_every", f"must be an int >= 0 (0 = at the end), got {t.eval_every!r}")
     if t.select_by not in SELECT_BY:
         _err("train.select_by", f"must be one of {SELECT_BY}, got {t.select_by!r}")
+    _validate_eval(cfg.eval)
+
+
+def _validate_eval(e):
+    _check_fields(e, set(default_config().eval.keys()), "eval")
+    for k in ("batch_size", "k"):
+        if not _int(e[k]) or e[k] < 1:
+            _err(f"eval.{k}", f"must be an int >= 1, got {e[k]!r}")
+    kinds = dict(retrieval=retrieval_test("x:"), text_retrieval=text_test("x:"),
+                 zero_shot=zero_shot_test("x:"))
+    for kind, example in kinds.items():
+        for name in e[kind].keys():
+            t = e[kind][name]
+            _check_fields(t, set(example.keys()), f"eval.{kind}.{name}")
+            if not isinstance(t.get("source"), str) or ":" not in t.source:
+                _err(f"eval.{kind}.{name}.source", f"must be a data spec, got {t.get('source')!r}")
+            if kind == "retrieval" and t.role not in ROLES:
+                _err(f"eval.{kind}.{name}.role", f"must be one of {ROLES}, got {t.role!r}")
+    needs_text = (any(not e.text_retrieval[n].text_embeddings for n in e.text_retrieval.keys())
+                  or e.zero_shot.keys())
+    if needs_text and not e.tokenizer:
+        _err("eval.tokenizer", "text retrieval and zero-shot need the checkpoint's tokenizer "
+             "(SigLIP: its sentencepiece .model; CLIP: bpe_simple_vocab_16e6.txt.gz or vocab.json)")

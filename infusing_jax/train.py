@@ -24,6 +24,7 @@ import optax
 import tqdm
 from absl import logging
 from flax.metrics import tensorboard
+from jax.experimental import multihost_utils
 
 from infusing_jax import checkpointing
 from infusing_jax import checkpoints
@@ -38,6 +39,7 @@ from infusing_jax.data import domains as domains_lib
 from infusing_jax.data import pipeline
 from infusing_jax.data import preprocess
 from infusing_jax.data import teacher as teacher_lib
+from infusing_jax.evaluation import suite
 from infusing_jax.losses import retention
 
 DEVICE_FIELDS = ("image", "label", "domain", "teacher", "has_teacher")
@@ -153,7 +155,6 @@ def teacher_descriptors(cfg, split, name: str, encode, fingerprint: str, workdir
 
 def _barrier(name: str):
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
@@ -360,6 +361,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     bar.close()
     mngr.wait_until_finished()
     best.wait_until_finished()
+    if step >= num_steps and suite.has_tests(cfg):
+        test(cfg, workdir, embed, backbone, state, best, writer)
     summary = dict(step=step, num_steps=num_steps, steps_per_epoch=steps_per_epoch,
                    skipped=counter.skipped(), best_step=best.best_step(),
                    domains=names)
@@ -370,6 +373,34 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     if writer is not None:
         writer.flush()
     return summary
+
+
+def selected_backbone(cfg, state, best):
+    """-> (step, image tower params on this host): the best checkpoint's where one was
+    kept (train.select_by), else the state's."""
+    step = best.best_step()
+    if cfg.train.select_by == "last" or step is None:
+        return int(state.step), multihost_utils.process_allgather(state.params["backbone"],
+                                                                  tiled=True)
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local),
+                            state.params)
+    return step, jax.device_get(checkpointing.restore_best(best, step, abstract)["backbone"])
+
+
+def test(cfg, workdir: str, embed, pretrained, state, best, writer) -> None:
+    """The selected checkpoint and the pretrained model on eval's test sets ->
+    WORKDIR/results.json (and TensorBoard 'test/<model>/<number>'), by process 0."""
+    step, finetuned = selected_backbone(cfg, state, best)
+    if jax.process_index() == 0:
+        models = suite.evaluate_models(cfg, embed, {"pretrained": pretrained,
+                                                    "fine-tuned": finetuned})
+        checkpointing.write_json(os.path.join(workdir, "results.json"),
+                                 dict(step=step, selected_by=cfg.train.select_by, models=models))
+        _write_scalars(writer, workdir, int(state.step), {
+            f"test/{name}/{k}": v for name, r in models.items()
+            for k, v in r["headline"].items() if v is not None})
+    _barrier("test")
 
 
 def _forget_logs_after(workdir: str, step: int):

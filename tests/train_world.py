@@ -1,12 +1,16 @@
 """A tiny training world on disk for the trainer tests: a pretrained checkpoint and two domains.
 
-  target:  folder:DIR/target/{train,val}/<class>/  classes = a colour x a stripe direction
-  generic: folder:DIR/generic/<class>/             other colours, noise textures
-  model:   DIR/pretrained.npz, a random 2-block SigLIP image tower (big_vision format)
+  target:   folder:DIR/target/{train,val,test}/<class>/  class = a colour x a stripe direction
+  generic:  folder:DIR/generic/{train,test}/<class>/     other colours, wider stripes
+  captions: DIR/captions.json (generic test images described by colour words)
+  model:    DIR/pretrained.npz, a random 2-block SigLIP two-tower (big_vision format), and
+            DIR/spm.model, a sentencepiece tokenizer trained on the captions
 """
+import json
 import os
 
 import numpy as np
+import sentencepiece
 from PIL import Image
 
 import conftest
@@ -15,7 +19,8 @@ from infusing_jax import config as config_lib
 
 SIZE = 32
 COLOURS = [(220, 40, 40), (40, 200, 60), (40, 80, 220), (230, 200, 40), (200, 60, 200),
-           (40, 200, 200), (120, 120, 120), (250, 140, 30)]
+           (40, 200, 200), (120, 120, 120), (250, 140, 30), (140, 70, 20)]
+COLOUR_NAMES = ["red", "green", "blue", "yellow", "magenta", "cyan", "grey", "orange", "brown"]
 
 
 def _image(rng, colour, vertical: bool, period: int):
@@ -37,27 +42,42 @@ def _write_classes(root, classes, per_class: int, rng):
 def make_world(root: str, per_class: int = 8, broken: int = 0) -> str:
     """Writes the world under `root`; `broken` undecodable files go into the target's train."""
     rng = np.random.default_rng(0)
-    target = {f"c{i}{'v' if v else 'h'}": (COLOURS[i], v, 3) for i in range(4) for v in (0, 1)}
-    train = {k: target[k] for k in list(target)[:6]}
-    val = {k: target[k] for k in list(target)[6:]}
-    _write_classes(os.path.join(root, "target", "train"), train, per_class, rng)
-    _write_classes(os.path.join(root, "target", "val"), val, per_class, rng)
+    target = {f"c{i}{'v' if v else 'h'}": (COLOURS[i], v, 3) for i in range(5) for v in (0, 1)}
+    names = list(target)
+    for split, classes in (("train", names[:6]), ("val", names[6:8]), ("test", names[8:])):
+        _write_classes(os.path.join(root, "target", split), {k: target[k] for k in classes},
+                       per_class, rng)
     for i in range(broken):
         with open(os.path.join(root, "target", "train", "c0h", f"broken{i}.jpg"), "wb") as f:
             f.write(b"not a jpeg")
-    generic = {f"g{i}": (COLOURS[4 + i], bool(i % 2), 6) for i in range(4)}
-    _write_classes(os.path.join(root, "generic"), generic, per_class, rng)
-    cfg = conftest.tiny_config("siglip", text=False)
-    params = conftest.random_params(cfg)
-    checkpoints.save(params, cfg, os.path.join(root, "pretrained.npz"))
+    generic = {COLOUR_NAMES[5 + i]: (COLOURS[5 + i], bool(i % 2), 6) for i in range(4)}
+    for split in ("train", "test"):
+        _write_classes(os.path.join(root, "generic", split), generic, per_class, rng)
+    records = [{"image": f"generic/test/{c}/{i}.jpg",
+                "captions": [f"a {c} image", f"stripes of {c}"]}
+               for c in generic for i in range(per_class)]
+    with open(os.path.join(root, "captions.json"), "w") as f:
+        json.dump(records, f)
+    with open(os.path.join(root, "classes.txt"), "w") as f:
+        f.write("\n".join(generic) + "\n")
+    corpus = os.path.join(root, "corpus.txt")
+    with open(corpus, "w") as f:
+        f.write("\n".join(c for r in records for c in r["captions"]) + "\n")
+    with open(os.devnull, "w") as log:
+        sentencepiece.SentencePieceTrainer.train(
+            input=corpus, model_prefix=os.path.join(root, "spm"), vocab_size=24, pad_id=0,
+            eos_id=1, unk_id=2, bos_id=-1, minloglevel=2, logstream=log)
+    cfg = conftest.tiny_config("siglip")
+    checkpoints.save(conftest.random_params(cfg), cfg, os.path.join(root, "pretrained.npz"))
     return root
 
 
-def world_config(root: str, method: str = "full", teacher: str = "precomputed"):
+def world_config(root: str, method: str = "full", teacher: str = "precomputed",
+                 tests: str = ""):
     """The paper's recipe shape on the tiny world: 'full' (classifier + distillation +
-    anchoring) or 'naive' (classifier only)."""
+    anchoring) or 'naive' (classifier only); tests='yes' adds the eval test sets."""
     c = config_lib.default_config()
-    c.model.checkpoint = os.path.join(root, "pretrained.npz")
+    c.model.checkpoint = os.path.join(root, "pretrained.npz:img")
     c.model.image_size = SIZE
     c.data.batch_size = 8
     c.data.shuffle_buffer = 64
@@ -80,4 +100,15 @@ def world_config(root: str, method: str = "full", teacher: str = "precomputed"):
     c.train.eval_batch_size = 16
     c.train.eval_k = 4
     c.train.progress = False
+    if tests:
+        c.eval.batch_size = 16
+        c.eval.k = 4
+        c.eval.tokenizer = os.path.join(root, "spm.model")
+        c.eval.retrieval.target = config_lib.retrieval_test(f"folder:{root}/target")
+        c.eval.retrieval.generic = config_lib.retrieval_test(f"folder:{root}/generic",
+                                                             role="generic")
+        c.eval.text_retrieval.captions = config_lib.text_test(f"captions:{root}/captions.json")
+        c.eval.zero_shot.colours = config_lib.zero_shot_test(
+            f"folder:{root}/generic", class_names=os.path.join(root, "classes.txt"),
+            templates=("a {} image",))
     return c

@@ -1,0 +1,121 @@
+"""Evaluate a run, or a pretrained checkpoint, on the config's test sets.
+
+    python -m infusing_jax.evaluate --config=C --workdir=DIR [--wise_ft=0.25,0.5,0.75]
+        [--export=PATH --export_alpha=A]
+    python -m infusing_jax.evaluate --config=C --workdir=DIR --checkpoint=PATH
+
+With a trained run in DIR: the checkpoint train.select_by kept (else the last),
+the pretrained model (model.checkpoint), and the WiSE-FT mixtures
+(1 - a) * pretrained + a * fine-tuned for each a of --wise_ft. With --checkpoint:
+that model alone, as 'pretrained' (no fine-tuning). Writes DIR/results.json:
+
+    {"step": int, "selected_by": str, "wise_ft": [{"alpha": a, <headline>}, ...],
+     "models": {"pretrained" | "fine-tuned" | "wise_ft@a": <evaluation/suite.py result>}}
+
+--export writes the image tower at --export_alpha (with the original text tower,
+where the checkpoint has one) as big_vision .npz, a HF directory or open_clip
+file, by the path's form (checkpoints.save).
+"""
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from infusing_jax import checkpointing
+from infusing_jax import checkpoints
+from infusing_jax import config as config_lib
+from infusing_jax import train
+from infusing_jax.evaluation import suite
+from infusing_jax.evaluation import wise_ft
+
+config_flags.DEFINE_config_file("config", None, "The run's configs/*.py file (and :ARG).",
+                                lock_config=False)
+flags.DEFINE_string("workdir", None, "The run's workdir; results.json goes here.")
+flags.DEFINE_string("checkpoint", None, "Evaluate this pretrained checkpoint instead of a run.")
+flags.DEFINE_string("wise_ft", "", "Comma-separated WiSE-FT alphas, e.g. 0.25,0.5,0.75.")
+flags.DEFINE_string("export", None, "Write the image tower at --export_alpha here.")
+flags.DEFINE_float("export_alpha", 1.0, "WiSE-FT alpha of the export (1 = fine-tuned).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def finetuned_backbone(cfg, workdir: str, pretrained):
+    """-> (step, image tower) of the run: best/ (as select_by kept it), else checkpoints/."""
+    best, last = checkpointing.best_manager(workdir), checkpointing.manager(workdir, 1, False)
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pretrained)
+    if cfg.train.select_by != "last" and best.best_step() is not None:
+        step = best.best_step()
+        return step, _restored(checkpointing.restore_item(best, step, "params")["backbone"], like)
+    step = last.latest_step()
+    if step is None:
+        raise ValueError(f"--workdir {workdir}: no checkpoint (neither best/ nor checkpoints/); "
+                         "train first, or pass --checkpoint to evaluate a pretrained model")
+    state = checkpointing.restore_item(last, step, "state")
+    return step, _restored(state["params"]["backbone"], like)
+
+
+def _restored(params, like):
+    out = jax.tree.map(np.asarray, params)
+    if jax.tree.structure(out) != jax.tree.structure(like):
+        raise ValueError("--workdir: the run's checkpoint does not match model.checkpoint's "
+                         "image tower; evaluate with the run's own config")
+    return out
+
+
+def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
+             export_alpha: float = 1.0) -> dict:
+    if checkpoint:
+        cfg.model.checkpoint = checkpoint
+    config_lib.validate(cfg)
+    model, pretrained, model_cfg = train.load_image_tower(cfg.model)
+    embed = train.embed_fn(model)
+    backbones, step = {"pretrained": pretrained}, 0
+    finetuned = None
+    if not checkpoint:
+        step, finetuned = finetuned_backbone(cfg, workdir, pretrained)
+        backbones["fine-tuned"] = finetuned
+        for a in alphas:
+            if 0.0 < a < 1.0:
+                backbones[f"wise_ft@{a:g}"] = wise_ft.interpolate(pretrained, finetuned, a)
+    if export:
+        if finetuned is None:
+            raise ValueError("--export needs a trained run in --workdir (not --checkpoint)")
+        _export(cfg, wise_ft.interpolate(pretrained, finetuned, export_alpha), export)
+    results = dict(step=step, selected_by=cfg.train.select_by,
+                   models=suite.evaluate_models(cfg, embed, backbones))
+    curve = {0.0: "pretrained", 1.0: "fine-tuned", **{a: f"wise_ft@{a:g}" for a in alphas}}
+    results["wise_ft"] = [dict(alpha=a, **results["models"][name]["headline"])
+                          for a, name in sorted(curve.items()) if name in results["models"]]
+    os.makedirs(workdir, exist_ok=True)
+    checkpointing.write_json(os.path.join(workdir, "results.json"), results)
+    return results
+
+
+def _export(cfg, backbone, path: str):
+    """The original checkpoint with its image tower replaced, saved in the path's format."""
+    source = suite.text_checkpoint(cfg)
+    params, model_cfg = checkpoints.load(source, image_size=cfg.model.image_size,
+                                         act=cfg.model.act or None)
+    params = dict(params, img=backbone)
+    checkpoints.save(params, model_cfg, path)
+
+
+def main(argv):
+    del argv
+    try:
+        alphas = wise_ft.parse_alphas(FLAGS.wise_ft)
+        evaluate(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, alphas, FLAGS.export,
+                 FLAGS.export_alpha)
+    except ValueError as e:
+        if not str(e).startswith(("config.", "--")):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

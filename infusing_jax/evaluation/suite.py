@@ -1,0 +1,219 @@
+"""Every configured test of one image tower: image->image retrieval (per test set and
+the merged UnED index), image<->text retrieval and zero-shot through the frozen text
+tower, and the headline numbers the trade-off is read from.
+
+    results = evaluate(cfg, encode_images, texts)
+
+encode_images: (B, S, S, 3) -> (B, E), the tower under test; texts: a `TextSide`
+(the frozen text tower of the original checkpoint) or None. Runs in this process
+on its devices (the caller gathers FSDP-sharded parameters first).
+
+Result (fractions in [0, 1]; K = eval.k):
+  retrieval       {test: retrieval_metrics(...)}           each set's own index
+  universal       retrieval_metrics over all target sets   hit = same test and class
+  text_retrieval  {test: {'i2t_r1', ..., 't2i_r10'}}
+  zero_shot       {test: {'fine': {'top1', 'top5'}, 'coarse': ...}}
+  headline        in_domain_r1, in_domain_mapK (mean over target sets), generic_r1,
+                  generic_mapK (generic sets), image_to_text_r1, text_to_image_r1
+                  (mean over text sets), zero_shot_top1 (mean, fine labels)
+"""
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+from infusing_jax import checkpoints
+from infusing_jax import tokenizers
+from infusing_jax.data import preprocess
+from infusing_jax.data import sources
+from infusing_jax.evaluation import metrics as metrics_lib
+from infusing_jax.evaluation import prompts
+from infusing_jax.evaluation import text_retrieval
+from infusing_jax.evaluation import zero_shot
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSide:
+    embed_texts: Callable  # texts -> (M, E), L2-normalised
+
+
+def text_checkpoint(cfg) -> str:
+    """The checkpoint whose text tower is used: eval.text_checkpoint, or model.checkpoint
+    without a ':img' sub-tree suffix."""
+    if cfg.eval.text_checkpoint:
+        return cfg.eval.text_checkpoint
+    path = cfg.model.checkpoint
+    return path[:-len(":img")] if path.endswith(":img") else path
+
+
+def load_text_side(cfg) -> Optional[TextSide]:
+    """The frozen text tower and tokenizer, where a configured test needs them."""
+    e = cfg.eval
+    if not (e.zero_shot.keys() or any(not e.text_retrieval[n].text_embeddings
+                                      for n in e.text_retrieval.keys())):
+        return None
+    path = text_checkpoint(cfg)
+    try:
+        params, model_cfg = checkpoints.load(path, act=cfg.model.act or None)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise ValueError(f"config.eval.text_checkpoint: {err}") from None
+    if model_cfg.get("text") is None:
+        raise ValueError(f"config.eval.text_checkpoint: {path} has no text tower; name one "
+                         "with eval.text_checkpoint or give text_embeddings files")
+    try:
+        tokenize = tokenizers.load_tokenizer(e.tokenizer, model_cfg.family, model_cfg.text.seq_len)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"config.eval.tokenizer: {err}") from None
+    return TextSide(text_retrieval.text_embedder(model_cfg, params, tokenize, e.batch_size))
+
+
+def _source(test, cfg, where: str):
+    try:
+        return sources.load_source(test.source, test.data_dir or cfg.data.data_dir or None)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise ValueError(f"config.eval.{where}.source: {err}") from None
+
+
+def _split(source, name: str, where: str):
+    if name not in source.splits:
+        raise ValueError(f"config.eval.{where}: {source.name} has no split {name!r}; it has "
+                         f"{', '.join(source.splits)}")
+    return source.split(name)
+
+
+def _embedded(encode, split, cfg, desc):
+    view = preprocess.eval_fn(cfg.model.family, cfg.model.image_size)
+    emb, cols = text_retrieval.embed_split(encode, split, view, cfg.eval.batch_size,
+                                           ("label", "coarse_label", "id"), desc)
+    return dict(embeddings=emb, labels=cols["label"], coarse=cols["coarse_label"],
+                ids=cols["id"], has_coarse=split.num_coarse_classes > 0)
+
+
+def _retrieval(encode, cfg) -> tuple:
+    """-> ({test: metrics}, universal metrics or None)."""
+    k, out, merged = cfg.eval.k, {}, []
+    for name in sorted(cfg.eval.retrieval.keys()):
+        t = cfg.eval.retrieval[name]
+        where = f"retrieval.{name}"
+        source = _source(t, cfg, where)
+        q_name = t.query_split or source.roles.query
+        i_name = t.index_split or source.roles.index
+        q = _embedded(encode, _split(source, q_name, where + ".query_split"), cfg, name)
+        i = q if i_name == q_name else _embedded(
+            encode, _split(source, i_name, where + ".index_split"), cfg, f"{name} index")
+        coarse = q["has_coarse"] and i["has_coarse"]
+        out[name] = metrics_lib.retrieval_metrics(
+            q["embeddings"], q["labels"], i["embeddings"], i["labels"], k,
+            query_ids=q["ids"], index_ids=i["ids"],
+            query_coarse_labels=q["coarse"] if coarse else None,
+            index_coarse_labels=i["coarse"] if coarse else None)
+        if t.role == "target":
+            merged.append((name, q, i))
+    if len(merged) < 2:
+        return out, None
+    return out, _universal(merged, k)
+
+
+def _universal(merged, k: int) -> dict:
+    """The UnED merged index: every target set's queries against all their index splits;
+    a hit needs the same set (domain) and class. Ids are prefixed by the set's name."""
+    def side(j: int) -> dict:
+        parts = [(name, sets[j]) for name, *sets in merged]
+        return dict(embeddings=np.concatenate([p["embeddings"] for _, p in parts]),
+                    labels=np.concatenate([p["labels"] for _, p in parts]),
+                    ids=np.concatenate([np.char.add(f"{n}/", p["ids"].astype(str))
+                                        for n, p in parts]),
+                    domains=np.concatenate([np.full(len(p["labels"]), d)
+                                            for d, (_, p) in enumerate(parts)]))
+    q, i = side(0), side(1)
+    return metrics_lib.retrieval_metrics(
+        q["embeddings"], q["labels"], i["embeddings"], i["labels"], k,
+        query_ids=q["ids"], index_ids=i["ids"], query_domains=q["domains"],
+        index_domains=i["domains"])
+
+
+def _text_retrieval(encode, texts, cfg) -> dict:
+    out = {}
+    for name in sorted(cfg.eval.text_retrieval.keys()):
+        t = cfg.eval.text_retrieval[name]
+        source = _source(t, cfg, f"text_retrieval.{name}")
+        split = source.split(source.roles.query)
+        view = preprocess.eval_fn(cfg.model.family, cfg.model.image_size)
+        kw = dict(text_file=t.text_embeddings) if t.text_embeddings else dict(
+            embed_texts=texts.embed_texts)
+        out[name] = text_retrieval.evaluate_split(encode, split, view,
+                                                  batch_size=cfg.eval.batch_size, **kw)
+    return out
+
+
+def _zero_shot(encode, texts, cfg) -> dict:
+    out = {}
+    for name in sorted(cfg.eval.zero_shot.keys()):
+        t = cfg.eval.zero_shot[name]
+        where = f"zero_shot.{name}"
+        source = _source(t, cfg, where)
+        split = _split(source, t.split, where + ".split")
+        if t.class_names:
+            names = {"fine": prompts.read_class_names(t.class_names)}
+        else:
+            kind, _, dataset = t.source.partition(":")
+            if kind != "tfds":
+                raise ValueError(f"config.eval.{where}.class_names: {t.source} has no class "
+                                 "names of its own; give a file with one name per line")
+            names = prompts.tfds_class_names(dataset.split(":")[0], t.data_dir or None)
+        templates = prompts.check_templates(t.templates) if t.templates else prompts.templates(
+            t.source.partition(":")[2].split(":")[0])
+        view = preprocess.eval_fn(cfg.model.family, cfg.model.image_size)
+        out[name] = zero_shot.evaluate_split(encode, texts.embed_texts, split, view, names,
+                                             templates, cfg.eval.batch_size)
+    return out
+
+
+def _mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def headline(results: dict, cfg) -> dict:
+    k = cfg.eval.k
+    roles = {n: cfg.eval.retrieval[n].role for n in results["retrieval"]}
+    by_role = lambda role, key: _mean(  # noqa: E731
+        [m[key] for n, m in results["retrieval"].items() if roles[n] == role])
+    text = results["text_retrieval"].values()
+    return {"in_domain_r1": by_role("target", "recall@1"),
+            f"in_domain_map{k}": by_role("target", f"map@{k}"),
+            "generic_r1": by_role("generic", "recall@1"),
+            f"generic_map{k}": by_role("generic", f"map@{k}"),
+            "image_to_text_r1": _mean([m["i2t_r1"] for m in text]),
+            "text_to_image_r1": _mean([m["t2i_r1"] for m in text]),
+            "zero_shot_top1": _mean([m["fine"]["top1"] for m in results["zero_shot"].values()
+                                     if "fine" in m])}
+
+
+def evaluate(cfg, encode_images: Callable, texts: Optional[TextSide]) -> dict:
+    """All of eval's test sets for one image tower (module doc)."""
+    retrieval, universal = _retrieval(encode_images, cfg)
+    results = dict(retrieval=retrieval, universal=universal,
+                   text_retrieval=_text_retrieval(encode_images, texts, cfg),
+                   zero_shot=_zero_shot(encode_images, texts, cfg))
+    results["headline"] = headline(results, cfg)
+    return results
+
+
+def evaluate_models(cfg, embed: Callable, backbones: dict) -> dict:
+    """{model name: image tower params} -> {model name: evaluate(...)}, with one text side.
+
+    embed(params, images) -> (B, E); the parameters go in as jit arguments."""
+    texts = load_text_side(cfg)
+    encode = jax.jit(embed)
+    out = {}
+    for name, params in backbones.items():
+        params = jax.device_put(params, jax.local_devices()[0])
+        out[name] = evaluate(cfg, lambda images, p=params: encode(p, images), texts)
+    return out
+
+
+def has_tests(cfg) -> bool:
+    e = cfg.eval
+    return bool(e.retrieval.keys() or e.text_retrieval.keys() or e.zero_shot.keys())

@@ -1,0 +1,90 @@
+"""Test-set evaluation of runs and checkpoints: results.json, WiSE-FT, export."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import train_world
+from infusing_jax import checkpoints
+from infusing_jax import evaluate
+from infusing_jax import train
+from infusing_jax.evaluation import wise_ft
+from test_train import REPO, world  # noqa: F401 (fixture)
+
+HEADLINE = {"in_domain_r1", "in_domain_map4", "generic_r1", "generic_map4", "image_to_text_r1",
+            "text_to_image_r1", "zero_shot_top1"}
+
+
+def test_wise_ft_interpolates_leafwise():
+    p = {"a": np.array([0.0, 2.0], np.float32), "b": {"c": np.ones((2, 2), np.float32)}}
+    f = {"a": np.array([4.0, 2.0], np.float32), "b": {"c": np.zeros((2, 2), np.float32)}}
+    mid = wise_ft.interpolate(p, f, 0.25)
+    np.testing.assert_array_equal(mid["a"], [1.0, 2.0])
+    np.testing.assert_array_equal(mid["b"]["c"], np.full((2, 2), 0.75, np.float32))
+    for a, ref in ((0.0, p), (1.0, f)):
+        out = wise_ft.interpolate(p, f, a)
+        np.testing.assert_array_equal(out["a"], ref["a"])
+    with pytest.raises(ValueError, match="alpha 1.5 must be in"):
+        wise_ft.interpolate(p, f, 1.5)
+    with pytest.raises(ValueError, match=r"--wise_ft: \[2.0\] not in"):
+        wise_ft.parse_alphas("0.5,2")
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    train.train_and_evaluate(train_world.world_config(world, "full", "precomputed", "yes"),
+                             workdir)
+    return workdir
+
+
+def _evaluate(*args):
+    run = subprocess.run([sys.executable, "-m", "infusing_jax.evaluate", *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_a_run_ends_with_the_test_results_of_its_selected_and_pretrained_models(trained):
+    with open(os.path.join(trained, "results.json")) as f:
+        results = json.load(f)
+    assert results["selected_by"] == "all" and set(results["models"]) == {"pretrained",
+                                                                          "fine-tuned"}
+    for model in results["models"].values():
+        assert set(model["headline"]) == HEADLINE
+        assert all(0.0 <= v <= 1.0 for v in model["headline"].values())
+        assert model["retrieval"]["target"]["num_queries"] == 16
+        assert set(model["zero_shot"]["colours"]) == {"fine"}
+        assert model["text_retrieval"]["captions"]["num_texts"] == 64
+
+
+def test_evaluate_cli_reproduces_the_run_and_the_checkpoint(world, trained, tmp_path):
+    config = f"--config=tests/world_config.py:{world},full,precomputed,yes"
+    with open(os.path.join(trained, "results.json")) as f:
+        at_the_end = json.load(f)
+    export = str(tmp_path / "export_hf")
+    _evaluate(config, f"--workdir={trained}", "--wise_ft=0.5", f"--export={export}",
+              "--export_alpha=0.5")
+    with open(os.path.join(trained, "results.json")) as f:
+        again = json.load(f)
+    assert again["models"]["fine-tuned"] == at_the_end["models"]["fine-tuned"]
+    assert again["models"]["pretrained"] == at_the_end["models"]["pretrained"]
+    assert [p["alpha"] for p in again["wise_ft"]] == [0.0, 0.5, 1.0]
+    alone = str(tmp_path / "pretrained")
+    _evaluate(config, f"--workdir={alone}",
+              f"--checkpoint={os.path.join(world, 'pretrained.npz:img')}")
+    with open(os.path.join(alone, "results.json")) as f:
+        assert json.load(f)["models"] == {"pretrained": again["models"]["pretrained"]}
+    # The export: the WiSE-FT image tower at 0.5, the original text tower, in HF format.
+    exported, _ = checkpoints.load(export)
+    original, _ = checkpoints.load(os.path.join(world, "pretrained.npz"))
+    cfg = train_world.world_config(world, "full", "precomputed", "yes")
+    _, finetuned = evaluate.finetuned_backbone(cfg, trained, original["img"])
+    expected = checkpoints.to_flat({"img": wise_ft.interpolate(original["img"], finetuned, 0.5),
+                                    "txt": original["txt"]})
+    flat = checkpoints.to_flat(exported)
+    for k in expected:
+        np.testing.assert_array_equal(flat[k], expected[k], err_msg=k)
