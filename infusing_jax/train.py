@@ -395,8 +395,10 @@ def test(cfg, workdir: str, embed, pretrained, state, best, writer) -> None:
     if jax.process_index() == 0:
         models = suite.evaluate_models(cfg, embed, {"pretrained": pretrained,
                                                     "fine-tuned": finetuned})
-        checkpointing.write_json(os.path.join(workdir, "results.json"),
-                                 dict(step=step, selected_by=cfg.train.select_by, models=models))
+        curve = [dict(alpha=a, **models[m]["headline"])
+                 for a, m in ((0.0, "pretrained"), (1.0, "fine-tuned"))]
+        checkpointing.write_json(os.path.join(workdir, "results.json"), dict(
+            step=step, selected_by=cfg.train.select_by, models=models, wise_ft=curve))
         _write_scalars(writer, workdir, int(state.step), {
             f"test/{name}/{k}": v for name, r in models.items()
             for k, v in r["headline"].items() if v is not None})

@@ -88,3 +88,30 @@ def test_evaluate_cli_reproduces_the_run_and_the_checkpoint(world, trained, tmp_
     flat = checkpoints.to_flat(exported)
     for k in expected:
         np.testing.assert_array_equal(flat[k], expected[k], err_msg=k)
+
+
+def test_compare_tabulates_and_plots_the_change_from_pretrained(trained, tmp_path):
+    other = tmp_path / "other_run"
+    other.mkdir()
+    with open(os.path.join(trained, "results.json")) as f:
+        results = json.load(f)
+    (other / "results.json").write_text(json.dumps(results))
+    out = tmp_path / "report"
+    run = subprocess.run([sys.executable, "-m", "infusing_jax.compare", trained, str(other),
+                          f"--output={out}", "--names=first,second"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "comparison.json").read_text())
+    pre, ft = (results["models"][m]["headline"] for m in ("pretrained", "fine-tuned"))
+    for name in ("first", "second"):
+        change = report["runs"][name]["change"]
+        for key in HEADLINE:
+            assert change[key] == pytest.approx(ft[key] - pre[key])
+        alphas = [p["alpha"] for p in report["runs"][name]["wise_ft"]]
+        assert alphas == [p["alpha"] for p in results["wise_ft"]] and alphas[::len(alphas) - 1] == [0, 1]
+    table = (out / "comparison.md").read_text()
+    assert "| first |" in table and "| second |" in table and "| pretrained |" in table
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = subprocess.run([sys.executable, "-m", "infusing_jax.compare", str(tmp_path),
+                              f"--output={out}"], cwd=REPO, capture_output=True, text=True)
+    assert missing.returncode == 1 and "no results" in missing.stderr.strip().splitlines()[-1]

@@ -1,0 +1,140 @@
+"""Compare runs: a table of their test numbers and the trade-off plot (the paper's Figure 1).
+
+    python -m infusing_jax.compare runs/sop_naive runs/sop_full --output=report/
+
+Reads each WORKDIR/results.json (python -m infusing_jax.evaluate, or the end of a
+run) and writes to --output:
+  comparison.json  {"pretrained": headline, "runs": {run: {"fine-tuned": headline,
+                   "change": headline - pretrained, "wise_ft": [{"alpha", ...}]}}}
+  comparison.md    the same as a markdown table (changes in points, x100)
+  tradeoff.png     in-domain retrieval gain (y) against the out-of-domain change (x):
+                   image->image (left) and image<->text (right); WiSE-FT curves as lines
+Changes are against each run's own pretrained numbers.
+"""
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+flags.DEFINE_string("output", None, "Directory for comparison.{json,md} and tradeoff.png.")
+flags.DEFINE_list("names", None, "Run names (default: the workdirs' basenames).")
+flags.mark_flag_as_required("output")
+FLAGS = flags.FLAGS
+
+COLUMNS = ("in_domain_r1", "in_domain_map{k}", "generic_r1", "generic_map{k}",
+           "image_to_text_r1", "text_to_image_r1", "zero_shot_top1")
+
+
+def _load(workdir: str) -> dict:
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no results; run python -m infusing_jax.evaluate first")
+    with open(path) as f:
+        results = json.load(f)
+    if "fine-tuned" not in results.get("models", {}):
+        raise ValueError(f"{path}: has no fine-tuned model (a --checkpoint evaluation?)")
+    return results
+
+
+def _change(a: dict, b: dict) -> dict:
+    """a - b per key, None where either is missing."""
+    return {k: None if a.get(k) is None or b.get(k) is None else a[k] - b[k] for k in a}
+
+
+def _text(headline: dict):
+    """The mean of image->text and text->image R@1 (the plot's image<->text axis)."""
+    values = [headline.get(k) for k in ("image_to_text_r1", "text_to_image_r1")]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def comparison(workdirs, names=None) -> dict:
+    names = names or [os.path.basename(os.path.normpath(w)) for w in workdirs]
+    if len(names) != len(workdirs):
+        raise ValueError(f"--names: {len(names)} names for {len(workdirs)} workdirs")
+    out = {"pretrained": None, "runs": {}}
+    for name, workdir in zip(names, workdirs):
+        results = _load(workdir)
+        pretrained = results["models"]["pretrained"]["headline"]
+        out["pretrained"] = out["pretrained"] or pretrained
+        finetuned = results["models"]["fine-tuned"]["headline"]
+        out["runs"][name] = dict(
+            workdir=workdir, step=results.get("step"), **{"fine-tuned": finetuned},
+            change=_change(finetuned, pretrained),
+            wise_ft=[dict(alpha=p["alpha"], change=_change(
+                {k: v for k, v in p.items() if k != "alpha"}, pretrained))
+                for p in results.get("wise_ft", [])])
+    return out
+
+
+def _k(headline: dict) -> int:
+    key = next(k for k in headline if k.startswith("in_domain_map"))
+    return int(key[len("in_domain_map"):])
+
+
+def markdown(report: dict) -> str:
+    k = _k(report["pretrained"])
+    cols = [c.format(k=k) for c in COLUMNS]
+    fmt = lambda v, sign="": "–" if v is None else f"{100 * v:{sign}.1f}"  # noqa: E731
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
+             "| pretrained | " + " | ".join(fmt(report["pretrained"].get(c)) for c in cols) + " |"]
+    for name, run in report["runs"].items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{fmt(run['fine-tuned'].get(c))} ({fmt(run['change'].get(c), '+')})"
+            for c in cols) + " |")
+    return ("Test numbers x100; in brackets the change from the pretrained model.\n\n"
+            + "\n".join(lines) + "\n")
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    k = _k(report["pretrained"])
+    y_key, x_image = f"in_domain_map{k}", f"generic_map{k}"
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    axes_x = ((axes[0], lambda c: c.get(x_image), f"out-of-domain image->image mAP@{k} change"),
+              (axes[1], _text, "image<->text R@1 change (mean of both directions)"))
+    for ax, x_of, label in axes_x:
+        ax.axhline(0, color="0.8", lw=0.8)
+        ax.axvline(0, color="0.8", lw=0.8)
+        ax.plot([0], [0], "ko")
+        ax.annotate("pretrained", (0, 0), textcoords="offset points", xytext=(4, -10))
+        for name, run in report["runs"].items():
+            curve = [(x_of(p["change"]), p["change"].get(y_key)) for p in run["wise_ft"]]
+            curve = [(100 * x, 100 * y) for x, y in curve if x is not None and y is not None]
+            if len(curve) > 1:
+                ax.plot(*zip(*curve), "-", alpha=0.5)
+            x, y = x_of(run["change"]), run["change"].get(y_key)
+            if x is not None and y is not None:
+                ax.plot([100 * x], [100 * y], "o")
+                ax.annotate(name, (100 * x, 100 * y), textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel(label)
+    axes[0].set_ylabel(f"in-domain mAP@{k} gain")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    workdirs = argv[1:]
+    try:
+        if not workdirs:
+            raise ValueError("give one or more run workdirs")
+        report = comparison(workdirs, FLAGS.names)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    os.makedirs(FLAGS.output, exist_ok=True)
+    with open(os.path.join(FLAGS.output, "comparison.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(FLAGS.output, "comparison.md"), "w") as f:
+        f.write(markdown(report))
+    plot(report, os.path.join(FLAGS.output, "tradeoff.png"))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    app.run(main)
