@@ -7,6 +7,8 @@ from `evaluation.metrics.retrieval_metrics`. Scores (k = train.eval_k):
   out-of-domain  mean mAP@k over the generic domains' val splits
   all            the mean of the two (of the one there is, if only one)
 `score` is the one `train.select_by` names; the best checkpoint is kept by it.
+With eval.validate_text, eval's image<->text sets are run too ('text/<set>/<metric>',
+by process 0 on its devices).
 """
 import sys
 
@@ -20,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from infusing_jax.data import device_put
 from infusing_jax.data import preprocess
 from infusing_jax.evaluation import metrics as metrics_lib
+from infusing_jax.evaluation import suite
 
 
 def embed_split(encode, params, split, preprocess_fn, batch_size: int, mesh, desc: str):
@@ -78,6 +81,10 @@ class Validator:
         self.active = bool(self.domains)
         self.encode = jax.jit(embed)
         self.preprocess = preprocess.eval_fn(cfg.model.family, cfg.model.image_size)
+        self.texts = None
+        if cfg.eval.validate_text and cfg.eval.text_retrieval.keys():
+            self.texts = suite.load_text_side(cfg)
+            self.active = True
 
     def run(self, backbone) -> dict:
         """-> {'<domain>/<metric>': ..., 'in-domain', 'out-of-domain', 'all', 'score'}."""
@@ -95,7 +102,21 @@ class Validator:
         if by_role["generic"]:
             out["out-of-domain"] = float(np.mean(by_role["generic"]))
         parts = [out[r] for r in ("in-domain", "out-of-domain") if r in out]
-        out["all"] = float(np.mean(parts))
+        if parts:
+            out["all"] = float(np.mean(parts))
+        if self.cfg.eval.validate_text:
+            out.update(self._text(backbone))
         if self.cfg.train.select_by in out:
             out["score"] = out[self.cfg.train.select_by]
         return out
+
+    def _text(self, backbone) -> dict:
+        params = multihost_utils.process_allgather(backbone, tiled=True)
+        results = {}
+        if jax.process_index() == 0:
+            local = jax.device_put(params, jax.local_devices()[0])
+            sets = suite.text_retrieval_sets(self.cfg, lambda x: self.encode(local, x),
+                                             self.texts)
+            results = {f"text/{name}/{k}": float(v) for name, m in sets.items()
+                       for k, v in m.items()}
+        return results

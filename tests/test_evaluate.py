@@ -36,8 +36,9 @@ def test_wise_ft_interpolates_leafwise():
 @pytest.fixture(scope="module")
 def trained(world, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    train.train_and_evaluate(train_world.world_config(world, "full", "precomputed", "yes"),
-                             workdir)
+    c = train_world.world_config(world, "full", "precomputed", "yes")
+    c.eval.validate_text = True
+    train.train_and_evaluate(c, workdir)
     return workdir
 
 
@@ -59,6 +60,13 @@ def test_a_run_ends_with_the_test_results_of_its_selected_and_pretrained_models(
         assert model["retrieval"]["target"]["num_queries"] == 16
         assert set(model["zero_shot"]["colours"]) == {"fine"}
         assert model["text_retrieval"]["captions"]["num_texts"] == 64
+    with open(os.path.join(trained, "metrics.jsonl")) as f:
+        val = [json.loads(line) for line in f if "val/score" in line]
+    assert [m["step"] for m in val] == [6, 12]
+    assert all(0 <= m["val/text/captions/i2t_r1"] <= 1 for m in val)
+    # The last validation and the final test see the same model through the same code.
+    final = results["models"]["fine-tuned"]["text_retrieval"]["captions"]
+    assert val[-1]["val/text/captions/t2i_r5"] == pytest.approx(final["t2i_r5"])
 
 
 def test_evaluate_cli_reproduces_the_run_and_the_checkpoint(world, trained, tmp_path):

@@ -133,7 +133,8 @@ def _universal(merged, k: int) -> dict:
         index_domains=i["domains"])
 
 
-def _text_retrieval(encode, texts, cfg) -> dict:
+def text_retrieval_sets(cfg, encode, texts) -> dict:
+    """{set: I->T / T->I recalls} over eval.text_retrieval."""
     out = {}
     for name in sorted(cfg.eval.text_retrieval.keys()):
         t = cfg.eval.text_retrieval[name]
@@ -195,7 +196,7 @@ def evaluate(cfg, encode_images: Callable, texts: Optional[TextSide]) -> dict:
     """All of eval's test sets for one image tower (module doc)."""
     retrieval, universal = _retrieval(encode_images, cfg)
     results = dict(retrieval=retrieval, universal=universal,
-                   text_retrieval=_text_retrieval(encode_images, texts, cfg),
+                   text_retrieval=text_retrieval_sets(cfg, encode_images, texts),
                    zero_shot=_zero_shot(encode_images, texts, cfg))
     results["headline"] = headline(results, cfg)
     return results
