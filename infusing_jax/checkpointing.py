@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+import tensorflow as tf
 
 from infusing_jax.data import pipeline
 
@@ -48,11 +49,16 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
     counter: pipeline.SkipCounter
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute; a URL (gs://bucket/run) as it is."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 def manager(workdir: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
     """Periodic checkpoints of state + data, the last `keep` kept."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+    return ocp.CheckpointManager(os.path.join(absolute(workdir), "checkpoints"),
                                  options=options, item_names=("state", "data"))
 
 
@@ -60,7 +66,7 @@ def best_manager(workdir: str) -> ocp.CheckpointManager:
     """The best parameters by the validation score (metrics {'score': ...}, higher is better)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
                                            best_fn=lambda m: m["score"], best_mode="max")
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best"),
+    return ocp.CheckpointManager(os.path.join(absolute(workdir), "best"),
                                  options=options, item_names=("params", "metrics"))
 
 
@@ -101,10 +107,11 @@ def restore_item(mngr: ocp.CheckpointManager, step: int, item: str):
 
 
 def write_json(path: str, obj) -> None:
-    """Process 0 writes `obj` as JSON (atomically: a reader never sees half a file)."""
+    """Process 0 writes `obj` as JSON (atomically: a reader never sees half a file);
+    local paths and gs:// alike (tf.io.gfile)."""
     if jax.process_index() != 0:
         return
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True))
+    tf.io.gfile.rename(tmp, path, overwrite=True)

@@ -21,6 +21,7 @@ import sys
 
 import jax
 import numpy as np
+import tensorflow as tf
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -90,7 +91,7 @@ def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
     curve = {0.0: "pretrained", 1.0: "fine-tuned", **{a: f"wise_ft@{a:g}" for a in alphas}}
     results["wise_ft"] = [dict(alpha=a, **results["models"][name]["headline"])
                           for a, name in sorted(curve.items()) if name in results["models"]]
-    os.makedirs(workdir, exist_ok=True)
+    tf.io.gfile.makedirs(workdir)
     checkpointing.write_json(os.path.join(workdir, "results.json"), results)
     return results
 

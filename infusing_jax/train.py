@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tensorflow as tf
 import tqdm
 from absl import logging
 from flax.metrics import tensorboard
@@ -135,7 +136,7 @@ def teacher_descriptors(cfg, split, name: str, encode, fingerprint: str, workdir
     where = f"config.domains.{name}.teacher_descriptors"
     if not path:
         path = os.path.join(workdir, "teacher", f"{name}.npz")
-        if not os.path.exists(path) and not os.path.exists(teacher_lib.part_path(
+        if not tf.io.gfile.exists(path) and not tf.io.gfile.exists(teacher_lib.part_path(
                 path, jax.process_index(), jax.process_count())):
             family, size = cfg.model.family, cfg.model.image_size
             desc, skipped = teacher_lib.extract(
@@ -253,7 +254,7 @@ def _host_batch(batch) -> dict:
 def train_and_evaluate(cfg, workdir: str) -> dict:
     """Train (or resume) the run in `workdir`; -> the run summary (also train_summary.json)."""
     config_lib.validate(cfg)
-    os.makedirs(workdir, exist_ok=True)
+    tf.io.gfile.makedirs(workdir)
     checkpointing.write_json(os.path.join(workdir, "config.json"),
                              json.loads(cfg.to_json_best_effort()))
     names = config_lib.ordered_domains(cfg)
@@ -408,12 +409,12 @@ def test(cfg, workdir: str, embed, pretrained, state, best, writer) -> None:
 def _forget_logs_after(workdir: str, step: int):
     """Drop metrics.jsonl lines past `step` (written after the checkpoint a run resumes from)."""
     path = os.path.join(workdir, "metrics.jsonl")
-    if jax.process_index() != 0 or not os.path.exists(path):
+    if jax.process_index() != 0 or not tf.io.gfile.exists(path):
         return
-    with open(path) as f:
+    with tf.io.gfile.GFile(path) as f:
         lines = [line for line in f if json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(lines)
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write("".join(lines))
 
 
 def _write_scalars(writer, workdir: str, step: int, scalars: dict):
@@ -423,5 +424,5 @@ def _write_scalars(writer, workdir: str, step: int, scalars: dict):
     for k, v in scalars.items():
         writer.scalar(k, v, step)
     writer.flush()
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    with tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(dict(step=step, **{k: float(v) for k, v in scalars.items()})) + "\n")

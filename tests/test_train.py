@@ -267,3 +267,21 @@ def test_ewc_refuses_a_zero_fisher(world, tmp_path):
     c.domains.generic.losses.__delattr__("anchoring")
     with pytest.raises(ValueError, match="losses.ewc: the Fisher is zero"):
         train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_workdir_files_work_on_non_local_filesystems():
+    """gs:// workdirs: everything but Orbax goes through tf.io.gfile; TF's ram:// stands in."""
+    import tensorflow as tf
+    from infusing_jax import checkpointing
+    from infusing_jax.data import teacher
+    root = "ram://workdir_test"
+    checkpointing.write_json(f"{root}/config.json", {"a": 1})
+    with tf.io.gfile.GFile(f"{root}/config.json") as f:
+        assert json.loads(f.read()) == {"a": 1}
+    d = teacher.Descriptors(np.array(["x", "y"]), np.eye(2, dtype=np.float32), "m")
+    teacher.save(f"{root}/teacher/t.npz", d)  # (ram://'s exists() matches prefixes: no parts)
+    back = teacher.load(f"{root}/teacher/t.npz")
+    assert back.ids.tolist() == ["x", "y"] and back.model == "m"
+    np.testing.assert_array_equal(back.embeddings, d.embeddings)
+    assert checkpointing.absolute("gs://bucket/run") == "gs://bucket/run"
+

@@ -194,15 +194,15 @@ def save_iterator(iterator, counter: SkipCounter, directory: str, process_index:
     """Write the tf.data iterator state and the skip counts of this process."""
     prefix = os.path.join(directory, f"data_process_{process_index}")
     tf.train.Checkpoint(iterator=iterator).write(prefix)
-    with open(prefix + ".skips.json", "w") as f:
-        json.dump(counter.state(), f)
+    with tf.io.gfile.GFile(prefix + ".skips.json", "w") as f:
+        f.write(json.dumps(counter.state()))
 
 
 def restore_iterator(iterator, counter: SkipCounter, directory: str, process_index: int = 0):
     """Restore what `save_iterator` wrote into a freshly built iterator of the same pipeline."""
     prefix = os.path.join(directory, f"data_process_{process_index}")
-    if not os.path.exists(prefix + ".skips.json"):
+    if not tf.io.gfile.exists(prefix + ".skips.json"):
         raise FileNotFoundError(f"{prefix}: no saved input-pipeline state")
     tf.train.Checkpoint(iterator=iterator).read(prefix).assert_consumed()
-    with open(prefix + ".skips.json") as f:
-        counter.restore(json.load(f))
+    with tf.io.gfile.GFile(prefix + ".skips.json") as f:
+        counter.restore(json.loads(f.read()))

@@ -6,8 +6,8 @@ during training. A descriptor file records a fingerprint of the model that made
 it; a file from another model, or one that lacks ids the split has, is an error.
 """
 import dataclasses
-import glob
 import hashlib
+import io
 import os
 import sys
 
@@ -76,20 +76,25 @@ def part_path(path: str, process_index: int, process_count: int) -> str:
 
 
 def save(path: str, descriptors: Descriptors):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:  # np.savez would append '.npz' to a part's name
-        np.savez(f, ids=descriptors.ids, embeddings=descriptors.embeddings,
-                 model=np.asarray(descriptors.model))
+    """An .npz at `path`, local or gs:// (built in memory: object stores cannot seek)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, ids=descriptors.ids, embeddings=descriptors.embeddings,
+             model=np.asarray(descriptors.model))
+    tf.io.gfile.makedirs(os.path.dirname(path) or ".")
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(buffer.getvalue())
 
 
 def load(path: str) -> Descriptors:
     """The file at `path`, or all of its per-process parts, merged."""
-    files = [path] if os.path.exists(path) else sorted(glob.glob(path + ".part*-of-*"))
+    files = ([path] if tf.io.gfile.exists(path)
+             else sorted(tf.io.gfile.glob(path + ".part*-of-*")))
     if not files:
         raise FileNotFoundError(f"{path}: no teacher descriptors (nor parts {path}.partN-of-M)")
     parts = []
     for f in files:
-        with np.load(f, allow_pickle=False) as npz:
+        with tf.io.gfile.GFile(f, "rb") as fh, np.load(io.BytesIO(fh.read()),
+                                                       allow_pickle=False) as npz:
             parts.append(Descriptors(npz["ids"], npz["embeddings"], str(npz["model"])))
     models = {p.model for p in parts}
     if len(models) > 1:

@@ -1,0 +1,162 @@
+"""Exact cosine k-nearest neighbours, blockwise, with the index sharded over devices.
+
+score(i, j) = <q_i, x_j> / (|q_i| |x_j|): rows are L2-normalised here (the index
+on the host, shard by shard), so any embeddings may be passed. Matmuls run in
+true float32 (precision HIGHEST).
+
+Queries go `block_size` at a time; the index is split by rows over a 1-D device
+mesh. Per block each device scores its shard, a (B, N / devices) slab, keeps its
+k best, and the devices' k-lists are merged: the (Q, N) matrix never exists.
+Memory per device: its index shard plus one or two slabs.
+
+Selection in a slab is exact in two steps: its columns are cut into groups of
+GROUP consecutive rows. A group holding one of the k best scores has its maximum
+among the k best too, so the k groups with the largest maxima hold all k best
+scores; top-k then runs on those k * GROUP scores only.
+
+Ties go to the lowest index row. A query never retrieves an index row with the
+same id (itself, when the queries are in the index), whatever its rank.
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+GROUP = 16
+SLAB_BYTES = 2 ** 28  # a (B, N / devices) float32 score slab; sets the default block_size
+_NO_ID = -2  # query id when there is nothing to leave out; index padding rows have id -1
+_EPS = 1e-12
+
+
+def shared_ids(query_ids, index_ids):
+    """Ids of any dtype (str, int) -> (query (Q,), index (N,)) int32, equal ids -> equal ints."""
+    query_ids, index_ids = np.asarray(query_ids), np.asarray(index_ids)
+    _, codes = np.unique(np.concatenate([query_ids, index_ids]), return_inverse=True)
+    codes = codes.reshape(-1).astype(np.int32)
+    return codes[:len(query_ids)], codes[len(query_ids):]
+
+
+def default_mesh() -> Mesh:
+    """All devices on one axis."""
+    return Mesh(np.asarray(jax.devices()), ("index",))
+
+
+def default_block_size(num_queries: int, shard_rows: int) -> int:
+    """Queries per block: a power of two with a SLAB_BYTES slab, in [8, 1024], not above Q."""
+    block = 2 ** int(math.log2(max(SLAB_BYTES // (4 * shard_rows), 8)))
+    return int(min(block, 1024, 8 * math.ceil(num_queries / 8)))
+
+
+def knn(queries, index, k: int, *, query_ids=None, index_ids=None, block_size: int = None,
+        mesh: Mesh = None):
+    """The k index rows most similar (cosine) to each query.
+
+    queries (Q, D), index (N, D): host arrays. query_ids (Q,), index_ids (N,): optional
+    ids of any dtype; index row j is never a neighbour of query i if their ids are equal.
+    mesh: a 1-D mesh to shard the index over (default: all devices).
+    Returns scores (Q, k) float32, descending, and neighbours (Q, k) int64 rows of
+    `index`, ties to the lowest row; -1 with score -inf where fewer than k rows qualify.
+    """
+    queries, index = np.asarray(queries), np.asarray(index)
+    if queries.ndim != 2 or index.ndim != 2 or queries.shape[1] != index.shape[1]:
+        raise ValueError(f"knn: queries {queries.shape} and index {index.shape} must be "
+                         "(Q, D) and (N, D)")
+    if not len(queries) or not len(index) or k < 1:
+        raise ValueError(f"knn: {len(queries)} queries, {len(index)} index rows, k={k}: "
+                         "each must be positive")
+    if (query_ids is None) != (index_ids is None):
+        raise ValueError("knn: give query_ids and index_ids together, or neither")
+    if query_ids is None:
+        qids, iids = np.full(len(queries), _NO_ID, np.int32), np.arange(len(index), dtype=np.int32)
+        own = 0
+    else:
+        qids, iids = shared_ids(query_ids, index_ids)
+        own = int(np.bincount(iids, minlength=qids.max() + 1)[qids].max())
+    mesh = mesh or default_mesh()
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"knn: mesh axes {mesh.axis_names}: give a 1-D mesh")
+    devices = mesh.devices.size
+    shard = GROUP * math.ceil(max(math.ceil(len(index) / devices), k) / GROUP)
+    x, ids = _sharded_index(index, iids, shard * devices, mesh)
+    block = block_size or default_block_size(len(queries), shard)
+
+    replicated = NamedSharding(mesh, P())
+    scores, rows = [], []
+    for start in range(0, len(queries), block):
+        q = np.zeros((block, queries.shape[1]), np.float32)
+        qid = np.full(block, _NO_ID, np.int32)
+        q[:len(queries) - start] = queries[start:start + block]
+        qid[:len(queries) - start] = qids[start:start + block]
+        s, r = jax.device_get(_block_knn(jax.device_put(q, replicated),
+                                         jax.device_put(qid, replicated), x, ids,
+                                         k=k, own=own, mesh=mesh))
+        scores.append(s)
+        rows.append(r)
+    scores = np.concatenate(scores)[:len(queries)]
+    rows = np.concatenate(rows)[:len(queries)].astype(np.int64)
+    return scores, np.where(np.isneginf(scores), -1, rows)
+
+
+def _sharded_index(index, ids, rows, mesh):
+    """The L2-normalised index (zero rows past N) and its ids (-1 past N), `rows` rows
+    split over the mesh, built one shard at a time."""
+    sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
+
+    def embeddings(part):
+        start, stop, _ = part[0].indices(rows)
+        out = np.zeros((stop - start, index.shape[1]), np.float32)
+        block = index[start:stop]
+        out[:len(block)] = block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), _EPS)
+        return out
+
+    def index_ids(part):
+        start, stop, _ = part[0].indices(rows)
+        out = np.full(stop - start, -1, np.int32)
+        out[:len(ids[start:stop])] = ids[start:stop]
+        return out
+
+    return (jax.make_array_from_callback((rows, index.shape[1]), sharding, embeddings),
+            jax.make_array_from_callback((rows,), sharding, index_ids))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "own", "mesh"))
+def _block_knn(q, qid, x, ids, *, k, own, mesh):
+    """(B, D) queries -> (B, k) scores and global index rows, merged over the mesh."""
+    q = q / jnp.maximum(jnp.linalg.norm(q, axis=1, keepdims=True), _EPS)
+    axis = mesh.axis_names[0]
+    shards = jax.shard_map(functools.partial(_shard_top_k, k=k, own=own, axis=axis), mesh=mesh,
+                           in_specs=(P(), P(), P(axis), P(axis)), out_specs=P(None, axis))
+    scores, rows = shards(q, qid, x, ids)  # (B, devices * k), devices in row order
+    scores, best = lax.top_k(scores, k)  # stable: equal scores keep the lower row first
+    rows = jnp.take_along_axis(rows, best, axis=1)
+    return lax.with_sharding_constraint((scores, rows), NamedSharding(mesh, P()))
+
+
+def _shard_top_k(q, qid, x, ids, *, k, own, axis):
+    """The k best of this device's rows: (B, k) scores, descending, and global rows.
+
+    Group maxima are taken before leaving rows out, so up to `own` groups (holding an
+    index row with the query's id) and one (the last with real rows) may rank too high:
+    k + own + 1 groups hold the k best.
+    """
+    b, n = q.shape[0], x.shape[0]
+    scores = jnp.matmul(q, x.T, precision=lax.Precision.HIGHEST)
+    groups = k + 1
+    if groups * GROUP < n:
+        maxima = scores.reshape(b, n // GROUP, GROUP).max(axis=2)
+        padding = ids.reshape(n // GROUP, GROUP)[:, 0] < 0  # padding rows come last
+        maxima = jnp.where(padding[None, :], -jnp.inf, maxima)
+        top = jnp.sort(lax.top_k(maxima, groups)[1], axis=1)  # ascending rows: stable ties
+        rows = (top[:, :, None] * GROUP + jnp.arange(GROUP)).reshape(b, groups * GROUP)
+        scores = jnp.take_along_axis(scores, rows, axis=1)
+    else:
+        rows = jnp.broadcast_to(jnp.arange(n), (b, n))
+    left_out = (ids[rows] == qid[:, None]) | (ids[rows] < 0)
+    scores, best = lax.top_k(jnp.where(left_out, -jnp.inf, scores), k)
+    return scores, jnp.take_along_axis(rows, best, axis=1) + lax.axis_index(axis) * n
