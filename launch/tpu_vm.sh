@@ -28,13 +28,14 @@
 # where pip falls back to an older jax: pass --python=python3.11 if the image has it.
 #
 # Storage: on a pod slice (more than one host) every worker writes its shards of the same
-# Orbax checkpoint, so --workdir must be one directory that all workers see: a Cloud Storage
+# Orbax checkpoint, so --workdir must be one directory that all workers see: a gs:// URL
+# (Orbax writes it; logs, JSON, input-pipeline state and teacher descriptors go through
+# tf.io.gfile; not exercised offline, where there is no Cloud Storage), a Cloud Storage
 # bucket mounted with gcsfuse at the same path on every worker (Orbax renames its temporary
 # checkpoint directories: mount with --rename-dir-limit, or use a hierarchical-namespace
-# bucket), or a Filestore / NFS mount. gs:// URLs are refused for now: infusing_jax's
-# checkpointing and logging code uses plain os / open() paths. The model checkpoint and
-# UnED data (data=, checkpoints= of configs/*.py) must also be readable on every worker;
-# TFDS data (data.data_dir) may be gs://.
+# bucket), or a Filestore / NFS mount. The model checkpoint and UnED data (data=,
+# checkpoints= of configs/*.py) must be readable on every worker as local or mounted
+# paths; TFDS data (data.data_dir) may be gs://.
 #
 # Example:
 #   bash launch/tpu_vm.sh --name=sop --accelerator=v4-32 --workdir=/mnt/gcs/runs/sop_full \
@@ -75,10 +76,6 @@ done
 [[ -n $NAME ]] || die "--name=NAME is required"
 [[ -n $CONFIG ]] || die "--config=CONFIG is required"
 [[ -n $WORKDIR ]] || die "--workdir=DIR is required"
-if [[ $WORKDIR == gs://* ]]; then
-  die "--workdir=$WORKDIR: gs:// is not supported yet (checkpointing and logs use local paths);" \
-    "mount the bucket with gcsfuse at the same path on every worker and pass that path"
-fi
 
 # Flags for every gcloud call on this TPU.
 TPU=(--zone="$ZONE")

@@ -195,12 +195,11 @@ def test_tpu_vm_git_clone_instead_of_copy(tmp_path):
     assert "archive" not in result.stdout
 
 
-def test_tpu_vm_refuses_gs_workdir(tmp_path):
+def test_tpu_vm_passes_a_gs_workdir_to_every_worker(tmp_path):
     args = [a for a in TPU_ARGS if not a.startswith("--workdir")]
     result, log = _run(tmp_path, "tpu_vm.sh", *args, "--workdir=gs://bucket/run", "--dry-run")
-    assert result.returncode == 2
-    assert "gs:// is not supported" in result.stderr and "gcsfuse" in result.stderr
-    assert result.stdout == "" and log == ""
+    assert result.returncode == 0 and log == ""
+    assert "--workdir=gs://bucket/run --distributed" in result.stdout
 
 
 @pytest.mark.parametrize("fail", [False, True])
