@@ -194,7 +194,7 @@ def _validate_loss(cfg, kind: str, where: str, one_domain_per_batch: bool):
     if kind == "logit_kl" and not set(CLASSIFIERS) & set(cfg.losses.keys()):
         _err(where, "logit_kl distils the logits of the domain's classifier; add a "
              f"classifier loss ({', '.join(CLASSIFIERS)}) to the domain")
-    if kind in CLASSIFIERS and not _num(l.scale) or kind in CLASSIFIERS and l.scale <= 0:
+    if kind in CLASSIFIERS and (not _num(l.scale) or l.scale <= 0):
         _err(f"{where}.scale", f"must be a number > 0, got {l.scale!r}")
     if kind == "anchoring" and l.reduction not in ("mean_per_tensor", "sum"):
         _err(f"{where}.reduction", f"must be 'mean_per_tensor' or 'sum', got {l.reduction!r}")
