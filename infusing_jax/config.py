@@ -8,7 +8,8 @@ A run config (an ml_collections ConfigDict; configs/*.py return one):
                   tests and the toy world), image_size (the training resolution;
                   position embeddings are resampled), act (open_clip CLIP only),
                   scan, remat_policy, dtype (compute), param_dtype (master weights)
-  data            data_dir, batch_size (global), mix, one_domain_per_batch,
+  data            data_dir (the TFDS data folder, for tfds: sources without their own
+                  data_dir), batch_size (global), mix, one_domain_per_batch,
                   shuffle_buffer, resize (train squash size; 0 = size * 256 / 224),
                   num_shards (0 = one per process; fix it to make the batches the
                   same whatever the number of hosts, see data/pipeline.py)
@@ -154,6 +155,14 @@ def default_config() -> ml_collections.ConfigDict:
         text_retrieval=ml_collections.ConfigDict(),  # name -> text_test(...)
         zero_shot=ml_collections.ConfigDict()))      # name -> zero_shot_test(...)
     return c
+
+
+def data_dir(cfg, entry) -> str:
+    """Where a domain's or test set's source reads from: its own data_dir (UnED / folder /
+    captions image root, or a TFDS folder), else data.data_dir for tfds: sources."""
+    if entry.data_dir:
+        return entry.data_dir
+    return cfg.data.data_dir if entry.source.startswith("tfds:") and cfg.data.data_dir else None
 
 
 def ordered_domains(cfg) -> list:

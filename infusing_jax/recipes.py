@@ -13,8 +13,15 @@ authors ran SigLIP and TIPS only).
 Where the files go (DATA and CKPT are the `data` and `checkpoints` arguments):
   DATA/uned/<name>/{train,val,test[,index]}.json + images   UnED splits (the authors')
   DATA/tfds/                                               TFDS data_dir (imagenet2012, food101)
+  DATA/flickr30k/dataset_flickr30k.json, flickr30k-images/  Karpathy's test split (text)
+  DATA/coco/dataset_coco.json, val2014/                    Karpathy's COCO test split (text)
   CKPT/webli_en_b16_224_63724782.npz                       SigLIP B/16 (gs://big_vision)
-  CKPT/clip-vit-base-patch16/                              CLIP B/16 (HF save_pretrained dir)
+  CKPT/c4_en.model                                         its sentencepiece tokenizer
+  CKPT/clip-vit-base-patch16/                              CLIP B/16 (HF save_pretrained dir,
+                                                           with vocab.json + merges.txt)
+Test sets (eval): the target's own test split (UnED: its test queries against its
+index / gallery), ImageNet's official val (generic, image->image), Flickr30k and
+COCO image<->text with the frozen text tower, ImageNet zero-shot.
 """
 import os
 
@@ -37,6 +44,7 @@ CHECKPOINTS = {
     "siglip": "webli_en_b16_224_63724782.npz:img",
     "clip": "clip-vit-base-patch16",
 }
+TOKENIZERS = {"siglip": "c4_en.model", "clip": "clip-vit-base-patch16"}
 BATCH, EPOCHS = 128, 3
 LAMBDA_DISTILL, LAMBDA_ANCHOR = 1000.0, 1e5
 
@@ -83,7 +91,21 @@ def paper_config(target: str, method: str = "full", family: str = "siglip",
     c.train.eval_every = 2000
     c.train.checkpoint_every = 1000
     c.train.select_by = "all" if method == "full" else "in-domain"
+    add_test_sets(c, target, spec.format(data=data), data)
+    c.eval.tokenizer = os.path.join(checkpoints, TOKENIZERS[family])
     return c
+
+
+def add_test_sets(c, target: str, target_spec: str, data: str) -> None:
+    """The paper's test sets (module doc) into c.eval."""
+    c.eval.retrieval[target] = config_lib.retrieval_test(target_spec, role="target")
+    c.eval.retrieval.imagenet = config_lib.retrieval_test("tfds:imagenet2012", role="generic")
+    c.eval.text_retrieval.flickr30k = config_lib.text_test(
+        f"captions:{data}/flickr30k/dataset_flickr30k.json:test",
+        data_dir=f"{data}/flickr30k/flickr30k-images")
+    c.eval.text_retrieval.coco = config_lib.text_test(
+        f"captions:{data}/coco/dataset_coco.json:test", data_dir=f"{data}/coco")
+    c.eval.zero_shot.imagenet = config_lib.zero_shot_test("tfds:imagenet2012", split="test")
 
 
 def config_file(target: str, arg) -> ml_collections.ConfigDict:

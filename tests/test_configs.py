@@ -47,6 +47,9 @@ def test_every_config_validates(path, arg):
         assert generic.val_seed == 42 and generic.losses.feature_mse.weight == 1000
         assert target.losses.anchoring.weight == generic.losses.anchoring.weight == 1e5
         assert c.train.select_by == "all"
+    assert set(c.eval.retrieval.keys()) == {names[0], "imagenet"}
+    assert c.eval.retrieval.imagenet.role == "generic" and c.eval.tokenizer
+    assert set(c.eval.text_retrieval.keys()) == {"flickr30k", "coco"}
     if "family=clip" in arg:
         assert c.model.family == "clip" and c.model.checkpoint.startswith("/c/")
 
@@ -61,3 +64,10 @@ def test_a_bad_argument_and_missing_files_give_one_line_errors(tmp_path):
     assert run.returncode == 1
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("error: config.model.checkpoint: ") and str(tmp_path) in last
+
+
+def test_data_dir_reaches_only_tfds_sources():
+    c = _load(os.path.join(REPO, "configs", "sop.py"), "data=/d")
+    assert config_lib.data_dir(c, c.domains.imagenet) == "/d/tfds"
+    assert config_lib.data_dir(c, c.domains.sop) is None  # uned: its images are beside it
+    assert config_lib.data_dir(c, c.eval.text_retrieval.flickr30k) == "/d/flickr30k/flickr30k-images"

@@ -27,7 +27,7 @@ def load(cfg, name: str) -> DomainSplits:
     d = cfg.domains[name]
     where = f"config.domains.{name}"
     try:
-        source = sources.load_source(d.source, d.data_dir or cfg.data.data_dir or None)
+        source = sources.load_source(d.source, config_lib.data_dir(cfg, d))
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ValueError(f"{where}.source: {e}") from None
     if d.train_split not in source.splits:

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from infusing_jax import checkpoints
+from infusing_jax import config as config_lib
 from infusing_jax import tokenizers
 from infusing_jax.data import preprocess
 from infusing_jax.data import sources
@@ -70,7 +71,7 @@ def load_text_side(cfg) -> Optional[TextSide]:
 
 def _source(test, cfg, where: str):
     try:
-        return sources.load_source(test.source, test.data_dir or cfg.data.data_dir or None)
+        return sources.load_source(test.source, config_lib.data_dir(cfg, test))
     except (ValueError, FileNotFoundError, OSError) as err:
         raise ValueError(f"config.eval.{where}.source: {err}") from None
 
@@ -162,7 +163,7 @@ def _zero_shot(encode, texts, cfg) -> dict:
             if kind != "tfds":
                 raise ValueError(f"config.eval.{where}.class_names: {t.source} has no class "
                                  "names of its own; give a file with one name per line")
-            names = prompts.tfds_class_names(dataset.split(":")[0], t.data_dir or None)
+            names = prompts.tfds_class_names(dataset.split(":")[0], config_lib.data_dir(cfg, t))
         templates = prompts.check_templates(t.templates) if t.templates else prompts.templates(
             t.source.partition(":")[2].split(":")[0])
         view = preprocess.eval_fn(cfg.model.family, cfg.model.image_size)
