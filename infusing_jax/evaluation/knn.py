@@ -111,8 +111,8 @@ def _sharded_index(index, ids, rows, mesh):
     def embeddings(part):
         start, stop, _ = part[0].indices(rows)
         out = np.zeros((stop - start, index.shape[1]), np.float32)
-        block = index[start:stop]
-        out[:len(block)] = block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), _EPS)
+        out[:len(index[start:stop])] = index[start:stop]
+        out /= np.maximum(np.sqrt(np.einsum("nd,nd->n", out, out)), _EPS)[:, None]
         return out
 
     def index_ids(part):
@@ -147,7 +147,7 @@ def _shard_top_k(q, qid, x, ids, *, k, own, axis):
     """
     b, n = q.shape[0], x.shape[0]
     scores = jnp.matmul(q, x.T, precision=lax.Precision.HIGHEST)
-    groups = k + 1
+    groups = k + own + 1
     if groups * GROUP < n:
         maxima = scores.reshape(b, n // GROUP, GROUP).max(axis=2)
         padding = ids.reshape(n // GROUP, GROUP)[:, 0] < 0  # padding rows come last

@@ -26,7 +26,7 @@ import numpy as np
 
 from infusing_jax.evaluation import knn as knn_lib
 
-MAX_RANK = 1000
+MAX_RANK = 1000  # deepest ranking fetched for MAP@R
 _CHUNK = 8192  # queries per step of the per-query metrics, to bound memory
 
 
@@ -73,12 +73,13 @@ def retrieval_metrics(queries, query_labels, index=None, index_labels=None, k: i
                       query_ids=None, index_ids=None, query_domains=None, index_domains=None,
                       query_coarse_labels=None, index_coarse_labels=None, separate=False,
                       max_rank: int = MAX_RANK, block_size: int = None, mesh=None) -> dict:
-    """Exact cosine kNN of queries (Q, D) in index (N, D), scored as in the module doc.
+    """Exact cosine kNN of queries (Q, D) in index (N, D) -> the module doc's report.
 
     Labels, ids, domains, coarse labels: (Q,) / (N,) arrays of any dtype. Without an
     index the queries are their own index, each one left out by its id (ids default
-    to the row number). With domains a hit needs domain and label to match; the
-    index is merged over domains, or one per domain with `separate`.
+    to the row number). With ids, an index row with the query's id is never its
+    neighbour. With domains a hit needs domain and label to match; the index is
+    merged over domains, or one per domain with `separate`. block_size, mesh: knn's.
     """
     if index is None:
         given = (index_labels, index_ids, index_domains, index_coarse_labels)
@@ -87,6 +88,7 @@ def retrieval_metrics(queries, query_labels, index=None, index_labels=None, k: i
         query_ids = np.arange(len(queries)) if query_ids is None else query_ids
         index, index_labels, index_ids = queries, query_labels, query_ids
         index_domains, index_coarse_labels = query_domains, query_coarse_labels
+    queries, index = np.asarray(queries), np.asarray(index)
     pairs = dict(labels=(query_labels, index_labels), ids=(query_ids, index_ids),
                  domains=(query_domains, index_domains),
                  coarse_labels=(query_coarse_labels, index_coarse_labels))
