@@ -7,6 +7,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from conftest import one_line_error
 from infusing_jax.data import splits as splits_lib
 from infusing_jax.data.sources import Roles, load_source
 
@@ -26,15 +27,6 @@ def _write_image(path, seed=0):
     pixels = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
 
-
-def _one_line_error(fn, *words):
-    with pytest.raises(ValueError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message
-    for word in words:
-        assert word in message
-    return message
 
 
 # ---------------------------------------------------------------------------- TFDS, mocked
@@ -179,17 +171,17 @@ def test_tfds_inat_from_prepared_files(tmp_path):
     assert (test.num_examples, test.num_classes, test.num_coarse_classes) == (2, 10000, 11)
     assert [(ex["label"], ex["coarse_label"]) for ex in examples] == [(9000, 0), (9001, 1)]
     assert examples[0]["id"].startswith(b"i_naturalist2021-val.tfrecord")
-    _one_line_error(lambda: load_source("tfds:i_naturalist2021", data_dir=str(tmp_path / "no")),
+    one_line_error(lambda: load_source("tfds:i_naturalist2021", data_dir=str(tmp_path / "no")),
                     "tfds:i_naturalist2021", str(tmp_path / "no"))
 
 
 def test_tfds_missing_data(prepared_cars):
-    _one_line_error(lambda: load_source("tfds:food101", data_dir=prepared_cars),
+    one_line_error(lambda: load_source("tfds:food101", data_dir=prepared_cars),
                     "tfds:food101", prepared_cars, "tfds build food101")
 
 
 def test_tfds_unknown_dataset():
-    message = _one_line_error(lambda: load_source("tfds:mnist"), "tfds:mnist")
+    message = one_line_error(lambda: load_source("tfds:mnist"), "tfds:mnist")
     assert "cars196" in message and "coco_captions" in message
 
 
@@ -226,9 +218,9 @@ def test_folder_split_subfolders(tmp_path):
 
 
 def test_folder_errors(tmp_path):
-    _one_line_error(lambda: load_source(f"folder:{tmp_path}/missing"), "missing")
+    one_line_error(lambda: load_source(f"folder:{tmp_path}/missing"), "missing")
     (tmp_path / "empty_class").mkdir()
-    _one_line_error(lambda: load_source(f"folder:{tmp_path}"), str(tmp_path), "no images")
+    one_line_error(lambda: load_source(f"folder:{tmp_path}"), str(tmp_path), "no images")
 
 
 # ---------------------------------------------------------------------------- UnED
@@ -274,11 +266,11 @@ def test_uned_without_index_and_default_root(tmp_path):
 
 
 def test_uned_errors(tmp_path):
-    _one_line_error(lambda: load_source(f"uned:{tmp_path}"), str(tmp_path), "train.json")
+    one_line_error(lambda: load_source(f"uned:{tmp_path}"), str(tmp_path), "train.json")
     (tmp_path / "test.json").write_text(json.dumps([{"path": "a.jpg", "class_id": [1, 2]}]))
-    _one_line_error(lambda: load_source(f"uned:{tmp_path}"), "multi-label")
+    one_line_error(lambda: load_source(f"uned:{tmp_path}"), "multi-label")
     (tmp_path / "test.json").write_text("[]")
-    _one_line_error(lambda: load_source(f"uned:{tmp_path}"), "test.json", "no records")
+    one_line_error(lambda: load_source(f"uned:{tmp_path}"), "test.json", "no records")
 
 
 # ---------------------------------------------------------------------------- captions
@@ -315,8 +307,8 @@ def test_captions_karpathy_layout(tmp_path):
     examples = _examples(source.split("test").dataset(0, 1))
     assert [ex["id"] for ex in examples] == [b"val2014/x.jpg"]
     assert list(examples[0]["captions"]) == [b"A dog.", b"Dog."]
-    _one_line_error(lambda: load_source(f"captions:{tmp_path}/dataset_coco.json:val"), "'val'")
-    _one_line_error(lambda: load_source(f"captions:{tmp_path}/none.json"), "none.json")
+    one_line_error(lambda: load_source(f"captions:{tmp_path}/dataset_coco.json:val"), "'val'")
+    one_line_error(lambda: load_source(f"captions:{tmp_path}/none.json"), "none.json")
 
 
 # ---------------------------------------------------------------------------- sharding, splits
@@ -370,7 +362,7 @@ def test_holdout_exact_count_on_files(ten_classes):
 
 
 def test_split_errors(ten_classes, tmp_path):
-    _one_line_error(lambda: splits_lib.holdout(ten_classes, fraction=1.5), "fraction")
-    _one_line_error(lambda: load_source("nope:x"), "nope:x", "tfds:NAME")
+    one_line_error(lambda: splits_lib.holdout(ten_classes, fraction=1.5), "fraction")
+    one_line_error(lambda: load_source("nope:x"), "nope:x", "tfds:NAME")
     source = load_source(f"folder:{tmp_path}")  # the folder of ten_classes
-    _one_line_error(lambda: source.split("test"), "'test'", "train")
+    one_line_error(lambda: source.split("test"), "'test'", "train")

@@ -16,7 +16,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from conftest import TEXT_LEN, random_params, tiny_config
+from conftest import TEXT_LEN, one_line_error, random_params, tiny_config
 from infusing_jax import models
 from infusing_jax import tokenizers
 from infusing_jax.data import preprocess
@@ -69,14 +69,6 @@ def _captioned(num_images, seed=0, most=4):
     owner = np.repeat(np.arange(num_images), rng.integers(1, most + 1, num_images))
     return rng.permutation(owner)
 
-
-def _one_line_error(fn, *words):
-    with pytest.raises(ValueError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message
-    for word in words:
-        assert word in message, message
 
 
 # ---------------------------------------------------------------- retrieval metrics
@@ -153,11 +145,11 @@ def test_shuffled_match_gives_chance_values():
 
 def test_recall_errors():
     images, texts = np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32)
-    _one_line_error(lambda: tr.recalls(images, texts, [0, 1, 1]), "image_index", "no text",
+    one_line_error(lambda: tr.recalls(images, texts, [0, 1, 1]), "image_index", "no text",
                     "[2]")
-    _one_line_error(lambda: tr.recalls(images, texts, [0, 1, 3]), "image_index", "3 images")
-    _one_line_error(lambda: tr.recalls(images, texts, [0, 1]), "image_index", "(3,)")
-    _one_line_error(lambda: tr.recalls(images, texts[:, :2], [0, 1, 2]), "(3, 2)")
+    one_line_error(lambda: tr.recalls(images, texts, [0, 1, 3]), "image_index", "3 images")
+    one_line_error(lambda: tr.recalls(images, texts, [0, 1]), "image_index", "(3,)")
+    one_line_error(lambda: tr.recalls(images, texts[:, :2], [0, 1, 2]), "(3, 2)")
 
 
 def test_default_block_size_bounds_the_slab():
@@ -173,12 +165,12 @@ def test_load_text_embeddings(tmp_path):
     assert embeddings.shape == (4, 3) and embeddings.dtype == np.float32
     assert image_index.tolist() == [0, 0, 1, 2]
     np.savez(tmp_path / "bad.npz", embeddings=np.ones((4, 3)))
-    _one_line_error(lambda: tr.load_text_embeddings(tmp_path / "bad.npz"), "bad.npz",
+    one_line_error(lambda: tr.load_text_embeddings(tmp_path / "bad.npz"), "bad.npz",
                     "image_index")
     np.savez(tmp_path / "bad.npz", embeddings=np.ones((4, 3)), image_index=np.zeros(3, int))
-    _one_line_error(lambda: tr.load_text_embeddings(tmp_path / "bad.npz"), "bad.npz", "(M,)")
+    one_line_error(lambda: tr.load_text_embeddings(tmp_path / "bad.npz"), "bad.npz", "(M,)")
     (tmp_path / "x.npz").write_text("nope")
-    _one_line_error(lambda: tr.load_text_embeddings(tmp_path / "x.npz"), "x.npz", "not an .npz")
+    one_line_error(lambda: tr.load_text_embeddings(tmp_path / "x.npz"), "x.npz", "not an .npz")
 
 
 # ---------------------------------------------------------------- zero-shot metrics
@@ -205,7 +197,7 @@ def test_class_embeddings_layout():
     got = zs.class_embeddings(embed, ["dog", "cat"], ["a {}.", "the {}!"])
     assert seen == ["a dog.", "the dog!", "a cat.", "the cat!"]
     np.testing.assert_allclose(got, [[0.5 ** 0.5, 0.5 ** 0.5, 0], [0, 0, 1]], rtol=1e-6)
-    _one_line_error(lambda: zs.class_embeddings(embed, ["dog"], ["a photo"]), "a photo", "{}")
+    one_line_error(lambda: zs.class_embeddings(embed, ["dog"], ["a photo"]), "a photo", "{}")
 
 
 @pytest.mark.parametrize("num_classes", [3, 9])
@@ -223,9 +215,9 @@ def test_top_k_matches_brute_force(num_classes):
 
 
 def test_top_k_errors():
-    _one_line_error(lambda: zs.accuracy(np.eye(3), [0, 1, 3], np.eye(3)), "labels", "[0, 3)")
-    _one_line_error(lambda: zs.accuracy(np.eye(3), [0, 1, -1], np.eye(3)), "labels")
-    _one_line_error(lambda: zs.accuracy(np.eye(3), [0, 1], np.eye(3)), "labels")
+    one_line_error(lambda: zs.accuracy(np.eye(3), [0, 1, 3], np.eye(3)), "labels", "[0, 3)")
+    one_line_error(lambda: zs.accuracy(np.eye(3), [0, 1, -1], np.eye(3)), "labels")
+    one_line_error(lambda: zs.accuracy(np.eye(3), [0, 1], np.eye(3)), "labels")
 
 
 # ---------------------------------------------------------------- prompts and class names
@@ -245,7 +237,7 @@ def test_tfds_class_names_offline():
     assert got["cars196"]["fine"][0] == "AM General Hummer SUV 2000"
     assert prompts.tfds_class_names("imagenet_v2") == got["imagenet2012"]
     assert prompts.tfds_class_names("stanford_online_products")["coarse"][3] == "coffee maker"
-    _one_line_error(lambda: prompts.tfds_class_names("caltech_birds2011"), "caltech_birds2011",
+    one_line_error(lambda: prompts.tfds_class_names("caltech_birds2011"), "caltech_birds2011",
                     "class names file")
 
 
@@ -257,8 +249,8 @@ def test_templates_and_class_name_files(tmp_path):
     (tmp_path / "names.txt").write_text("red car\n  blue bird \n\n")
     assert prompts.read_class_names(tmp_path / "names.txt") == ["red car", "blue bird"]
     (tmp_path / "gap.txt").write_text("a\n\nb\n")
-    _one_line_error(lambda: prompts.read_class_names(tmp_path / "gap.txt"), "gap.txt", "line")
-    _one_line_error(lambda: prompts.read_class_names(tmp_path / "none.txt"), "none.txt")
+    one_line_error(lambda: prompts.read_class_names(tmp_path / "gap.txt"), "gap.txt", "line")
+    one_line_error(lambda: prompts.read_class_names(tmp_path / "none.txt"), "none.txt")
 
 
 # ---------------------------------------------------------------- end to end, tiny model
@@ -359,15 +351,15 @@ def test_text_retrieval_end_to_end(tiny, sp_model, caption_set, tmp_path):
     from_file = tr.evaluate_split(lambda x: tiny["encode_images"](matched, x), split, view,
                                   text_file=tmp_path / "texts.npz", batch_size=4)
     assert from_file == got
-    _one_line_error(lambda: tr.evaluate_split(lambda x: x, split, view), "exactly one")
+    one_line_error(lambda: tr.evaluate_split(lambda x: x, split, view), "exactly one")
 
 
 def test_text_embedder_checks_the_tokenizer(tiny, sp_model):
     long = tokenizers.SigLIPTokenizer(sp_model, 16)
-    _one_line_error(lambda: tr.text_embedder(tiny["cfg"], tiny["params"], long), "seq_len 16",
+    one_line_error(lambda: tr.text_embedder(tiny["cfg"], tiny["params"], long), "seq_len 16",
                     "seq_len=8")
     no_text = tiny_config("siglip", text=False)
-    _one_line_error(lambda: tr.text_embedder(no_text, tiny["params"], long), "model.text")
+    one_line_error(lambda: tr.text_embedder(no_text, tiny["params"], long), "model.text")
 
 
 def _ref_zero_shot(tiny, params, tokenize, images, labels, names, templates):
@@ -402,7 +394,7 @@ def test_zero_shot_end_to_end_with_a_class_names_file(tiny, sp_model, tmp_path):
         assert got == {"fine": pytest.approx(_ref_zero_shot(tiny, params, tokenize, images,
                                                             labels, names, templates))}
     assert got["fine"]["top1"] >= 0.5  # the first image of each class is exactly on its class
-    _one_line_error(lambda: zs.evaluate_split(None, None, split, view, {"fine": names[:3]},
+    one_line_error(lambda: zs.evaluate_split(None, None, split, view, {"fine": names[:3]},
                                               templates), "3 names", "4 classes")
 
 
