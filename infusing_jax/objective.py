@@ -8,7 +8,10 @@ For a batch with examples of domains d (masks m_d, fractions p_d = mean(m_d)):
 over the terms l_i of domain d's config (`config.domains.<d>.losses`). With one
 domain per batch (the authors' way) p_d is 1 for the batch's domain and the
 other domains' terms are skipped (lax.cond), the online teacher included.
-Parameter terms (anchoring, EWC) count once per step whatever the mix.
+Parameter terms (anchoring, EWC) do not depend on the batch: they are computed
+once per step, outside the conds, and weighted like the rest of their domain's
+terms (p_d w_i, over sum_i w_i for 'weighted_average'). The recipes list
+anchoring in every domain with the same weight, so it counts once per step.
 
 Heads (the trainable per-domain parameters): {'classifier' (E, C), 'log_scale'
 () with a trainable scale, 'proxies' (C, E) for proxy-anchor}.
@@ -59,9 +62,8 @@ def _masked_mean(values, mask):
     return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def domain_terms(losses, head: dict, f, batch: dict, mask, backbone, reference, fisher,
-                 embed: Callable) -> dict:
-    """{kind: scalar} for one domain's losses on the examples where `mask` (B,) holds.
+def domain_terms(losses, head: dict, f, batch: dict, mask, reference, embed: Callable) -> dict:
+    """{kind: scalar} for one domain's data losses on the examples where `mask` (B,) holds.
 
     f (B, E): student embeddings; batch['label'] (B,); batch['teacher'] (B, E) and
     batch['has_teacher'] (B,) for a precomputed teacher. embed(backbone, images)
@@ -71,6 +73,8 @@ def domain_terms(losses, head: dict, f, batch: dict, mask, backbone, reference, 
     terms, online = {}, None
     for kind in losses.keys():
         s = losses[kind]
+        if kind in config_lib.PARAMETER:
+            continue
         if kind in config_lib.CLASSIFIERS:
             logits = _classifier_logits(kind, s, head, f, labels)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -101,20 +105,29 @@ def domain_terms(losses, head: dict, f, batch: dict, mask, backbone, reference, 
                 student = _classifier_logits(classifier, losses[classifier], head, f, labels)
                 teacher = _classifier_logits(classifier, losses[classifier], head, f0, labels)
                 terms[kind] = retention.logit_kl(student, teacher, s.temperature, m)
-        elif kind == "anchoring":
-            terms[kind] = retention.anchoring(backbone, reference, s.reduction,
-                                              retention.exclude_prefixes(*s.exclude))
-        elif kind == "ewc":
-            terms[kind] = retention.ewc(backbone, reference, fisher,
-                                        retention.exclude_prefixes(*s.exclude))
     return {k: v.astype(jnp.float32) for k, v in terms.items()}
 
 
-def aggregate(losses, terms: dict, how: str):
-    total = sum(losses[k].weight * terms[k] for k in terms)
+def parameter_term(kind: str, settings, backbone, reference, fisher):
+    """Anchoring or EWC of `backbone` to `reference` (scalar float32)."""
+    include = retention.exclude_prefixes(*settings.exclude)
+    if kind == "anchoring":
+        value = retention.anchoring(backbone, reference, settings.reduction, include)
+    else:
+        value = retention.ewc(backbone, reference, fisher, include)
+    return value.astype(jnp.float32)
+
+
+def normaliser(losses, how: str) -> float:
+    """1, or the sum of the domain's loss weights for 'weighted_average'."""
     if how == "weighted_average":
-        total = total / max(sum(losses[k].weight for k in terms), 1e-12)
-    return total
+        return max(sum(losses[k].weight for k in losses.keys()), 1e-12)
+    return 1.0
+
+
+def aggregate(losses, terms: dict, how: str):
+    """sum_i w_i terms_i / normaliser."""
+    return sum(losses[k].weight * terms[k] for k in terms) / normaliser(losses, how)
 
 
 def make_loss_fn(cfg, names: Sequence[str], embed: Callable) -> Callable:
@@ -126,23 +139,32 @@ def make_loss_fn(cfg, names: Sequence[str], embed: Callable) -> Callable:
     """
     def loss_fn(params, reference, fisher, batch):
         f = embed(params["backbone"], batch["image"]).astype(jnp.float32)
-        total, logged = jnp.zeros((), jnp.float32), {}
+        total, logged, parameter_values = jnp.zeros((), jnp.float32), {}, {}
         for i, name in enumerate(names):
             losses = cfg.domains[name].losses
             mask = batch["domain"] == i
             head = params["heads"].get(name, {})
 
             def compute(losses=losses, head=head, mask=mask):
-                terms = domain_terms(losses, head, f, batch, mask, params["backbone"],
-                                     reference, fisher, embed)
+                terms = domain_terms(losses, head, f, batch, mask, reference, embed)
                 return terms, aggregate(losses, terms, cfg.loss_aggregation)
 
             present = jnp.any(mask)
             shapes = jax.eval_shape(compute)
             terms, value = jax.lax.cond(
                 present, compute, lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-            total += jnp.mean(mask) * value
+            share = jnp.mean(mask)
+            total += share * value
             logged.update({f"{name}/{k}": v for k, v in terms.items()})
+            for kind in [k for k in losses.keys() if k in config_lib.PARAMETER]:
+                s = losses[kind]
+                key = (kind, s.get("reduction"), tuple(s.exclude))
+                if key not in parameter_values:
+                    parameter_values[key] = parameter_term(kind, s, params["backbone"],
+                                                           reference, fisher)
+                value = parameter_values[key]
+                total += share * s.weight / normaliser(losses, cfg.loss_aggregation) * value
+                logged[f"{name}/{kind}"] = jnp.where(present, value, 0.0)
             logged[f"{name}/present"] = present.astype(jnp.float32)
         return total, logged
 

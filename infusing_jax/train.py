@@ -204,8 +204,7 @@ def estimate_fisher(cfg, splits, loss_domain: str, embed, backbone, heads, train
             ex["domain"] = jnp.zeros_like(ex["domain"])
             mask = jnp.ones((1,), bool)
             f = embed(bb, ex["image"]).astype(jnp.float32)
-            terms = objective.domain_terms(data_losses, head, f, ex, mask, bb, backbone, None,
-                                           embed)
+            terms = objective.domain_terms(data_losses, head, f, ex, mask, backbone, embed)
             return objective.aggregate(data_losses, terms, cfg.loss_aggregation)
         return jax.vmap(one)(batch)
 
