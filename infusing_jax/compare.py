@@ -7,6 +7,7 @@ run) and writes to --output:
   comparison.json  {"pretrained": headline, "runs": {run: {"fine-tuned": headline,
                    "change": headline - pretrained, "wise_ft": [{"alpha", ...}]}}}
   comparison.md    the same as a markdown table (changes in points, x100)
+  summary.json     {"pretrained": headline, run: its fine-tuned headline, ...}
   tradeoff.png     in-domain retrieval gain (y) against the out-of-domain change (x):
                    image->image (left) and image<->text (right); WiSE-FT curves as lines
 Changes are against each run's own pretrained numbers.
@@ -67,6 +68,12 @@ def comparison(workdirs, names=None) -> dict:
                 {k: v for k, v in p.items() if k != "alpha"}, pretrained))
                 for p in results.get("wise_ft", [])])
     return out
+
+
+def summary(report: dict) -> dict:
+    """{'pretrained': headline, run: fine-tuned headline}: each model's test numbers."""
+    return {"pretrained": report["pretrained"],
+            **{name: run["fine-tuned"] for name, run in report["runs"].items()}}
 
 
 def _k(headline: dict) -> int:
@@ -130,6 +137,8 @@ def main(argv):
     os.makedirs(FLAGS.output, exist_ok=True)
     with open(os.path.join(FLAGS.output, "comparison.json"), "w") as f:
         json.dump(report, f, indent=2)
+    with open(os.path.join(FLAGS.output, "summary.json"), "w") as f:
+        json.dump(summary(report), f, indent=2)
     with open(os.path.join(FLAGS.output, "comparison.md"), "w") as f:
         f.write(markdown(report))
     plot(report, os.path.join(FLAGS.output, "tradeoff.png"))

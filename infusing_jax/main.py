@@ -1,5 +1,8 @@
 """Train a run: python -m infusing_jax.main --config=configs/X.py --workdir=DIR [--config.F=V].
 
+A config with a `pretrain` field (configs/toy_pretrain.py) pretrains a two-tower
+(pretrain.py); every other config fine-tunes (train.py).
+
 Restarting the same command in the same workdir resumes from the latest
 checkpoint. On several hosts (TPU pod slices, GPU clusters) run the same command
 on every host with --distributed (jax.distributed finds the coordinator on TPU
@@ -15,6 +18,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from infusing_jax import config as config_lib
+from infusing_jax import pretrain
 from infusing_jax import train
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file (and :ARG).",
@@ -37,8 +41,11 @@ def main(argv):
     logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                  jax.device_count())
     try:
-        config_lib.validate(FLAGS.config)
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        if "pretrain" in FLAGS.config:
+            pretrain.pretrain(FLAGS.config, FLAGS.workdir)
+        else:
+            config_lib.validate(FLAGS.config)
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, train.NonFiniteLoss) as e:
         if not (isinstance(e, train.NonFiniteLoss) or str(e).startswith("config.")):
             raise

@@ -112,3 +112,44 @@ def config_file(target: str, arg) -> ml_collections.ConfigDict:
     """What a configs/<target>.py returns for its :ARG (method, family, data, checkpoints)."""
     a = parse_arg(arg, method="full", family="siglip", data="/data", checkpoints="/checkpoints")
     return paper_config(target, **a)
+
+
+def toy_config(method: str, world: str, steps: int) -> ml_collections.ConfigDict:
+    """The recipe on the toy world (toy_world.py): the paper's losses and weights, with
+    a learning rate and length that fit a tiny model and a few minutes of CPU."""
+    if method not in ("full", "naive"):
+        raise ValueError(f"method {method!r}: use 'full' or 'naive'")
+    c = config_lib.default_config()
+    c.model.checkpoint = f"{world}/vlm/pretrained.npz:img"
+    c.model.image_size = 32
+    c.data.batch_size = 64
+    c.data.resize = 32  # no random crop: the glyph is a few pixels
+    c.data.shuffle_buffer = 1024
+    target_losses = dict(normface=dict(scale=16.0))
+    if method == "full":
+        target_losses["anchoring"] = dict(weight=LAMBDA_ANCHOR)
+    c.domains.target = config_lib.domain(f"folder:{world}/target", role="target",
+                                         val_split="val", losses=target_losses)
+    if method == "full":
+        c.domains.generic = config_lib.domain(
+            f"folder:{world}/generic", role="generic", holdout_fraction=0.05,
+            losses=dict(feature_mse=dict(weight=LAMBDA_DISTILL, teacher="precomputed"),
+                        anchoring=dict(weight=LAMBDA_ANCHOR)))
+    c.optim.lr = 1e-3
+    c.optim.backbone_lr_mult = 0.3
+    c.train.num_steps = steps
+    c.train.log_every = 25
+    c.train.checkpoint_every = steps
+    c.train.eval_every = 0
+    c.train.eval_batch_size = 256
+    c.train.select_by = "last"
+    c.eval.batch_size = 256
+    c.eval.tokenizer = f"{world}/spm.model"
+    c.eval.retrieval.target = config_lib.retrieval_test(f"folder:{world}/target")
+    c.eval.retrieval.generic = config_lib.retrieval_test(f"folder:{world}/generic",
+                                                         role="generic")
+    c.eval.text_retrieval.captions = config_lib.text_test(
+        f"captions:{world}/captions_test.json")
+    c.eval.zero_shot.generic = config_lib.zero_shot_test(
+        f"folder:{world}/generic", class_names=f"{world}/classes.txt", templates=("a {}",))
+    return c

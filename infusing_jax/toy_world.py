@@ -1,0 +1,222 @@
+"""The toy world: a procedural, seeded stand-in for a VLM's world and a fine-grained domain.
+
+Every image is one object on a background, 32 x 32 px, with pixel noise.
+
+generic (the VLM's world): the object's shape, colour, texture, size and height
+  are drawn at random and its caption names them all, e.g. "a large red striped
+  circle at the top on a dark background". Class (for image retrieval and
+  zero-shot) = colour + shape, e.g. "red circle".
+target (the fine-grained domain): the same kind of objects, marked at their
+  centre with a glyph, a 3 x 3 grid of dots symmetric left-right (so horizontal
+  flips keep it). The class is the glyph, which no caption ever names; everything
+  a caption names varies inside a class. Classes are disjoint across train / val
+  / test.
+
+Everything is invariant to horizontal flips (the fine-tuning augmentation):
+shapes are symmetric, heights are named but left / right is not.
+
+    make(root, seed=0, ...) writes, under root:
+      generic/{train,test}/<colour>_<shape>/<n>.png
+      captions_train.json, captions_test.json  [{"image": path, "captions": [...]}]
+      target/{train,val,test}/glyph<code>/<n>.png
+      classes.txt            generic class names, one per line ("red circle")
+      spm.model              a sentencepiece tokenizer trained on the captions
+"""
+import hashlib
+import io
+import json
+import os
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+SIZE = 32
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
+COLOURS = {"red": (215, 40, 40), "green": (40, 185, 60), "blue": (45, 75, 225),
+           "yellow": (235, 210, 40), "purple": (140, 50, 200), "orange": (245, 135, 30),
+           "pink": (245, 130, 190), "cyan": (40, 205, 215)}
+BACKGROUNDS = {"dark": (25, 25, 30), "light": (225, 225, 215), "grey": (120, 120, 120)}
+TEXTURES = ("plain", "striped", "dotted")
+SIZES = {"small": (5.0, 7.0), "large": (9.5, 12.0)}
+HEIGHTS = {"top": 9.0, "middle": 16.0, "bottom": 23.0}
+WHERE = {"top": "at the top", "middle": "in the middle", "bottom": "at the bottom"}
+NOISE = 6.0
+GLYPH_CELL = 3
+# A glyph: bits (left column, centre column) x 3 rows; the right column mirrors the left.
+GLYPH_CODES = tuple(range(1, 64))
+
+
+def class_name(colour: str, shape: str) -> str:
+    return f"{colour} {shape}"
+
+
+def caption(a: dict) -> str:
+    texture = "" if a["texture"] == "plain" else a["texture"] + " "
+    return (f"a {a['size']} {a['colour']} {texture}{a['shape']} {WHERE[a['height']]} "
+            f"on a {a['background']} background")
+
+
+def partial_captions(a: dict, rng) -> list:
+    """The full caption and two shorter ones that name fewer attributes."""
+    texture = "" if a["texture"] == "plain" else a["texture"] + " "
+    short = [f"a {a['colour']} {a['shape']}",
+             f"a {a['size']} {a['colour']} {texture}{a['shape']}",
+             f"a {a['colour']} {a['shape']} {WHERE[a['height']]}",
+             f"a {a['colour']} {a['shape']} on a {a['background']} background",
+             f"a {texture}{a['shape']} on a {a['background']} background"]
+    return [caption(a)] + list(rng.choice(short, 2, replace=False))
+
+
+def generic_classes() -> list:
+    """(colour, shape) pairs in the order of their folder names (= class ids)."""
+    return sorted(((c, s) for c in COLOURS for s in SHAPES), key=lambda cs: "_".join(cs))
+
+
+def random_attributes(rng, sizes=("small", "large"), colour_shape=None) -> dict:
+    pick = lambda options: options[rng.integers(len(options))]  # noqa: E731
+    colour, shape = colour_shape or (pick(list(COLOURS)), pick(SHAPES))
+    return dict(shape=shape, colour=colour, texture=pick(TEXTURES), size=pick(list(sizes)),
+                height=pick(list(HEIGHTS)), background=pick(list(BACKGROUNDS)))
+
+
+def _shape_mask(shape: str, dx, dy, r):
+    ax, ay = np.abs(dx), np.abs(dy)
+    if shape == "circle":
+        return dx ** 2 + dy ** 2 <= r ** 2
+    if shape == "square":
+        return (ax <= 0.82 * r) & (ay <= 0.82 * r)
+    if shape == "triangle":  # apex up
+        return (dy <= 0.8 * r) & (dy >= -r + 2.0 * ax)
+    if shape == "diamond":
+        return ax + ay <= 1.1 * r
+    if shape == "cross":
+        return ((ax <= 0.33 * r) & (ay <= r)) | ((ay <= 0.33 * r) & (ax <= r))
+    if shape == "ring":
+        d2 = dx ** 2 + dy ** 2
+        return (d2 <= r ** 2) & (d2 >= (0.55 * r) ** 2)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def glyph_bits(code: int) -> np.ndarray:
+    """6-bit code -> (3, 3) bool, columns (left, centre, left mirrored)."""
+    bits = [(code >> i) & 1 for i in range(6)]
+    left, centre = np.array(bits[:3], bool), np.array(bits[3:], bool)
+    return np.stack([left, centre, left], axis=1)
+
+
+def render(a: dict, rng, glyph: Optional[int] = None) -> np.ndarray:
+    """Attributes (and a glyph code) -> uint8 (SIZE, SIZE, 3)."""
+    lo, hi = SIZES[a["size"]]
+    r = rng.uniform(lo, hi)
+    cy = HEIGHTS[a["height"]] + rng.uniform(-1.0, 1.0)
+    cx = rng.uniform(r * 0.8, SIZE - r * 0.8) if glyph is None else rng.choice([11.5, 16.0, 20.5])
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
+    dx, dy = x - cx, y - cy
+    image = np.empty((SIZE, SIZE, 3), np.float32)
+    image[:] = BACKGROUNDS[a["background"]]
+    colour = np.array(COLOURS[a["colour"]], np.float32)
+    shade = np.ones((SIZE, SIZE), np.float32)
+    if a["texture"] == "striped":
+        shade = np.where((y.astype(int) // 2) % 2 == 0, 1.0, 0.55)
+    elif a["texture"] == "dotted":
+        shade = np.where((x.astype(int) % 4 < 2) & (y.astype(int) % 4 < 2), 0.5, 1.0)
+    mask = _shape_mask(a["shape"], dx, dy, r)
+    image[mask] = colour * shade[mask, None]
+    if glyph is not None:
+        ink = 0.0 if colour.mean() > 110 else 255.0
+        bits = glyph_bits(glyph)
+        top, left = int(round(cy)) - 4, int(round(cx)) - 4
+        for (i, j) in zip(*np.nonzero(bits)):
+            y0, x0 = top + GLYPH_CELL * i, left + GLYPH_CELL * j
+            image[y0:y0 + 2, x0:x0 + 2] = ink
+    image += rng.normal(0.0, NOISE, image.shape)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def _png(pixels) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write(root: str, rel: str, pixels):
+    path = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(_png(pixels))
+
+
+def glyph_splits(seed: int, train: int, val: int, test: int) -> dict:
+    """Class-disjoint glyph codes per split, in a seeded order."""
+    if train + val + test > len(GLYPH_CODES):
+        raise ValueError(f"toy world: {train + val + test} glyph classes asked, "
+                         f"{len(GLYPH_CODES)} exist")
+    order = np.random.default_rng(seed).permutation(GLYPH_CODES)
+    return {"train": order[:train], "val": order[train:train + val],
+            "test": order[train + val:train + val + test]}
+
+
+def _generic(root: str, split: str, n: int, rng) -> list:
+    """n images, the classes in turn (every class present once n >= 48)."""
+    records, classes = [], generic_classes()
+    for i in range(n):
+        a = random_attributes(rng, colour_shape=classes[i % len(classes)])
+        rel = f"generic/{split}/{a['colour']}_{a['shape']}/{i:05d}.png"
+        _write(root, rel, render(a, rng))
+        captions = partial_captions(a, rng) if split == "train" else [caption(a)]
+        records.append({"image": rel, "captions": captions})
+    return records
+
+
+def _target(root: str, codes: dict, per_class: dict, rng) -> None:
+    for split, split_codes in codes.items():
+        for code in split_codes:
+            for i in range(per_class[split]):
+                a = random_attributes(rng, sizes=("large",))
+                _write(root, f"target/{split}/glyph{code:02d}/{i:03d}.png",
+                       render(a, rng, glyph=int(code)))
+
+
+def train_tokenizer(texts, prefix: str, vocab_size: int = 64) -> str:
+    """A sentencepiece model on `texts` -> PREFIX.model (EOS 1, pad 0, as SigLIP's)."""
+    import sentencepiece
+    corpus = prefix + ".corpus.txt"
+    with open(corpus, "w") as f:
+        f.write("\n".join(texts) + "\n")
+    with open(os.devnull, "w") as log:
+        sentencepiece.SentencePieceTrainer.train(
+            input=corpus, model_prefix=prefix, vocab_size=vocab_size, pad_id=0, eos_id=1,
+            unk_id=2, bos_id=-1, minloglevel=2, logstream=log, hard_vocab_limit=False,
+            model_type="word")
+    os.remove(corpus)
+    return prefix + ".model"
+
+
+def make(root: str, seed: int = 0, generic_train: int = 20000, generic_test: int = 1000,
+         target_classes=(40, 8, 15), target_per_class=(40, 10, 20)) -> dict:
+    """Writes the world under `root` (see the module docstring); -> its description,
+    also written to root/world.json. The same arguments give the same files."""
+    rng = np.random.default_rng(seed)
+    train = _generic(root, "train", generic_train, rng)
+    test = _generic(root, "test", generic_test, rng)
+    for name, records in (("captions_train.json", train), ("captions_test.json", test)):
+        with open(os.path.join(root, name), "w") as f:
+            json.dump(records, f)
+    codes = glyph_splits(seed, *target_classes)
+    _target(root, codes, dict(zip(("train", "val", "test"), target_per_class)), rng)
+    with open(os.path.join(root, "classes.txt"), "w") as f:
+        f.write("\n".join(class_name(c, s) for c, s in generic_classes()) + "\n")
+    texts = [c for r in train for c in r["captions"]]
+    train_tokenizer(texts, os.path.join(root, "spm"))
+    info = dict(seed=seed, size=SIZE, generic_train=generic_train, generic_test=generic_test,
+                target_classes=dict(zip(("train", "val", "test"), target_classes)),
+                target_per_class=dict(zip(("train", "val", "test"), target_per_class)),
+                digest=_digest(train + test))
+    with open(os.path.join(root, "world.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    return info
+
+
+def _digest(records) -> str:
+    return hashlib.sha256(json.dumps(records).encode()).hexdigest()[:16]
