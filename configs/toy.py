@@ -14,5 +14,5 @@ from infusing_jax import recipes
 
 
 def get_config(arg=None):
-    a = recipes.parse_arg(arg, method="full", world="toy_world", steps="300")
+    a = recipes.parse_arg(arg, method="full", world="toy_world", steps="400")
     return recipes.toy_config(a["method"], a["world"], int(a["steps"]))

@@ -11,7 +11,7 @@ from infusing_jax import recipes
 
 
 def get_config(arg=None):
-    a = recipes.parse_arg(arg, world="toy_world", steps="1200")
+    a = recipes.parse_arg(arg, world="toy_world", steps="1000")
     c = pretrain.default_config()
     c.pretrain.captions = f"captions:{a['world']}/captions_train.json:train"
     c.pretrain.tokenizer = f"{a['world']}/spm.model"

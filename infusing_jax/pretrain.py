@@ -45,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
         family="siglip", image_size=32,
         image=dict(patch_size=8, width=96, depth=3, mlp_dim=384, num_heads=4),
         text=dict(seq_len=16, width=96, depth=2, mlp_dim=384, num_heads=4)))
-    c.data = ml_collections.ConfigDict(dict(batch_size=256))
+    c.data = ml_collections.ConfigDict(dict(batch_size=128))
     c.optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=100, weight_decay=1e-4,
                                              grad_clip_norm=1.0))
     c.train = ml_collections.ConfigDict(dict(num_steps=1000, log_every=50, progress=True))
@@ -162,6 +162,7 @@ def pretrain(cfg, workdir: str) -> str:
                                              "config.optim.lr")
                 log.write(json.dumps(dict(step=step, loss=mean, lr=float(schedule(step - 1))))
                           + "\n")
+                log.flush()
                 bar.set_postfix(loss=f"{mean:.4g}", refresh=False)
                 window = []
     bar.close()

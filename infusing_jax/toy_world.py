@@ -8,7 +8,7 @@ generic (the VLM's world): the object's shape, colour, texture, size and height
   zero-shot) = colour + shape, e.g. "red circle".
 target (the fine-grained domain): the same kind of objects, marked at their
   centre with a glyph, a 3 x 3 grid of dots symmetric left-right (so horizontal
-  flips keep it). The class is the glyph, which no caption ever names; everything
+  flips keep it) on a plate that is one 8 px patch of the image grid. The class is the glyph, which no caption ever names; everything
   a caption names varies inside a class. Classes are disjoint across train / val
   / test.
 
@@ -36,13 +36,15 @@ SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 COLOURS = {"red": (215, 40, 40), "green": (40, 185, 60), "blue": (45, 75, 225),
            "yellow": (235, 210, 40), "purple": (140, 50, 200), "orange": (245, 135, 30),
            "pink": (245, 130, 190), "cyan": (40, 205, 215)}
+BADGE = ("circle", "silver")  # every target object: a silver disc (its colour no caption uses)
+_RGB = {**COLOURS, "silver": (195, 195, 200)}
 BACKGROUNDS = {"dark": (25, 25, 30), "light": (225, 225, 215), "grey": (120, 120, 120)}
-TEXTURES = ("plain", "striped", "dotted")
+TEXTURES = ("plain", "striped", "outlined")
 SIZES = {"small": (5.0, 7.0), "large": (9.5, 12.0)}
 HEIGHTS = {"top": 9.0, "middle": 16.0, "bottom": 23.0}
 WHERE = {"top": "at the top", "middle": "in the middle", "bottom": "at the bottom"}
 NOISE = 6.0
-GLYPH_CELL = 3
+GLYPH_CELL = 8  # the glyph's plate: one ViT/8 patch
 # A glyph: bits (left column, centre column) x 3 rows; the right column mirrors the left.
 GLYPH_CODES = tuple(range(1, 64))
 
@@ -106,30 +108,37 @@ def glyph_bits(code: int) -> np.ndarray:
 
 
 def render(a: dict, rng, glyph: Optional[int] = None) -> np.ndarray:
-    """Attributes (and a glyph code) -> uint8 (SIZE, SIZE, 3)."""
+    """Attributes (and a glyph code) -> uint8 (SIZE, SIZE, 3).
+
+    A glyph fills one 8 x 8 cell of the image grid (a ViT/8 patch) at the object's
+    centre: a plain plate of the object's colour with 2 x 2 px dots at a 3 px pitch.
+    """
     lo, hi = SIZES[a["size"]]
     r = rng.uniform(lo, hi)
-    cy = HEIGHTS[a["height"]] + rng.uniform(-1.0, 1.0)
-    cx = rng.uniform(r * 0.8, SIZE - r * 0.8) if glyph is None else rng.choice([11.5, 16.0, 20.5])
+    if glyph is None:
+        cy = HEIGHTS[a["height"]] + rng.uniform(-1.0, 1.0)
+        cx = rng.uniform(r * 0.8, SIZE - r * 0.8)
+    else:
+        cy, cx = (float(GLYPH_CELL * rng.integers(1, 3) + GLYPH_CELL / 2) for _ in range(2))
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
     dx, dy = x - cx, y - cy
     image = np.empty((SIZE, SIZE, 3), np.float32)
     image[:] = BACKGROUNDS[a["background"]]
-    colour = np.array(COLOURS[a["colour"]], np.float32)
+    colour = np.array(_RGB[a["colour"]], np.float32)
     shade = np.ones((SIZE, SIZE), np.float32)
     if a["texture"] == "striped":
         shade = np.where((y.astype(int) // 2) % 2 == 0, 1.0, 0.55)
-    elif a["texture"] == "dotted":
-        shade = np.where((x.astype(int) % 4 < 2) & (y.astype(int) % 4 < 2), 0.5, 1.0)
     mask = _shape_mask(a["shape"], dx, dy, r)
+    if a["texture"] == "outlined":  # a dark rim: the mask minus its shrunk copy
+        inner = _shape_mask(a["shape"], dx * r / (r - 2.0), dy * r / (r - 2.0), r)
+        shade = np.where(inner, 1.0, 0.35)
     image[mask] = colour * shade[mask, None]
     if glyph is not None:
+        top, left = int(cy) - GLYPH_CELL // 2, int(cx) - GLYPH_CELL // 2
+        image[top:top + GLYPH_CELL, left:left + GLYPH_CELL] = colour
         ink = 0.0 if colour.mean() > 110 else 255.0
-        bits = glyph_bits(glyph)
-        top, left = int(round(cy)) - 4, int(round(cx)) - 4
-        for (i, j) in zip(*np.nonzero(bits)):
-            y0, x0 = top + GLYPH_CELL * i, left + GLYPH_CELL * j
-            image[y0:y0 + 2, x0:x0 + 2] = ink
+        for (i, j) in zip(*np.nonzero(glyph_bits(glyph))):
+            image[top + 3 * i:top + 3 * i + 2, left + 3 * j:left + 3 * j + 2] = ink
     image += rng.normal(0.0, NOISE, image.shape)
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
@@ -173,7 +182,8 @@ def _target(root: str, codes: dict, per_class: dict, rng) -> None:
     for split, split_codes in codes.items():
         for code in split_codes:
             for i in range(per_class[split]):
-                a = random_attributes(rng, sizes=("large",))
+                a = random_attributes(rng, sizes=("large",), colour_shape=BADGE[::-1])
+                a["texture"] = "plain"
                 _write(root, f"target/{split}/glyph{code:02d}/{i:03d}.png",
                        render(a, rng, glyph=int(code)))
 
@@ -220,3 +230,30 @@ def make(root: str, seed: int = 0, generic_train: int = 20000, generic_test: int
 
 def _digest(records) -> str:
     return hashlib.sha256(json.dumps(records).encode()).hexdigest()[:16]
+
+
+def main(argv):
+    del argv
+    from absl import flags
+    f = flags.FLAGS
+    done = os.path.join(f.root, "world.json")
+    if os.path.exists(done):
+        print(f"{f.root}: the toy world is there already ({done})")
+        return
+    info = make(f.root, f.seed, f.generic_train, f.generic_test,
+                tuple(int(x) for x in f.target_classes),
+                tuple(int(x) for x in f.target_per_class))
+    print(f"{f.root}: toy world written: {json.dumps(info)}")
+
+
+if __name__ == "__main__":
+    from absl import app
+    from absl import flags
+    flags.DEFINE_string("root", None, "Where to write the world.")
+    flags.DEFINE_integer("seed", 0, "The world's seed.")
+    flags.DEFINE_integer("generic_train", 20000, "Generic image-caption pairs to pretrain on.")
+    flags.DEFINE_integer("generic_test", 1000, "Generic test images (one caption each).")
+    flags.DEFINE_list("target_classes", ["40", "8", "15"], "Glyph classes: train,val,test.")
+    flags.DEFINE_list("target_per_class", ["40", "10", "20"], "Images per class: train,val,test.")
+    flags.mark_flag_as_required("root")
+    app.run(main)

@@ -12,6 +12,7 @@ from infusing_jax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+PAPER_CONFIGS = [p for p in CONFIGS if not os.path.basename(p).startswith("toy")]
 
 
 def _load(path, arg):
@@ -27,7 +28,7 @@ def test_there_are_the_papers_targets():
     assert {"sop", "cars196", "inshop", "inat2021", "food2k", "food101"} <= names
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: os.path.basename(p))
 @pytest.mark.parametrize("arg", ["", "method=naive", "family=clip,data=/d,checkpoints=/c"])
 def test_every_config_validates(path, arg):
     c = _load(path, arg)
@@ -52,6 +53,17 @@ def test_every_config_validates(path, arg):
     assert set(c.eval.text_retrieval.keys()) == {"flickr30k", "coco"}
     if "family=clip" in arg:
         assert c.model.family == "clip" and c.model.checkpoint.startswith("/c/")
+
+
+@pytest.mark.parametrize("method", ["full", "naive"])
+def test_the_toy_configs_validate(method):
+    c = _load(os.path.join(REPO, "configs", "toy.py"), f"method={method},world=/w,steps=7")
+    config_lib.validate(c)
+    assert c.train.num_steps == 7 and c.model.checkpoint == "/w/vlm/pretrained.npz:img"
+    assert set(config_lib.ordered_domains(c)) == ({"target", "generic"} if method == "full"
+                                                  else {"target"})
+    p = _load(os.path.join(REPO, "configs", "toy_pretrain.py"), "world=/w,steps=9")
+    assert "pretrain" in p and p.train.num_steps == 9 and p.pretrain.tokenizer == "/w/spm.model"
 
 
 def test_a_bad_argument_and_missing_files_give_one_line_errors(tmp_path):
