@@ -237,12 +237,23 @@ def main(argv):
     from absl import flags
     f = flags.FLAGS
     done = os.path.join(f.root, "world.json")
+    wanted = dict(seed=f.seed, generic_train=f.generic_train, generic_test=f.generic_test,
+                  target_classes=[int(x) for x in f.target_classes],
+                  target_per_class=[int(x) for x in f.target_per_class])
     if os.path.exists(done):
+        with open(done) as file:
+            info = json.load(file)
+        have = dict(seed=info["seed"], generic_train=info["generic_train"],
+                    generic_test=info["generic_test"],
+                    target_classes=list(info["target_classes"].values()),
+                    target_per_class=list(info["target_per_class"].values()))
+        if have != wanted:
+            raise SystemExit(f"error: {f.root} holds a toy world made with {have}, not "
+                             f"{wanted}; use another --root or delete it")
         print(f"{f.root}: the toy world is there already ({done})")
         return
     info = make(f.root, f.seed, f.generic_train, f.generic_test,
-                tuple(int(x) for x in f.target_classes),
-                tuple(int(x) for x in f.target_per_class))
+                tuple(wanted["target_classes"]), tuple(wanted["target_per_class"]))
     print(f"{f.root}: toy world written: {json.dumps(info)}")
 
 
