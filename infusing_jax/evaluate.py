@@ -3,6 +3,7 @@
     python -m infusing_jax.evaluate --config=C --workdir=DIR [--wise_ft=0.25,0.5,0.75]
         [--export=PATH --export_alpha=A]
     python -m infusing_jax.evaluate --config=C --workdir=DIR --checkpoint=PATH
+    python -m infusing_jax.evaluate --config=C --workdir=DIR --export=PATH --notest
 
 With a trained run in DIR: the checkpoint train.select_by kept (else the last),
 the pretrained model (model.checkpoint), and the WiSE-FT mixtures
@@ -14,7 +15,8 @@ that model alone, as 'pretrained' (no fine-tuning). Writes DIR/results.json:
 
 --export writes the image tower at --export_alpha (with the original text tower,
 where the checkpoint has one) as big_vision .npz, a HF directory or open_clip
-file, by the path's form (checkpoints.save).
+file, by the path's form (checkpoints.save). --notest only exports (no test sets
+run, results.json left as it is).
 """
 import os
 import sys
@@ -40,6 +42,7 @@ flags.DEFINE_string("checkpoint", None, "Evaluate this pretrained checkpoint ins
 flags.DEFINE_string("wise_ft", "", "Comma-separated WiSE-FT alphas, e.g. 0.25,0.5,0.75.")
 flags.DEFINE_string("export", None, "Write the image tower at --export_alpha here.")
 flags.DEFINE_float("export_alpha", 1.0, "WiSE-FT alpha of the export (1 = fine-tuned).")
+flags.DEFINE_bool("test", True, "Run the test sets (--notest: only --export).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -68,7 +71,10 @@ def _restored(params, like):
 
 
 def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
-             export_alpha: float = 1.0) -> dict:
+             export_alpha: float = 1.0, run_tests: bool = True) -> dict:
+    """-> results.json's content ({} with run_tests False: export only)."""
+    if not run_tests and not export:
+        raise ValueError("--notest: nothing to do without --export")
     if checkpoint:
         cfg.model.checkpoint = checkpoint
     config_lib.validate(cfg)
@@ -86,6 +92,8 @@ def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
         if finetuned is None:
             raise ValueError("--export needs a trained run in --workdir (not --checkpoint)")
         _export(cfg, wise_ft.interpolate(pretrained, finetuned, export_alpha), export)
+    if not run_tests:
+        return {}
     results = dict(step=step, selected_by=cfg.train.select_by,
                    models=suite.evaluate_models(cfg, embed, backbones))
     curve = {0.0: "pretrained", 1.0: "fine-tuned", **{a: f"wise_ft@{a:g}" for a in alphas}}
@@ -110,7 +118,7 @@ def main(argv):
     try:
         alphas = wise_ft.parse_alphas(FLAGS.wise_ft)
         evaluate(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, alphas, FLAGS.export,
-                 FLAGS.export_alpha)
+                 FLAGS.export_alpha, FLAGS.test)
     except ValueError as e:
         if not str(e).startswith(("config.", "--")):
             raise

@@ -96,6 +96,15 @@ def test_evaluate_cli_reproduces_the_run_and_the_checkpoint(world, trained, tmp_
     flat = checkpoints.to_flat(exported)
     for k in expected:
         np.testing.assert_array_equal(flat[k], expected[k], err_msg=k)
+    # --notest only exports: the same tensors, results.json untouched.
+    before = os.path.getmtime(os.path.join(trained, "results.json"))
+    only = str(tmp_path / "only.npz")
+    _evaluate(config, f"--workdir={trained}", f"--export={only}", "--export_alpha=0.5",
+              "--notest")
+    assert os.path.getmtime(os.path.join(trained, "results.json")) == before
+    again_flat = checkpoints.to_flat(checkpoints.load(only)[0])
+    for k in expected:
+        np.testing.assert_array_equal(again_flat[k], expected[k], err_msg=k)
 
 
 def test_compare_tabulates_and_plots_the_change_from_pretrained(trained, tmp_path):
