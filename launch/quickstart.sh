@@ -10,7 +10,7 @@
 #  4. WORKDIR/summary.json, WORKDIR/comparison.md and WORKDIR/tradeoff.png
 # Knobs (environment): PYTHON, the interpreter that makes the venv; WORLD_FLAGS, flags
 # for infusing_jax.toy_world (e.g. "--generic_train=8000"); PRETRAIN_STEPS (1000) and
-# FINETUNE_STEPS (400); RUN_FLAGS, flags for every run (e.g. "--config.train.progress=false").
+# FINETUNE_STEPS (400); RUN_FLAGS, flags after every run's --config (e.g. "--config.train.progress=false").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKDIR="${1:-quickstart_out}"
@@ -27,13 +27,14 @@ start=$SECONDS
 "${RUN[@]}" infusing_jax.toy_world --root="$WORLD" ${WORLD_FLAGS:-}
 if [ ! -f "$WORLD/vlm/pretrained.npz" ]; then
   # shellcheck disable=SC2086
-  "${RUN[@]}" infusing_jax.main "${QUIET[@]}" --workdir="$WORLD/vlm" ${RUN_FLAGS:-} \
-    --config="configs/toy_pretrain.py:world=$WORLD,steps=${PRETRAIN_STEPS:-1000}"
+  "${RUN[@]}" infusing_jax.main "${QUIET[@]}" --workdir="$WORLD/vlm" \
+    --config="configs/toy_pretrain.py:world=$WORLD,steps=${PRETRAIN_STEPS:-1000}" ${RUN_FLAGS:-}
 fi
 for method in naive full; do
   # shellcheck disable=SC2086
-  "${RUN[@]}" infusing_jax.main "${QUIET[@]}" --workdir="$WORKDIR/$method" ${RUN_FLAGS:-} \
-    --config="configs/toy.py:method=$method,world=$WORLD,steps=${FINETUNE_STEPS:-400}"
+  "${RUN[@]}" infusing_jax.main "${QUIET[@]}" --workdir="$WORKDIR/$method" \
+    --config="configs/toy.py:method=$method,world=$WORLD,steps=${FINETUNE_STEPS:-400}" \
+    ${RUN_FLAGS:-}
 done
 "${RUN[@]}" infusing_jax.compare "$WORKDIR/naive" "$WORKDIR/full" --output="$WORKDIR"
 echo "quickstart: $((SECONDS - start)) s; $WORKDIR/summary.json, comparison.md, tradeoff.png"
