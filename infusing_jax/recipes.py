@@ -117,7 +117,7 @@ def config_file(target: str, arg) -> ml_collections.ConfigDict:
 # The toy world's weights, tuned there (configs/toy.py): its tensors are ~64x smaller
 # than B/16's, so the per-tensor-mean anchoring pulls each weight far harder at the
 # paper's 1e5; its 96-d features need a stronger distillation than 768-d ones.
-TOY_DISTILL, TOY_ANCHOR, TOY_BACKBONE_LR_MULT = 3e3, 300.0, 0.3
+TOY_DISTILL, TOY_ANCHOR, TOY_BACKBONE_LR_MULT = 1e4, 300.0, 0.3
 
 
 def toy_config(method: str, world: str, steps: int) -> ml_collections.ConfigDict:

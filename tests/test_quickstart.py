@@ -1,9 +1,12 @@
-"""The quickstart end to end, on a smaller toy world: the paper's claim with real training.
+"""The quickstart end to end, at its defaults: the paper's claim with real training.
 
 launch/quickstart.sh writes the world, pretrains the VLM, fine-tunes it naively and
 with the full method, and tests all three. On the toy world, as in the paper: both
 fine-tunings raise in-domain R@1 by >= 0.10; the naive one loses >= 0.05 of
 text->image R@1; the full method loses <= 0.02.
+
+A smaller world (8k pairs, 600 pretraining and 300 fine-tuning steps) gave a weaker
+VLM on which the full method lost 0.028, so CI runs the quickstart as users do.
 """
 import json
 import os
@@ -12,14 +15,13 @@ import subprocess
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"in_domain_r1", "in_domain_map20", "generic_r1", "generic_map20",
         "image_to_text_r1", "text_to_image_r1", "zero_shot_top1"}
-SMALLER = dict(WORLD_FLAGS="--generic_train=8000 --generic_test=600", PRETRAIN_STEPS="600",
-               FINETUNE_STEPS="300", RUN_FLAGS="--config.train.progress=false")
+QUIET = dict(RUN_FLAGS="--config.train.progress=false")
 
 
 def test_quickstart_shows_the_papers_claim_on_the_toy_world(tmp_path):
     workdir = tmp_path / "quickstart"
     proc = subprocess.run(["bash", os.path.join(REPO, "launch", "quickstart.sh"), str(workdir)],
-                          env={**os.environ, **SMALLER}, capture_output=True, text=True,
+                          env={**os.environ, **QUIET}, capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.load(open(workdir / "summary.json"))
