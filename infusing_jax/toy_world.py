@@ -6,11 +6,14 @@ generic (the VLM's world): the object's shape, colour, texture, size and height
   are drawn at random and its caption names them all, e.g. "a large red striped
   circle at the top on a dark background". Class (for image retrieval and
   zero-shot) = colour + shape, e.g. "red circle".
-target (the fine-grained domain): the same kind of objects, marked at their
-  centre with a glyph, a 3 x 3 grid of dots symmetric left-right (so horizontal
-  flips keep it) on a plate that is one 8 px patch of the image grid. The class is the glyph, which no caption ever names; everything
-  a caption names varies inside a class. Classes are disjoint across train / val
-  / test.
+target (the fine-grained domain): silver badges (large discs, a colour no
+  caption uses) on the generic backgrounds, each marked with a glyph: a 3 x 3
+  grid of dots, symmetric left-right (so horizontal flips keep it), on a plate
+  that is one 8 px patch of the image grid. The class is the glyph, which no
+  caption names; background, height, position and size vary inside a class.
+  Classes are disjoint across train / val / test. (Glyphs on the generic objects
+  themselves, with colour, shape and texture as nuisances, left the full method
+  unable to learn them without losing text alignment on a model this small.)
 
 Everything is invariant to horizontal flips (the fine-tuning augmentation):
 shapes are symmetric, heights are named but left / right is not.
@@ -36,7 +39,7 @@ SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 COLOURS = {"red": (215, 40, 40), "green": (40, 185, 60), "blue": (45, 75, 225),
            "yellow": (235, 210, 40), "purple": (140, 50, 200), "orange": (245, 135, 30),
            "pink": (245, 130, 190), "cyan": (40, 205, 215)}
-BADGE = ("circle", "silver")  # every target object: a silver disc (its colour no caption uses)
+BADGE = ("silver", "circle")  # (colour, shape) of every target object
 _RGB = {**COLOURS, "silver": (195, 195, 200)}
 BACKGROUNDS = {"dark": (25, 25, 30), "light": (225, 225, 215), "grey": (120, 120, 120)}
 TEXTURES = ("plain", "striped", "outlined")
@@ -182,7 +185,7 @@ def _target(root: str, codes: dict, per_class: dict, rng) -> None:
     for split, split_codes in codes.items():
         for code in split_codes:
             for i in range(per_class[split]):
-                a = random_attributes(rng, sizes=("large",), colour_shape=BADGE[::-1])
+                a = random_attributes(rng, sizes=("large",), colour_shape=BADGE)
                 a["texture"] = "plain"
                 _write(root, f"target/{split}/glyph{code:02d}/{i:03d}.png",
                        render(a, rng, glyph=int(code)))
