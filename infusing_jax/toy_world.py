@@ -26,7 +26,6 @@ shapes are symmetric, heights are named but left / right is not.
       spm.model              a sentencepiece tokenizer trained on the captions
 """
 import hashlib
-import io
 import json
 import os
 from typing import Optional
@@ -56,15 +55,19 @@ def class_name(colour: str, shape: str) -> str:
     return f"{colour} {shape}"
 
 
+def _texture(a: dict) -> str:
+    """The texture word and a space ('' for plain)."""
+    return "" if a["texture"] == "plain" else a["texture"] + " "
+
+
 def caption(a: dict) -> str:
-    texture = "" if a["texture"] == "plain" else a["texture"] + " "
-    return (f"a {a['size']} {a['colour']} {texture}{a['shape']} {WHERE[a['height']]} "
+    return (f"a {a['size']} {a['colour']} {_texture(a)}{a['shape']} {WHERE[a['height']]} "
             f"on a {a['background']} background")
 
 
 def partial_captions(a: dict, rng) -> list:
     """The full caption and two shorter ones that name fewer attributes."""
-    texture = "" if a["texture"] == "plain" else a["texture"] + " "
+    texture = _texture(a)
     short = [f"a {a['colour']} {a['shape']}",
              f"a {a['size']} {a['colour']} {texture}{a['shape']}",
              f"a {a['colour']} {a['shape']} {WHERE[a['height']]}",
@@ -146,17 +149,10 @@ def render(a: dict, rng, glyph: Optional[int] = None) -> np.ndarray:
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
-def _png(pixels) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _write(root: str, rel: str, pixels):
     path = os.path.join(root, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(_png(pixels))
+    Image.fromarray(pixels).save(path)
 
 
 def glyph_splits(seed: int, train: int, val: int, test: int) -> dict:
@@ -208,8 +204,12 @@ def train_tokenizer(texts, prefix: str, vocab_size: int = 64) -> str:
 
 def make(root: str, seed: int = 0, generic_train: int = 20000, generic_test: int = 1000,
          target_classes=(40, 8, 15), target_per_class=(40, 10, 20)) -> dict:
-    """Writes the world under `root` (see the module docstring); -> its description,
-    also written to root/world.json. The same arguments give the same files."""
+    """Writes the world under `root` (see the module docstring); -> its description
+    {'settings': these arguments, 'size', 'digest'}, also written to root/world.json.
+    The same arguments give the same files."""
+    settings = dict(seed=seed, generic_train=generic_train, generic_test=generic_test,
+                    target_classes=list(target_classes),
+                    target_per_class=list(target_per_class))
     rng = np.random.default_rng(seed)
     train = _generic(root, "train", generic_train, rng)
     test = _generic(root, "test", generic_test, rng)
@@ -222,10 +222,7 @@ def make(root: str, seed: int = 0, generic_train: int = 20000, generic_test: int
         f.write("\n".join(class_name(c, s) for c, s in generic_classes()) + "\n")
     texts = [c for r in train for c in r["captions"]]
     train_tokenizer(texts, os.path.join(root, "spm"))
-    info = dict(seed=seed, size=SIZE, generic_train=generic_train, generic_test=generic_test,
-                target_classes=dict(zip(("train", "val", "test"), target_classes)),
-                target_per_class=dict(zip(("train", "val", "test"), target_per_class)),
-                digest=_digest(train + test))
+    info = dict(settings=settings, size=SIZE, digest=_digest(train + test))
     with open(os.path.join(root, "world.json"), "w") as f:
         json.dump(info, f, indent=1)
     return info
@@ -245,18 +242,13 @@ def main(argv):
                   target_per_class=[int(x) for x in f.target_per_class])
     if os.path.exists(done):
         with open(done) as file:
-            info = json.load(file)
-        have = dict(seed=info["seed"], generic_train=info["generic_train"],
-                    generic_test=info["generic_test"],
-                    target_classes=list(info["target_classes"].values()),
-                    target_per_class=list(info["target_per_class"].values()))
+            have = json.load(file)["settings"]
         if have != wanted:
             raise SystemExit(f"error: {f.root} holds a toy world made with {have}, not "
                              f"{wanted}; use another --root or delete it")
         print(f"{f.root}: the toy world is there already ({done})")
         return
-    info = make(f.root, f.seed, f.generic_train, f.generic_test,
-                tuple(wanted["target_classes"]), tuple(wanted["target_per_class"]))
+    info = make(f.root, **wanted)
     print(f"{f.root}: toy world written: {json.dumps(info)}")
 
 
