@@ -84,6 +84,15 @@ FLOPs at the best matmul rate: no float32 implementation on this CPU can beat
 PyTorch by more), the overheads by CPU time, and the raw numbers (seconds,
 images/s, FLOPs, FLOP/s, bytes, others' load).
 
+Host memory: like `python -m infusing_jax.main`, the bench restarts itself once
+with host_memory.TUNABLES in GLIBC_TUNABLES (recorded in the JSON's setup), so
+glibc keeps the memory freed after each step instead of unmapping it; both
+frameworks run under it. Under glibc's defaults our step page-faults its whole
+~2.3 GB scratch buffer in every step (~550k faults, 1-2.5 s of kernel time: the
+plain step took ~7 s instead of ~5.1 s in one side-by-side run), PyTorch less
+(~50-100k). `median_page_faults` gives the faults per timed step;
+`GLIBC_TUNABLES= python bench/train_step.py` measures under glibc's defaults.
+
 What was tried to make our step fast on XLA:CPU (jax 0.10.2, 2 cores AVX-512;
 plain step ~6 s quiet; wall and process CPU time, several runs):
   * matmul precision (jax_default_matmul_precision / precision=): no effect on
@@ -112,6 +121,7 @@ layout transposes, LayerNorm, GELU, softmax, AdamW); ~7% idle gaps.
 import functools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -314,11 +324,15 @@ class Sampler:
         return (sum(v) - v[3] - v[4]) / self.tick  # all but idle and iowait
 
     def __call__(self, run) -> tuple:
-        """-> (run()'s seconds, others' CPU load during it, this process's CPU seconds)."""
+        """-> (run()'s seconds, others' CPU load during it, this process's CPU seconds,
+        its minor page faults)."""
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         b0, c0, w0 = self._busy(), time.process_time(), time.perf_counter()
         seconds = run()
         b1, c1, w1 = self._busy(), time.process_time(), time.perf_counter()
-        return (seconds, max(0.0, (b1 - b0) - (c1 - c0)) / ((w1 - w0) * self.cores), c1 - c0)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        return (seconds, max(0.0, (b1 - b0) - (c1 - c0)) / ((w1 - w0) * self.cores), c1 - c0,
+                faults)
 
 
 # ---------------------------------------------------------------------------- PyTorch
@@ -600,6 +614,8 @@ def main(argv):
             online=round((cpu["jax_online_target"] + cpu["jax_online_generic"])
                          / 2 / cpu["jax_plain"], 3)),
         median_cpu_s={k: round(v, 3) for k, v in cpu.items()},
+        median_page_faults={k: round(statistics.median(x[3] for x in v))
+                            for k, v in times.items() if k not in sweep},
         all_s={k: [round(x[0], 3) for x in v] for k, v in times.items() if k not in sweep},
         compile_s={k: round(b["compile_s"], 1) for k, b in built.items()},
         xla_flops={k: b["xla_flops"] for k, b in built.items()},
@@ -608,6 +624,7 @@ def main(argv):
         setup=dict(variant=VARIANT, image_size=IMAGE_SIZE, batch_size=batch,
                    num_classes=classes, dtype="float32", scan=_SCAN.value, threads=threads,
                    jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                   glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
                    cpu=_cpu_name(), cores=os.cpu_count()))
     if not quiet:
         print(f"WARNING: no round ran with other processes below {_MAX_LOAD.value:.0%} of the "
@@ -635,4 +652,6 @@ def _cpu_name() -> str:
 
 
 if __name__ == "__main__":
+    from infusing_jax import host_memory
+    host_memory.restart_with_tunables()  # as `python -m infusing_jax.main` does
     app.run(main)
