@@ -1,6 +1,6 @@
 r"""The trainer's train step against PyTorch, the matmul peak, the method's overheads, FSDP memory.
 
-    python bench/train_step.py [--rounds=3] [--batch_size=8] [--threads=0] [--xla_cpu_flags=...]
+    python bench/train_step.py [--rounds=5] [--batch_size=8] [--threads=0] [--xla_cpu_flags=...]
 
 Everything below is measured in one run, side by side, on the CPU (the issue's
 bfloat16-on-a-lent-GPU mode is not implemented here): SigLIP B/16
@@ -30,8 +30,10 @@ Timing: each executable / model is compiled and run once per batch kind
 plain, precomputed on a target then a generic batch, online likewise), each
 followed by one 4096^2 float32 matmul (jnp, precision 'highest'), every one
 timed alone (block_until_ready; `loss.item()` for PyTorch); then a small sweep
-of matmul shapes (1024^3, 2048^3 and the step's own MLP shapes). Figures are
-medians over rounds. Both frameworks run in this one process, one at a time,
+of matmul shapes (1024^3, 2048^3 and the step's own MLP shapes). Each round
+gives its own ratios, from timings taken within ~45 s of each other; the
+headline figures are their medians over rounds (paired, so that the VM's slow
+drifts, +-10% over minutes here, cancel in each ratio). Both frameworks run in this one process, one at a time,
 on the same cores (torch.set_num_threads = the cores = XLA's thread pool):
 one process, so that both see the same machine state (checked: PyTorch's step
 is no slower beside JAX than alone), interleaved step by step, the order
@@ -49,9 +51,9 @@ ones, and the medians come from the quiet rounds ("quiet": false in the JSON
 when there were none: then read speedup_vs_pytorch with care). The process's
 CPU seconds per step are recorded too (overheads by CPU time: less moved by
 others' load). Even quiet rounds vary by ~10% (the VM's host), so ratios carry
-a few % of noise with the default 3 rounds.
+a few % of noise with the default 5 rounds.
 
-JSON (the last line), headline figures from the medians:
+JSON (the last line), headline figures: medians over rounds of each round's
   speedup_vs_pytorch       plain step's images/s over PyTorch's
   fraction_of_matmul_peak  plain step's FLOP/s over the best float32 matmul rate
                            measured beside it (jnp, precision 'highest'): the
@@ -78,7 +80,8 @@ JSON (the last line), headline figures from the medians:
                            same bytes; abstract inputs only, nothing
                            materialised); temp bytes (activations, gathered
                            weights) are listed beside it
-then the same ratios from the fastest sample of each ("min"), the bound
+then the same ratios from the median ("median") and from the fastest sample
+("min") of each timing over all rounds, each round's own ("per_round"), the bound
 `speedup_bound_at_best_matmul` (PyTorch's step time over the time of the step's
 FLOPs at the best matmul rate: no float32 implementation on this CPU can beat
 PyTorch by more), the overheads by CPU time, and the raw numbers (seconds,
@@ -131,7 +134,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds (one step of every config each).")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (one step of every config each).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per step.")
 _CLASSES = flags.DEFINE_integer("num_classes", 9054, "Target classes (SOP: 9,054).")
 _THREADS = flags.DEFINE_integer("threads", 0, "PyTorch threads; 0 = os.cpu_count(), "
@@ -560,8 +563,8 @@ def main(argv):
     flops = analytic_flops(built["plain"]["model_cfg"], batch, classes)
     shape_flops = {k: 2 * np.prod([int(d) for d in k.split("x")]) for k in sweep}
 
-    def summary(stat) -> dict:
-        """The headline ratios from one statistic of each timing's samples."""
+    def summary(stat, times=times) -> dict:
+        """The ratios from one statistic of each timing's samples."""
         t = {k: stat([x[0] for x in v]) for k, v in times.items()}
         plain = t["jax_plain"]
         step_flops_per_s = flops["train"] / plain
@@ -589,12 +592,14 @@ def main(argv):
             seconds={k: round(v, 4) for k, v in t.items() if k not in sweep})
 
     med, best = summary(statistics.median), summary(min)
+    per_round = [summary(statistics.median, x["samples"]) for x in used]
+    headline = ("speedup_vs_pytorch", "fraction_of_matmul_peak", "online_teacher_overhead",
+                "precomputed_teacher_overhead")
+    paired = {k: (round(statistics.median(r[k] for r in per_round), 3)
+                  if per_round[0][k] is not None else None) for k in headline}
     cpu = {k: statistics.median(x[2] for x in v) for k, v in times.items() if k not in sweep}
     out = dict(
-        speedup_vs_pytorch=med["speedup_vs_pytorch"],
-        fraction_of_matmul_peak=med["fraction_of_matmul_peak"],
-        online_teacher_overhead=med["online_teacher_overhead"],
-        precomputed_teacher_overhead=med["precomputed_teacher_overhead"],
+        **paired,
         fsdp_memory_reduction=report.get("fsdp_memory_reduction"),
         quiet=bool(quiet),
         quiet_rounds=len(quiet),
@@ -606,6 +611,7 @@ def main(argv):
         step_flops_xla=built["plain"]["xla_flops"],
         median=med,
         min=best,  # the least disturbed sample of each: less noisy on a shared machine
+        per_round={k: [r[k] for r in per_round] for k in headline},
         # CPU seconds of this process: comparable between our configs (same runtime),
         # not with PyTorch (OpenMP threads spin while waiting).
         overheads_by_cpu_time=dict(
@@ -634,9 +640,8 @@ def main(argv):
           f"{med['torch_images_per_s']}; {med['step_flops_per_s'] / 1e9:.1f} GFLOP/s vs "
           f"best matmul {med['best_matmul_flops_per_s'] / 1e9:.1f}, {MATMUL_N}^2 matmul "
           f"{med['matmul_4096_flops_per_s'] / 1e9:.1f}; method / plain: precomputed "
-          f"{med['precomputed_teacher_overhead']}, online {med['online_teacher_overhead']} "
-          f"(medians; mins: {best['precomputed_teacher_overhead']}, "
-          f"{best['online_teacher_overhead']})", flush=True)
+          f"{paired['precomputed_teacher_overhead']}, online "
+          f"{paired['online_teacher_overhead']} (medians of the rounds' own ratios)", flush=True)
     print(json.dumps(out))
 
 
