@@ -33,9 +33,10 @@ timed alone (block_until_ready; `loss.item()` for PyTorch); then a small sweep
 of matmul shapes (1024^3, 2048^3 and the step's own MLP shapes). Each round
 gives its own ratios, from timings taken within ~45 s of each other; the
 headline figures are their medians over rounds (paired, so that the VM's slow
-drifts, +-10% over minutes here, cancel in each ratio). Both frameworks run in this one process, one at a time,
-on the same cores (torch.set_num_threads = the cores = XLA's thread pool):
-one process, so that both see the same machine state (checked: PyTorch's step
+drifts, +-10% over minutes here, cancel in each ratio). Both frameworks run in
+this one process, one at a time, on the same cores (torch.set_num_threads = the
+cores = XLA's thread pool): one process, so that both see the same machine
+state (checked: PyTorch's step
 is no slower beside JAX than alone), interleaved step by step, the order
 reversed every other round, so that slow drifts of a neighbour's load hit both
 alike. Our step also computes the global gradient / parameter / update norms

@@ -14,7 +14,7 @@ CPU); set GLIBC_TUNABLES yourself, even to '', to keep your own.
 """
 import sys
 
-if __name__ == "__main__":  # before anything allocates: glibc reads its tunables at exec
+if __name__ == "__main__":  # before the heavy imports: glibc reads tunables only at exec
     from infusing_jax import host_memory
     host_memory.restart_with_tunables()
 
