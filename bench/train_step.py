@@ -36,10 +36,9 @@ headline figures are their medians over rounds (paired, so that the VM's slow
 drifts, +-10% over minutes here, cancel in each ratio). Both frameworks run in
 this one process, one at a time, on the same cores (torch.set_num_threads = the
 cores = XLA's thread pool): one process, so that both see the same machine
-state (checked: PyTorch's step
-is no slower beside JAX than alone), interleaved step by step, the order
-reversed every other round, so that slow drifts of a neighbour's load hit both
-alike. Our step also computes the global gradient / parameter / update norms
+state (checked: PyTorch's step is no slower beside JAX than alone),
+interleaved step by step, the order reversed every other round, so that slow
+drifts of a neighbour's load hit both alike. Our step also computes the global gradient / parameter / update norms
 that the trainer logs; PyTorch's does not.
 A shared machine is not fair to both, though: under contention PyTorch's
 OpenMP step (static splits, barriers) slows down much more than XLA's
