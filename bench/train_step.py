@@ -38,8 +38,8 @@ this one process, one at a time, on the same cores (torch.set_num_threads = the
 cores = XLA's thread pool): one process, so that both see the same machine
 state (checked: PyTorch's step is no slower beside JAX than alone),
 interleaved step by step, the order reversed every other round, so that slow
-drifts of a neighbour's load hit both alike. Our step also computes the global gradient / parameter / update norms
-that the trainer logs; PyTorch's does not.
+drifts of a neighbour's load hit both alike. Our step also computes the global
+gradient / parameter / update norms that the trainer logs; PyTorch's does not.
 A shared machine is not fair to both, though: under contention PyTorch's
 OpenMP step (static splits, barriers) slows down much more than XLA's
 (dynamically scheduled thunks), which inflates speedup_vs_pytorch (seen: 1.4
