@@ -26,14 +26,15 @@ loss (16 * cos(l2norm(pooler_output), W), W (768, C) bias-free, cross-entropy),
 `torch.optim.AdamW` with the same two learning rates, weight decay and betas.
 
 Timing: each executable / model is compiled and run once per batch kind
-(warm-up, excluded). Then rounds: one step of every config in turn (PyTorch,
+(warm-up, excluded). Then rounds: one sample of every config in turn (PyTorch,
 plain, precomputed on a target then a generic batch, online likewise), each
-followed by one 4096^2 float32 matmul (jnp, precision 'highest'), every one
-timed alone (block_until_ready; `loss.item()` for PyTorch); then a small sweep
-of matmul shapes (1024^3, 2048^3 and the step's own MLP shapes). Each round
-gives its own ratios, from timings taken within ~45 s of each other; the
-headline figures are their medians over rounds (paired, so that the VM's slow
-drifts, +-10% over minutes here, cancel in each ratio). Both frameworks run in
+sample the mean of --steps_per_sample (3) consecutive steps, each step timed
+alone (block_until_ready; `loss.item()` for PyTorch), each sample followed by
+one 4096^2 float32 matmul (jnp, precision 'highest'); then a small sweep of
+matmul shapes (1024^3, 2048^3 and the step's own MLP shapes). Each round gives
+its own ratios, from timings taken within ~2 min of each other; the headline
+figures are their medians over rounds (paired, so that the VM's slow drifts,
++-10% over minutes here, cancel in each ratio). Both frameworks run in
 this one process, one at a time, on the same cores (torch.set_num_threads = the
 cores = XLA's thread pool): one process, so that both see the same machine
 state (checked: PyTorch's step is no slower beside JAX than alone),
@@ -142,6 +143,9 @@ _THREADS = flags.DEFINE_integer("threads", 0, "PyTorch threads; 0 = os.cpu_count
 _XLA_CPU_FLAGS = flags.DEFINE_string(
     "xla_cpu_flags", "", "XLA flags added to XLA_FLAGS for the timed part (see 'What was "
     "tried' in the module docstring).")
+_STEPS = flags.DEFINE_integer(
+    "steps_per_sample", 3, "Consecutive steps timed as one sample (their mean): less "
+    "noise per sample than a single step.")
 _EXTRA_ROUNDS = flags.DEFINE_integer(
     "extra_rounds", 1, "Rounds that may be added when others' CPU load exceeded --max_load.")
 _MAX_LOAD = flags.DEFINE_float(
@@ -326,16 +330,16 @@ class Sampler:
             return float("nan")
         return (sum(v) - v[3] - v[4]) / self.tick  # all but idle and iowait
 
-    def __call__(self, run) -> tuple:
-        """-> (run()'s seconds, others' CPU load during it, this process's CPU seconds,
-        its minor page faults)."""
+    def __call__(self, run, repeats: int = 1) -> tuple:
+        """-> (run()'s seconds, others' CPU load meanwhile, this process's CPU seconds,
+        its minor page faults), each the mean over `repeats` consecutive calls."""
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         b0, c0, w0 = self._busy(), time.process_time(), time.perf_counter()
-        seconds = run()
+        seconds = sum(run() for _ in range(repeats)) / repeats
         b1, c1, w1 = self._busy(), time.process_time(), time.perf_counter()
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-        return (seconds, max(0.0, (b1 - b0) - (c1 - c0)) / ((w1 - w0) * self.cores), c1 - c0,
-                faults)
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / repeats
+        return (seconds, max(0.0, (b1 - b0) - (c1 - c0)) / ((w1 - w0) * self.cores),
+                (c1 - c0) / repeats, faults)
 
 
 # ---------------------------------------------------------------------------- PyTorch
@@ -546,7 +550,7 @@ def main(argv):
         r = {name: [] for name in (*timed, "matmul", *sweep)}
         order = list(timed.items())
         for name, run in order[::-1] if len(rounds) % 2 else order:  # alternate the order
-            r[name].append(sample(run))
+            r[name].append(sample(run, _STEPS.value))
             r["matmul"].append(sample(matmul))  # a matmul after every step: the same load
         for name, run in sweep.items():
             r[name].append(sample(run))
@@ -629,6 +633,7 @@ def main(argv):
         torch=torch_info if _TORCH.value else None,
         setup=dict(variant=VARIANT, image_size=IMAGE_SIZE, batch_size=batch,
                    num_classes=classes, dtype="float32", scan=_SCAN.value, threads=threads,
+                   steps_per_sample=_STEPS.value,
                    jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
                    glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
                    cpu=_cpu_name(), cores=os.cpu_count()))

@@ -1,4 +1,7 @@
 """Model invariants: layouts, remat, dtypes, variants, position embeddings, config errors."""
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,3 +113,25 @@ def test_config_errors_name_the_field():
         models.build(cfg)
     with pytest.raises(ValueError, match=r"model.family: unknown family 'blip'"):
         models.model_config("blip")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_heads_major_attention_is_flax_dot_product_attention(causal):
+    """Our attention_fn: flax's math (values and gradients), causal mask included."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 7, 3, 8)), jnp.float32) for _ in range(3))
+    mask = jnp.tril(jnp.ones((1, 1, 7, 7), bool)) if causal else None
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.sin(fn(q, k, v, mask=mask)))
+
+    for ours, ref in zip(jax.grad(functools.partial(loss, transformer.heads_major_attention),
+                                  argnums=(0, 1, 2))(q, k, v),
+                         jax.grad(functools.partial(loss, nn.dot_product_attention),
+                                  argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(transformer.heads_major_attention(q, k, v, mask=mask),
+                               nn.dot_product_attention(q, k, v, mask=mask), rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="dropout"):
+        transformer.heads_major_attention(q, k, v, dropout_rate=0.1)

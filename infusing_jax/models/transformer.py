@@ -67,10 +67,35 @@ class MlpBlock(nn.Module):
         return dense(d)(x)
 
 
+def heads_major_attention(query, key, value, mask=None, dropout_rate=0.0, precision=None,
+                          force_fp32_for_softmax=False):
+    """softmax(q k^T / sqrt(d), masked) v: (..., Lq, H, d), (..., Lk, H, d) x2 -> (..., Lq, H, d).
+
+    flax's `dot_product_attention` (no dropout), with the products taken on
+    (..., H, L, d) copies of q, k, v: for the heads-minor einsums XLA:CPU lays keys
+    and values out as (..., H, d, L), and the attention then runs ~1.7x slower
+    (~2% of a B/16 train step). `mask`: broadcastable to (..., H, Lq, Lk), True = keep.
+    """
+    if dropout_rate:
+        raise ValueError("heads_major_attention has no dropout; the towers use none")
+    q, k, v = (jnp.swapaxes(t, -3, -2) for t in (query, key, value))
+    q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    logits = jnp.einsum("...hqd,...hkd->...hqk", q, k, precision=precision)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    if force_fp32_for_softmax:
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    else:
+        weights = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("...hqk,...hkd->...hqd", weights, v, precision=precision)
+    return jnp.swapaxes(out, -3, -2)
+
+
 def _attention(num_heads, dtype, param_dtype):
     return nn.MultiHeadDotProductAttention(
         num_heads=num_heads, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=nn.initializers.xavier_uniform(), deterministic=True)
+        kernel_init=nn.initializers.xavier_uniform(), deterministic=True,
+        attention_fn=heads_major_attention)
 
 
 class Encoder1DBlock(nn.Module):
