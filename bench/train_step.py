@@ -2,16 +2,23 @@ r"""The trainer's train step against PyTorch, the matmul peak, the method's over
 
     python bench/train_step.py [--rounds=5] [--batch_size=8] [--threads=0] [--xla_cpu_flags=...]
 
-Everything below is measured in one run, side by side, on the CPU (the issue's
-bfloat16-on-a-lent-GPU mode is not implemented here): SigLIP B/16
+Where JAX has a GPU or TPU (or with --mode=accelerator), the script measures
+that device instead, in bfloat16: see `accelerator_main` (images/s of each
+config, the plain step's model FLOP utilisation against the device's dense
+bfloat16 peak, PEAK_BF16_FLOPS or --peak_flops, and against a bfloat16 8192^3
+matmul measured beside it; batch --accelerator_batch_size). It needs no
+TensorFlow: the step comes from step.py. Not yet run on a GPU here.
+
+Everything below is measured in one run, side by side, on the CPU (--mode=cpu,
+or auto without an accelerator): SigLIP B/16
 image tower at 224 px, float32 compute and master weights, batch 8, AdamW
 (optax through `optim.make_optimizer`, METHOD.md's LRs), batches of random
 numbers already on the device (no input pipeline), a target classifier of
 9,054 classes (SOP's train classes).
 
 Our step is the trainer's own: `config.default_config()` + `config.domain(...)`,
-`train.load_image_tower` (random init), `objective.init_heads` /
-`make_loss_fn`, `train.create_train_state`, and `train.train_step` under
+`step.load_image_tower` (random init), `objective.init_heads` /
+`make_loss_fn`, `step.create_train_state`, and `step.train_step` under
 `jax.jit(..., out_shardings=..., donate_argnums=(0,))` over `sharding.make_mesh()`,
 exactly as `train.train_and_evaluate` builds it. Three configs:
   plain        one target domain, NormFace only (naive fine-tuning);
@@ -152,6 +159,17 @@ _MAX_LOAD = flags.DEFINE_float(
     "max_load", 0.1, "A round is 'quiet' when other processes used at most this share of "
     "the CPU during each of its timings; medians come from the quiet rounds if any.")
 _SCAN = flags.DEFINE_bool("scan", False, "config.model.scan for the timed steps.")
+_MODE = flags.DEFINE_enum(
+    "mode", "auto", ["auto", "cpu", "accelerator"], "cpu: the figures above (float32, "
+    "JAX on the CPU); accelerator: bfloat16 images/s and model FLOP utilisation on JAX's "
+    "default device; auto: accelerator where JAX has a GPU or TPU, else cpu.")
+_VARIANT = flags.DEFINE_string("variant", "B/16", "Model variant of the timed steps.")
+_ACC_BATCH = flags.DEFINE_integer("accelerator_batch_size", 256,
+                                  "Images per step in accelerator mode.")
+_ACC_MATMUL = flags.DEFINE_integer("accelerator_matmul_n", 8192, "Accelerator mode: n of "
+                                   "the n^3 bfloat16 matmul measured beside the steps.")
+_PEAK = flags.DEFINE_float("peak_flops", 0.0, "Accelerator mode: the device's dense "
+                           "bfloat16 peak FLOP/s; 0 = PEAK_BF16_FLOPS by device kind.")
 _TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch step (speedup_vs_pytorch).")
 _FSDP = flags.DEFINE_bool("fsdp", True, "Measure fsdp_memory_reduction (subprocess).")
 _FSDP_VARIANT = flags.DEFINE_string("fsdp_variant", "So400m/14", "Model of the FSDP part.")
@@ -161,19 +179,28 @@ _FSDP_SCAN = flags.DEFINE_bool("fsdp_scan", True, "config.model.scan for the FSD
 _FSDP_CHILD = flags.DEFINE_bool("fsdp_child", False, "Internal: run the FSDP part here.")
 
 IMAGE_SIZE = 224
-VARIANT = "B/16"
 MATMUL_N = 4096
+KINDS = ("plain", "precomputed", "online")
+# Dense bfloat16 peak FLOP/s (datasheets, no sparsity) by a substring of the device
+# kind, the most specific first.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+    ("H800", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
+    ("TPU v6 lite", 918e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12),
+    ("TPU v4", 275e12))
 
 
 # ---------------------------------------------------------------------------- configs
 
 
-def run_config(kind: str, scan: bool = False, variant: str = VARIANT):
+def run_config(kind: str, scan: bool, variant: str, dtype: str = "float32"):
     """The trainer's run config: 'plain' (target NormFace only) or the method with a
-    'precomputed' / 'online' teacher for the generic domain's feature_mse."""
+    'precomputed' / 'online' teacher for the generic domain's feature_mse; `dtype` is
+    the compute dtype (parameters stay float32)."""
     from infusing_jax import config as config_lib
     cfg = config_lib.default_config()
     cfg.model.variant, cfg.model.image_size, cfg.model.scan = variant, IMAGE_SIZE, scan
+    cfg.model.dtype = dtype
     if kind == "plain":
         cfg.domains.sop = config_lib.domain(
             "tfds:stanford_online_products", "target", losses=dict(normface=dict(weight=1.0)))
@@ -226,24 +253,25 @@ def analytic_flops(model_cfg, batch: int, num_classes: int) -> dict:
 # ---------------------------------------------------------------------------- JAX
 
 
-def build_step(kind: str, batch: int, num_classes: int, scan: bool, backbone_cache: dict):
+def build_step(kind: str, batch: int, num_classes: int, scan: bool, backbone_cache: dict,
+               variant: str, dtype: str = "float32"):
     """Our train step for a config, as train.train_and_evaluate builds it."""
     import jax
     from infusing_jax import config as config_lib
     from infusing_jax import objective
     from infusing_jax import optim
     from infusing_jax import sharding
-    from infusing_jax import train
+    from infusing_jax import step as step_lib
     from infusing_jax.data import device_put
 
-    cfg = run_config(kind, scan)
+    cfg = run_config(kind, scan, variant, dtype)
     config_lib.validate(cfg)
     names = config_lib.ordered_domains(cfg)
-    key = (cfg.model.variant, cfg.model.scan)
+    key = (cfg.model.variant, cfg.model.scan, cfg.model.dtype)
     if key not in backbone_cache:
-        backbone_cache[key] = train.load_image_tower(cfg.model)
+        backbone_cache[key] = step_lib.load_image_tower(cfg.model)
     model, backbone, model_cfg = backbone_cache[key]
-    embed = train.embed_fn(model)
+    embed = step_lib.embed_fn(model)
     mesh = sharding.make_mesh()
     tx = optim.make_optimizer(cfg.optim, 1000, model_cfg.image.depth)
     dim = model_cfg.image.width
@@ -251,7 +279,7 @@ def build_step(kind: str, batch: int, num_classes: int, scan: bool, backbone_cac
         cfg, names, {n: num_classes if cfg.domains[n].role == "target" else 1000
                      for n in names}, dim, jax.random.PRNGKey(cfg.seed)))
     needs_reference = kind != "plain"
-    init = functools.partial(train.create_train_state, tx=tx)
+    init = functools.partial(step_lib.create_train_state, tx=tx)
     abstract = jax.eval_shape(init, backbone, heads)
     state_sh = sharding.state_shardings(abstract, mesh, cfg.train.fsdp)
     state = jax.jit(init, out_shardings=state_sh)(backbone, heads)
@@ -261,7 +289,8 @@ def build_step(kind: str, batch: int, num_classes: int, scan: bool, backbone_cac
                                           cfg.train.fsdp)
         reference = jax.device_put(backbone, ref_sh)
     loss_fn = objective.make_loss_fn(cfg, names, embed)
-    step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn, tx=tx, ema_decay=None),
+    step = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx,
+                                     ema_decay=None),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
     # The fields the input pipeline yields: teacher descriptors only for a precomputed teacher.
     fields = ("image", "label", "domain") + (("teacher", "has_teacher")
@@ -294,15 +323,16 @@ class JaxRunner:
         return time.perf_counter() - start
 
 
-def matmul_runner(m: int, k: int, n: int, reps: int = 1):
-    """-> run() timing `reps` float32 (m, k) @ (k, n) jnp matmuls (precision 'highest'),
-    in seconds per matmul."""
+def matmul_runner(m: int, k: int, n: int, reps: int = 1, dtype: str = "float32"):
+    """-> run() timing `reps` (m, k) @ (k, n) jnp matmuls in seconds per matmul (float32:
+    precision 'highest')."""
     import jax
     import jax.numpy as jnp
     rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.standard_normal((m, k), np.float32))
-    b = jnp.asarray(rng.standard_normal((k, n), np.float32))
-    f = jax.jit(lambda x, y: jnp.matmul(x, y, precision="highest"))
+    a = jnp.asarray(rng.standard_normal((m, k), np.float32), dtype)
+    b = jnp.asarray(rng.standard_normal((k, n), np.float32), dtype)
+    precision = "highest" if dtype == "float32" else None
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, precision=precision))
 
     def run() -> float:
         start = time.perf_counter()
@@ -345,21 +375,23 @@ class Sampler:
 # ---------------------------------------------------------------------------- PyTorch
 
 
-def torch_runner(host_batch: dict, num_classes: int, threads: int):
-    """transformers' SiglipVisionModel (B/16 sizes, random init), eager, NormFace, AdamW."""
+def torch_runner(host_batch: dict, num_classes: int, threads: int, img):
+    """transformers' SiglipVisionModel (random init, the sizes of our model config's
+    `image`), eager, NormFace, AdamW."""
     import torch
     from transformers import SiglipVisionConfig
     from transformers import SiglipVisionModel
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    config = SiglipVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                num_attention_heads=12, num_channels=3, image_size=IMAGE_SIZE,
-                                patch_size=16, hidden_act="gelu_pytorch_tanh",
+    config = SiglipVisionConfig(hidden_size=img.width, intermediate_size=img.mlp_dim,
+                                num_hidden_layers=img.depth, num_attention_heads=img.num_heads,
+                                num_channels=3, image_size=IMAGE_SIZE,
+                                patch_size=img.patch_size, hidden_act="gelu_pytorch_tanh",
                                 layer_norm_eps=1e-6, attention_dropout=0.0)
     model = SiglipVisionModel(config).train()
-    bound = (3.0 / 768) ** 0.5  # lecun_uniform, as objective.init_heads
-    w = torch.nn.Parameter(torch.empty(768, num_classes).uniform_(-bound, bound))
+    bound = (3.0 / img.width) ** 0.5  # lecun_uniform, as objective.init_heads
+    w = torch.nn.Parameter(torch.empty(img.width, num_classes).uniform_(-bound, bound))
     opt = torch.optim.AdamW([dict(params=list(model.parameters()), lr=1e-5),
                              dict(params=[w], lr=1e-3)],
                             betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-6)
@@ -398,12 +430,12 @@ def fsdp_child(variant: str, batch: int, num_classes: int, scan: bool) -> dict:
     from infusing_jax import objective
     from infusing_jax import optim
     from infusing_jax import sharding
-    from infusing_jax import train
+    from infusing_jax import step as step_lib
 
     cfg = run_config("precomputed", scan=scan, variant=variant)
     config_lib.validate(cfg)
     names = config_lib.ordered_domains(cfg)
-    # train.load_image_tower without materialising: the same model config and module,
+    # step.load_image_tower without materialising: the same model config and module,
     # parameters as ShapeDtypeStructs.
     m = cfg.model
     model_cfg = models.model_config(m.family, m.variant, m.image_size, None, scan=m.scan,
@@ -412,7 +444,7 @@ def fsdp_child(variant: str, batch: int, num_classes: int, scan: bool) -> dict:
     model_cfg.dtype, model_cfg.remat_policy = m.dtype, m.remat_policy
     model = models.build(model_cfg)
     backbone = jax.eval_shape(lambda: models.init_params(model_cfg, jax.random.PRNGKey(0))["img"])
-    embed = train.embed_fn(model)
+    embed = step_lib.embed_fn(model)
     dim = model_cfg.image.width
     heads = jax.eval_shape(lambda: objective.init_heads(
         cfg, names, {n: num_classes if cfg.domains[n].role == "target" else 1000
@@ -429,7 +461,7 @@ def fsdp_child(variant: str, batch: int, num_classes: int, scan: bool) -> dict:
     for n_dev in sorted({1, len(jax.devices())}):
         mesh = sharding.make_mesh(jax.devices()[:n_dev])
         fsdp = n_dev > 1
-        init = functools.partial(train.create_train_state, tx=tx)
+        init = functools.partial(step_lib.create_train_state, tx=tx)
         abstract = jax.eval_shape(init, backbone, heads)
         state_sh = sharding.state_shardings(abstract, mesh, fsdp)
         ref_sh = sharding.state_shardings(backbone, mesh, fsdp)
@@ -438,7 +470,7 @@ def fsdp_child(variant: str, batch: int, num_classes: int, scan: bool) -> dict:
         batch_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                              sharding=sharding.batch_sharding(mesh))
                      for k, v in host.items()}
-        step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn, tx=tx,
+        step = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx,
                                          ema_decay=None),
                        out_shardings=(state_sh, sharding.replicated(mesh)),
                        donate_argnums=(0,))
@@ -479,6 +511,78 @@ def finish_fsdp_subprocess(proc: subprocess.Popen) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------------------- accelerator
+
+
+def step_timers(runners: dict) -> dict:
+    """{'jax_plain', 'jax_<kind>_target', 'jax_<kind>_generic': run() -> seconds}."""
+    timed = {"jax_plain": functools.partial(runners["plain"], 0)}
+    for kind in KINDS[1:]:
+        timed[f"jax_{kind}_target"] = functools.partial(runners[kind], 0)
+        timed[f"jax_{kind}_generic"] = functools.partial(runners[kind], 1)
+    return timed
+
+
+def peak_bf16_flops(device_kind: str):
+    """The datasheet's dense bfloat16 FLOP/s of a device kind, or None if unknown."""
+    return next((flops for name, flops in PEAK_BF16_FLOPS if name in device_kind), None)
+
+
+def accelerator_main(elapsed) -> dict:
+    """bfloat16 compute (float32 master weights) on JAX's default device: each config's
+    images/s, the plain step's model FLOP utilisation (analytic_flops over the step time,
+    over the device's peak) and its fraction of a bfloat16 n^3 matmul measured beside it.
+    Medians over --rounds samples of --steps_per_sample steps each."""
+    import jax
+    device = jax.devices()[0]
+    batch, classes, variant = _ACC_BATCH.value, _CLASSES.value, _VARIANT.value
+    peak = _PEAK.value or peak_bf16_flops(device.device_kind)
+    print(f"jax {jax.__version__} on {jax.device_count()} x {device.device_kind}, "
+          f"bfloat16, batch {batch}", flush=True)
+    cache, built, runners = {}, {}, {}
+    for kind in KINDS:
+        built[kind] = build_step(kind, batch, classes, _SCAN.value, cache, variant, "bfloat16")
+        runners[kind] = JaxRunner(built[kind])
+        print(f"{elapsed()} compiled {kind}: {built[kind]['compile_s']:.1f} s", flush=True)
+    n = _ACC_MATMUL.value
+    timed = dict(step_timers(runners), matmul=matmul_runner(n, n, n, 10, "bfloat16"))
+    for run in timed.values():  # warm-up, excluded
+        run()
+    sample = Sampler()
+    samples = {name: [] for name in timed}
+    for r in range(_ROUNDS.value):
+        for name, run in timed.items():
+            samples[name].append(sample(run, 1 if name == "matmul" else _STEPS.value)[0])
+        print(f"{elapsed()} round {r}: " + ", ".join(f"{k} {v[-1]:.4f}s"
+                                                    for k, v in samples.items()), flush=True)
+    t = {k: statistics.median(v) for k, v in samples.items()}
+    flops = analytic_flops(built["plain"]["model_cfg"], batch, classes)["train"]
+    plain = t["jax_plain"]
+    matmul_flops_per_s = 2 * n ** 3 / t["matmul"]
+    return dict(
+        images_per_s=round(batch / plain, 1),
+        model_flops_utilization=round(flops / plain / peak, 3) if peak else None,
+        fraction_of_matmul_peak=round(flops / plain / matmul_flops_per_s, 3),
+        online_teacher_overhead=round(
+            (t["jax_online_target"] + t["jax_online_generic"]) / 2 / plain, 3),
+        precomputed_teacher_overhead=round(
+            (t["jax_precomputed_target"] + t["jax_precomputed_generic"]) / 2 / plain, 3),
+        images_per_s_by_step={k: round(batch / v, 1) for k, v in t.items() if k != "matmul"},
+        step_flops=flops,
+        step_flops_per_s=round(flops / plain),
+        peak_flops=peak,
+        peak_source="--peak_flops" if _PEAK.value else ("PEAK_BF16_FLOPS" if peak else None),
+        matmul_flops_per_s=round(matmul_flops_per_s),
+        seconds={k: round(v, 5) for k, v in t.items()},
+        all_s={k: [round(x, 5) for x in v] for k, v in samples.items()},
+        compile_s={k: round(b["compile_s"], 1) for k, b in built.items()},
+        setup=dict(mode="accelerator", device_kind=device.device_kind,
+                   platform=device.platform, devices=jax.device_count(), variant=variant,
+                   image_size=IMAGE_SIZE, batch_size=batch, num_classes=classes,
+                   dtype="bfloat16", param_dtype="float32", scan=_SCAN.value,
+                   steps_per_sample=_STEPS.value, matmul_n=n, jax=jax.__version__))
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -490,6 +594,16 @@ def main(argv):
         print(json.dumps(fsdp_child(_FSDP_VARIANT.value, _BATCH.value, _CLASSES.value,
                                     _FSDP_SCAN.value)))
         return
+    if _XLA_CPU_FLAGS.value:  # read when the backend starts, below
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
+                                   _XLA_CPU_FLAGS.value).strip()
+    import jax
+    if _MODE.value == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+    if _MODE.value == "accelerator" or (_MODE.value == "auto" and
+                                        jax.default_backend() != "cpu"):
+        print(json.dumps(accelerator_main(elapsed)))
+        return
     batch, classes = _BATCH.value, _CLASSES.value
     threads = _THREADS.value or os.cpu_count()
     report = {}
@@ -498,35 +612,27 @@ def main(argv):
     # is over before anything is timed.
     fsdp_proc = (start_fsdp_subprocess(_FSDP_VARIANT.value, _FSDP_DEVICES.value, batch,
                                        classes, _FSDP_SCAN.value) if _FSDP.value else None)
-
-    if _XLA_CPU_FLAGS.value:  # read when the backend starts, below
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
-                                   _XLA_CPU_FLAGS.value).strip()
-    import jax
-    jax.config.update("jax_platforms", "cpu")
     print(f"jax {jax.__version__} on {jax.devices()}, XLA_FLAGS="
           f"{os.environ.get('XLA_FLAGS', '')!r}, {threads} threads", flush=True)
 
     cache, built, runners = {}, {}, {}
-    for kind in ("plain", "precomputed", "online"):
-        built[kind] = build_step(kind, batch, classes, _SCAN.value, cache)
+    for kind in KINDS:
+        built[kind] = build_step(kind, batch, classes, _SCAN.value, cache, _VARIANT.value)
         runners[kind] = JaxRunner(built[kind])
         print(f"{elapsed()} compiled {kind}: {built[kind]['compile_s']:.1f} s, XLA flops "
               f"{built[kind]['xla_flops'] / 1e9:.1f} G", flush=True)
+    img = built["plain"]["model_cfg"].image
     matmul = matmul_runner(MATMUL_N, MATMUL_N, MATMUL_N)
     # The "best matmul": a few sizes incl. the step's own MLP shapes; smaller ones often
     # block better in cache than 4096^2 on XLA CPU, so this is the stricter peak.
-    sweep = {f"{m}x{k}x{n}": matmul_runner(m, k, n, reps)
-             for m, k, n, reps in ((1024, 1024, 1024, 16), (2048, 2048, 2048, 2),
-                                   (batch * 196, 768, 3072, 4), (768, batch * 196, 3072, 4),
-                                   (batch * 196, 3072, 768, 4))}
-    timed = {"jax_plain": functools.partial(runners["plain"], 0)}
-    for kind in ("precomputed", "online"):
-        timed[f"jax_{kind}_target"] = functools.partial(runners[kind], 0)
-        timed[f"jax_{kind}_generic"] = functools.partial(runners[kind], 1)
+    tokens, d, m = batch * (IMAGE_SIZE // img.patch_size) ** 2, img.width, img.mlp_dim
+    sweep = {f"{a}x{b}x{c}": matmul_runner(a, b, c, reps)
+             for a, b, c, reps in ((1024, 1024, 1024, 16), (2048, 2048, 2048, 2),
+                                   (tokens, d, m, 4), (d, tokens, m, 4), (tokens, m, d, 4))}
+    timed = step_timers(runners)
     if _TORCH.value:
-        torch_run, torch_info = torch_runner(host_batches("plain", batch, 768, classes)[0],
-                                             classes, threads)
+        torch_run, torch_info = torch_runner(host_batches("plain", batch, d, classes)[0],
+                                             classes, threads, img)
         timed = {"torch_plain": torch_run, **timed}
 
     print(f"{elapsed()} built everything", flush=True)
@@ -631,10 +737,10 @@ def main(argv):
         xla_flops={k: b["xla_flops"] for k, b in built.items()},
         fsdp=report.get("fsdp"),
         torch=torch_info if _TORCH.value else None,
-        setup=dict(variant=VARIANT, image_size=IMAGE_SIZE, batch_size=batch,
-                   num_classes=classes, dtype="float32", scan=_SCAN.value, threads=threads,
-                   steps_per_sample=_STEPS.value,
-                   jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+        setup=dict(mode="cpu", variant=_VARIANT.value, image_size=IMAGE_SIZE,
+                   batch_size=batch, num_classes=classes, dtype="float32", scan=_SCAN.value,
+                   threads=threads, steps_per_sample=_STEPS.value, jax=jax.__version__,
+                   xla_flags=os.environ.get("XLA_FLAGS", ""),
                    glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
                    cpu=_cpu_name(), cores=os.cpu_count()))
     if not quiet:

@@ -27,13 +27,13 @@ ValueError naming the first bad field; it runs before anything is compiled.
 import ml_collections
 
 from infusing_jax import optim
-from infusing_jax.data import pipeline
 from infusing_jax.models import transformer
 
 ROLES = ("target", "generic")
 AGGREGATIONS = ("weighted_sum", "weighted_average")
 TEACHERS = ("precomputed", "online")
 SELECT_BY = ("all", "in-domain", "out-of-domain", "last")
+MIXES = ("round_robin", "balanced", "dataset_size", "weights")  # data/pipeline.py
 
 # kind -> default settings; every loss has a `weight`.
 CLASSIFIERS = {
@@ -254,8 +254,8 @@ def validate(cfg) -> None:
     d = cfg.data
     if not _int(d.batch_size) or d.batch_size < 1:
         _err("data.batch_size", f"must be an int > 0, got {d.batch_size!r}")
-    if d.mix not in pipeline.MIXES:
-        _err("data.mix", f"must be one of {pipeline.MIXES}, got {d.mix!r}")
+    if d.mix not in MIXES:
+        _err("data.mix", f"must be one of {MIXES}, got {d.mix!r}")
     if not _int(d.resize) or d.resize < 0:
         _err("data.resize", f"must be an int >= 0 (0 = image_size * 256 / 224), got {d.resize!r}")
     if not _int(d.num_shards) or d.num_shards < 0:

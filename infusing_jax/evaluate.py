@@ -31,7 +31,7 @@ from ml_collections import config_flags
 from infusing_jax import checkpointing
 from infusing_jax import checkpoints
 from infusing_jax import config as config_lib
-from infusing_jax import train
+from infusing_jax import step as step_lib
 from infusing_jax.evaluation import suite
 from infusing_jax.evaluation import wise_ft
 
@@ -78,8 +78,8 @@ def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
     if checkpoint:
         cfg.model.checkpoint = checkpoint
     config_lib.validate(cfg)
-    model, pretrained, model_cfg = train.load_image_tower(cfg.model)
-    embed = train.embed_fn(model)
+    model, pretrained, model_cfg = step_lib.load_image_tower(cfg.model)
+    embed = step_lib.embed_fn(model)
     backbones, step = {"pretrained": pretrained}, 0
     finetuned = None
     if not checkpoint:

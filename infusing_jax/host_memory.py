@@ -24,9 +24,12 @@ def restart_with_tunables() -> None:
     """Re-executes this process, same command line, with GLIBC_TUNABLES=TUNABLES.
 
     Returns without doing anything when GLIBC_TUNABLES is already set (even to ''),
-    which is also the way to keep your own allocator settings, and off glibc Linux.
+    which is also the way to keep your own allocator settings, off glibc Linux, and
+    inside IPython (`%run -m infusing_jax.main` in a notebook: a re-exec would
+    replace the kernel).
     """
-    if "GLIBC_TUNABLES" in os.environ or platform.libc_ver()[0] != "glibc":
+    if ("GLIBC_TUNABLES" in os.environ or platform.libc_ver()[0] != "glibc" or
+            "IPython" in sys.modules):
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,7 +1,5 @@
-"""Fine-tuning: the train state, the pure train step, and the training loop.
+"""Fine-tuning: the training loop around step.py's pure train step.
 
-    state = create_train_state(backbone, heads, tx, ema, fisher)
-    state, metrics = train_step(state, batch, reference, loss_fn=..., tx=...)
     train_and_evaluate(config, workdir)
 
 The step is one `jax.jit` over a 1-D device mesh (sharding.py): the batch split
@@ -14,13 +12,10 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import tensorflow as tf
 import tqdm
 from absl import logging
@@ -30,10 +25,10 @@ from jax.experimental import multihost_utils
 from infusing_jax import checkpointing
 from infusing_jax import checkpoints
 from infusing_jax import config as config_lib
-from infusing_jax import models
 from infusing_jax import objective
 from infusing_jax import optim
 from infusing_jax import sharding
+from infusing_jax import step as step_lib
 from infusing_jax import validation
 from infusing_jax.data import device_put
 from infusing_jax.data import domains as domains_lib
@@ -50,72 +45,7 @@ class NonFiniteLoss(FloatingPointError):
     """The loss or the gradient norm went NaN / inf; the last good checkpoint is kept."""
 
 
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any  # {'backbone': image tower, 'heads': {domain: {...}}}
-    opt_state: Any
-    ema: Any  # like params, or None
-    fisher: Any  # like params['backbone'] (EWC), or None
-
-
-def create_train_state(backbone, heads, tx: optax.GradientTransformation,
-                       ema: bool = False, fisher=None) -> TrainState:
-    params = {"backbone": backbone, "heads": heads}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema=optim.ema_init(params) if ema else None, fisher=fisher)
-
-
-def train_step(state: TrainState, batch: dict, reference, *, loss_fn: Callable,
-               tx: optax.GradientTransformation, ema_decay: Optional[float] = None):
-    """-> (new state, metrics): one AdamW step on loss_fn(params, reference, fisher, batch).
-
-    metrics: 'loss', each '<domain>/<kind>' term and '<domain>/present', and the
-    global norms 'grad_norm', 'param_norm', 'update_norm'.
-    """
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, reference, state.fisher, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema if ema_decay is None else optim.ema_update(state.ema, params, ema_decay)
-    metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params), update_norm=optax.global_norm(updates))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
-
-
 # ---------------------------------------------------------------------------- set-up
-
-
-def load_image_tower(model_cfg):
-    """-> (Flax module, backbone params (numpy tree), model config) for config.model."""
-    m = model_cfg
-    if m.checkpoint:
-        try:
-            params, cfg = checkpoints.load(m.checkpoint, image_size=m.image_size,
-                                           act=m.act or None, scan=m.scan,
-                                           param_dtype=m.param_dtype)
-        except (ValueError, FileNotFoundError, OSError) as e:
-            raise ValueError(f"config.model.checkpoint: {e}") from None
-        if "img" not in params:
-            raise ValueError(f"config.model.checkpoint: {m.checkpoint} has no image tower")
-        backbone = params["img"]
-    else:
-        cfg = models.model_config(m.family, m.variant, m.image_size, None, scan=m.scan,
-                                  param_dtype=m.param_dtype)
-        backbone = None
-    cfg.text = None
-    cfg.dtype, cfg.remat_policy = m.dtype, m.remat_policy
-    model = models.build(cfg)
-    if backbone is None:
-        backbone = jax.device_get(models.init_params(cfg, jax.random.PRNGKey(0))["img"])
-    return model, backbone, cfg
-
-
-def embed_fn(model) -> Callable:
-    """(backbone params, images (B, S, S, 3)) -> L2-normalised embeddings (B, E)."""
-    def embed(backbone, images):
-        return model.apply({"params": {"img": backbone}}, images, method=model.encode_images)
-    return embed
 
 
 def _needs_reference(cfg, names) -> bool:
@@ -262,8 +192,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         raise ValueError(f"config.data.batch_size: {cfg.data.batch_size} is not divisible by "
                          f"the {mesh.size} devices")
 
-    model, backbone, model_cfg = load_image_tower(cfg.model)
-    embed = embed_fn(model)
+    model, backbone, model_cfg = step_lib.load_image_tower(cfg.model)
+    embed = step_lib.embed_fn(model)
     splits = {n: domains_lib.load(cfg, n) for n in names}
     fingerprint = teacher_lib.fingerprint(checkpoints.to_flat({"img": backbone}), model_cfg)
     encode = jax.jit(lambda images: embed(backbone, images))
@@ -282,13 +212,14 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     ewc_domains = [n for n in names if "ewc" in cfg.domains[n].losses]
     reference = backbone if _needs_reference(cfg, names) else None
 
-    init = functools.partial(create_train_state, tx=tx, ema=cfg.optim.ema_decay is not None)
+    init = functools.partial(step_lib.create_train_state, tx=tx,
+                             ema=cfg.optim.ema_decay is not None)
     abstract = jax.eval_shape(init, backbone, heads, fisher=backbone if ewc_domains else None)
     state_sh = sharding.state_shardings(abstract, mesh, cfg.train.fsdp)
     ref_sh = sharding.state_shardings(jax.eval_shape(lambda: reference), mesh, cfg.train.fsdp)
     reference = jax.device_put(reference, ref_sh)
     loss_fn = objective.make_loss_fn(cfg, names, embed)
-    step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx,
+    step_fn = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx,
                                         ema_decay=cfg.optim.ema_decay),
                       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
 

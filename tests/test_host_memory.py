@@ -13,9 +13,11 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 
 # Allocates and frees a 256 MB block 4 times; prints the page faults of each round.
 _SCRIPT = textwrap.dedent("""
-    import os, resource, sys
+    import os, resource, sys, types
     import numpy as np
     from infusing_jax import host_memory
+    if len(sys.argv) > 1:  # as if inside IPython
+        sys.modules["IPython"] = types.ModuleType("IPython")
     print("start", os.environ.get("GLIBC_TUNABLES"), flush=True)
     host_memory.restart_with_tunables()
     faults = []
@@ -28,13 +30,14 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(tmp_path, env_tunables=None):
+def _run(tmp_path, env_tunables=None, ipython=False):
     script = tmp_path / "child.py"
     script.write_text(_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     if env_tunables is not None:
         env["GLIBC_TUNABLES"] = env_tunables
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+    args = [sys.executable, str(script)] + (["ipython"] if ipython else [])
+    out = subprocess.run(args, env=env, capture_output=True,
                          text=True, check=True).stdout.splitlines()
     starts = [line.split(" ", 1)[1] for line in out if line.startswith("start")]
     faults = [int(x) for x in out[-1].split()[1:]]
@@ -53,3 +56,8 @@ def test_own_setting_kept_and_glibc_default_refaults(tmp_path):
     assert starts == [""]
     # glibc's default serves the block with mmap and unmaps it on free: every round faults.
     assert all(f > 0 for f in faults), faults
+
+
+def test_no_restart_inside_ipython(tmp_path):
+    starts, _ = _run(tmp_path, ipython=True)
+    assert starts == ["None"]

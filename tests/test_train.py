@@ -13,6 +13,7 @@ import conftest
 import train_world
 from infusing_jax import config as config_lib
 from infusing_jax import objective
+from infusing_jax import step as step_lib
 from infusing_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +84,7 @@ def _tiny_setup(method="full", teacher="online", aggregation="weighted_sum"):
     from infusing_jax import models
     model = models.build(model_cfg)
     backbone = conftest.random_params(model_cfg)["img"]
-    embed = train.embed_fn(model)
+    embed = step_lib.embed_fn(model)
     heads = objective.init_heads(c, names, {"target": 8, "generic": 4}, 32, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     batch = dict(image=conftest.random_images(6), label=rng.integers(0, 4, 6),
@@ -158,7 +159,7 @@ def test_a_run_learns_the_target_and_reports_skipped_images(world, tmp_path):
 
 def test_an_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(world, tmp_path,
                                                                             monkeypatch):
-    real_step = train.train_step
+    real_step = step_lib.train_step
 
     def nan_from_step_7(state, batch, reference, **kw):
         new, metrics = real_step(state, batch, reference, **kw)
@@ -167,11 +168,11 @@ def test_an_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(world,
         params = jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), new.params)
         return new.replace(params=params), metrics
 
-    monkeypatch.setattr(train, "train_step", nan_from_step_7)
+    monkeypatch.setattr(step_lib, "train_step", nan_from_step_7)
     c = train_world.world_config(world)
     with pytest.raises(train.NonFiniteLoss, match="at step 7; .*last good checkpoint is step 4"):
         train.train_and_evaluate(c, str(tmp_path))
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(step_lib, "train_step", real_step)
     import orbax.checkpoint as ocp
     state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "4" / "state")
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))

@@ -20,10 +20,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from infusing_jax import config as config_lib
 from infusing_jax.data import schema
 from infusing_jax.data import teacher
-
-MIXES = ("round_robin", "balanced", "dataset_size", "weights")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +89,7 @@ def mix_weights(domains: Sequence[Domain], mix: str) -> np.ndarray:
     elif mix == "weights":
         w = np.array([d.weight for d in domains], np.float64)
     else:
-        raise ValueError(f"data.mix: unknown mix {mix!r}; use one of {MIXES}")
+        raise ValueError(f"data.mix: unknown mix {mix!r}; use one of {config_lib.MIXES}")
     if np.any(w < 0) or w.sum() <= 0:
         raise ValueError(f"data.mix {mix!r}: domain weights {w.tolist()} must be >= 0 and not all 0")
     return w / w.sum()
