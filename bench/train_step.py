@@ -128,6 +128,12 @@ forward dots but ~120 for the 768x768 attention projections, ~95-110 per dot
 for backward dots that run two at a time (one core each), 45-65 for the
 per-head attention dots; ~12% in non-matmul fusions that run alone (attention
 layout transposes, LayerNorm, GELU, softmax, AdamW); ~7% idle gaps.
+  * attention on heads-major copies (transformer.heads_major_attention): the
+    attention products ~1.7x faster, the step ~1.5-2% (kept). One fused
+    q/k/v projection (a 768x2304 kernel): no gain. A later host (2 cores with
+    AMX, 2026-11-23) runs float32 matmuls at 250-300 GFLOP/s: there PyTorch's
+    step took 3.3-3.8 s and ours 4.1-4.7 s (0.69-0.71 of the matmul rate): the
+    ratios depend on the host the VM lands on.
 """
 import functools
 import json
@@ -756,15 +762,24 @@ def main(argv):
     print(json.dumps(out))
 
 
-def _cpu_name() -> str:
+def _cpu_info(field: str) -> str:
+    """The first `field` line of /proc/cpuinfo ('model name', 'flags'), or ''."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def _cpu_name() -> str:
+    """The model name and the vector / matrix extensions that set the matmul rate (VMs
+    often report only 'Intel(R) Xeon(R) Processor', whatever the host)."""
+    features = set(_cpu_info("flags").split()) & {"avx2", "avx512f", "avx512_bf16",
+                                                  "amx_tile", "amx_bf16"}
+    return " ".join([_cpu_info("model name"), *sorted(features)])
 
 
 if __name__ == "__main__":
