@@ -1,16 +1,17 @@
 r"""The trainer's train step against PyTorch, the matmul peak, the method's overheads, FSDP memory.
 
-    python bench/train_step.py [--rounds=5] [--batch_size=8] [--threads=0] [--xla_cpu_flags=...]
+    python bench/train_step.py [--mode=auto] [--rounds=5] [--steps_per_sample=3]
+        [--variant=B/16] [--batch_size=8] [--threads=0] [--xla_cpu_flags=...]
 
 Where JAX has a GPU or TPU (or with --mode=accelerator), the script measures
-that device instead, in bfloat16: see `accelerator_main` (images/s of each
-config, the plain step's model FLOP utilisation against the device's dense
+those devices instead, in bfloat16: see `accelerator_main` (images/s of each
+config, the plain step's model FLOP utilisation against the devices' dense
 bfloat16 peak, PEAK_BF16_FLOPS or --peak_flops, and against a bfloat16 8192^3
 matmul measured beside it; batch --accelerator_batch_size). It needs no
 TensorFlow: the step comes from step.py. Not yet run on a GPU here.
 
 Everything below is measured in one run, side by side, on the CPU (--mode=cpu,
-or auto without an accelerator): SigLIP B/16
+or auto without an accelerator): SigLIP B/16 (--variant)
 image tower at 224 px, float32 compute and master weights, batch 8, AdamW
 (optax through `optim.make_optimizer`, METHOD.md's LRs), batches of random
 numbers already on the device (no input pipeline), a target classifier of
@@ -27,9 +28,9 @@ exactly as `train.train_and_evaluate` builds it. Three configs:
                anchoring 1e5); timed on a target and on a generic batch;
   online       the same with feature_mse's teacher='online' (the frozen
                reference backbone embeds the generic batch inside the step).
-PyTorch: transformers `SiglipVisionModel` from a B/16 `SiglipVisionConfig`
-(random init, its default attention, SDPA), eager, train mode, the same NormFace
-loss (16 * cos(l2norm(pooler_output), W), W (768, C) bias-free, cross-entropy),
+PyTorch: transformers `SiglipVisionModel` from a `SiglipVisionConfig` of the same
+sizes (random init, its default attention, SDPA), eager, train mode, the same NormFace
+loss (16 * cos(l2norm(pooler_output), W), W (width, C) bias-free, cross-entropy),
 `torch.optim.AdamW` with the same two learning rates, weight decay and betas.
 
 Timing: each executable / model is compiled and run once per batch kind
@@ -190,10 +191,11 @@ KINDS = ("plain", "precomputed", "online")
 # Dense bfloat16 peak FLOP/s (datasheets, no sparsity) by a substring of the device
 # kind, the most specific first.
 PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-    ("H800", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
-    ("TPU v6 lite", 918e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12),
-    ("TPU v4", 275e12))
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+    ("H200 NVL", 835e12), ("H200", 989e12), ("H800 PCIe", 756e12), ("H800", 989e12),
+    ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v4 lite", 138e12), ("TPU v4", 275e12))
 
 
 # ---------------------------------------------------------------------------- configs
@@ -243,17 +245,18 @@ def analytic_flops(model_cfg, batch: int, num_classes: int) -> dict:
     N*(p*p*3)*D; per block q/k/v/out projections 4*N*D^2, attention scores and
     values 2*N^2*D, MLP 2*N*D*M; MAP head: query and output projections 2*D^2,
     key/value 2*N*D^2, attention 2*N*D, MLP 2*D*M; classifier D*C. Training =
-    3x forward (backward = input and weight gradients, 2x forward).
+    3x forward (backward = input and weight gradients, 2x forward), less the patch
+    embedding's input gradient (the images are not differentiated).
     """
     img = model_cfg.image
     n = (IMAGE_SIZE // img.patch_size) ** 2
     d, m, depth = img.width, img.mlp_dim, img.depth
-    macs = n * img.patch_size ** 2 * 3 * d
-    macs += depth * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+    patch_macs = n * img.patch_size ** 2 * 3 * d
+    macs = patch_macs + depth * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
     macs += 2 * d * d + 2 * n * d * d + 2 * n * d + 2 * d * m
     macs += d * num_classes
     forward = 2 * macs * batch
-    return dict(forward=forward, train=3 * forward)
+    return dict(forward=forward, train=3 * forward - 2 * patch_macs * batch)
 
 
 # ---------------------------------------------------------------------------- JAX
@@ -320,13 +323,15 @@ class JaxRunner:
         self.b = built
         self.state = built["state"]
 
-    def __call__(self, i: int) -> float:
+    def __call__(self, i: int, steps: int = 1) -> float:
+        """-> seconds per step of `steps` steps on batch i, dispatched back to back."""
         import jax
         start = time.perf_counter()
-        self.state, metrics = self.b["compiled"](self.state, self.b["batches"][i],
-                                                 self.b["reference"])
+        for _ in range(steps):
+            self.state, metrics = self.b["compiled"](self.state, self.b["batches"][i],
+                                                     self.b["reference"])
         jax.block_until_ready((self.state, metrics))
-        return time.perf_counter() - start
+        return (time.perf_counter() - start) / steps
 
 
 def matmul_runner(m: int, k: int, n: int, reps: int = 1, dtype: str = "float32"):
@@ -497,10 +502,10 @@ def fsdp_child(variant: str, batch: int, num_classes: int, scan: bool) -> dict:
 
 
 def start_fsdp_subprocess(variant: str, devices: int, batch: int, num_classes: int,
-                          scan: bool) -> subprocess.Popen:
+                          scan: bool, xla_flags: str) -> subprocess.Popen:
     """This script with --fsdp_child on `devices` host devices; see fsdp_child."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+    env["XLA_FLAGS"] = (xla_flags +
                         f" --xla_force_host_platform_device_count={devices}").strip()
     env["JAX_PLATFORMS"] = "cpu"
     cmd = [sys.executable, os.path.abspath(__file__), "--fsdp_child",
@@ -520,12 +525,12 @@ def finish_fsdp_subprocess(proc: subprocess.Popen) -> dict:
 # ---------------------------------------------------------------------------- accelerator
 
 
-def step_timers(runners: dict) -> dict:
-    """{'jax_plain', 'jax_<kind>_target', 'jax_<kind>_generic': run() -> seconds}."""
-    timed = {"jax_plain": functools.partial(runners["plain"], 0)}
+def step_timers(runners: dict, steps: int = 1) -> dict:
+    """{'jax_plain', 'jax_<kind>_target', 'jax_<kind>_generic': run() -> seconds per step}."""
+    timed = {"jax_plain": functools.partial(runners["plain"], 0, steps)}
     for kind in KINDS[1:]:
-        timed[f"jax_{kind}_target"] = functools.partial(runners[kind], 0)
-        timed[f"jax_{kind}_generic"] = functools.partial(runners[kind], 1)
+        timed[f"jax_{kind}_target"] = functools.partial(runners[kind], 0, steps)
+        timed[f"jax_{kind}_generic"] = functools.partial(runners[kind], 1, steps)
     return timed
 
 
@@ -535,58 +540,69 @@ def peak_bf16_flops(device_kind: str):
 
 
 def accelerator_main(elapsed) -> dict:
-    """bfloat16 compute (float32 master weights) on JAX's default device: each config's
-    images/s, the plain step's model FLOP utilisation (analytic_flops over the step time,
-    over the device's peak) and its fraction of a bfloat16 n^3 matmul measured beside it.
-    Medians over --rounds samples of --steps_per_sample steps each."""
+    """bfloat16 compute (float32 master weights) on JAX's devices (the batch split over
+    all of them, as the trainer does): each config's images/s, the plain step's model
+    FLOP utilisation (analytic_flops over the step time, over the devices' summed peak)
+    and its fraction of the devices' summed bfloat16 n^3 matmul rate (measured on one).
+    Medians over --rounds samples of --steps_per_sample steps each, dispatched back to
+    back and synchronised once."""
     import jax
-    device = jax.devices()[0]
+    device, devices = jax.devices()[0], jax.device_count()
     batch, classes, variant = _ACC_BATCH.value, _CLASSES.value, _VARIANT.value
+    if batch % devices:
+        raise ValueError(f"--accelerator_batch_size={batch} must be a multiple of the "
+                         f"{devices} devices")
     peak = _PEAK.value or peak_bf16_flops(device.device_kind)
-    print(f"jax {jax.__version__} on {jax.device_count()} x {device.device_kind}, "
-          f"bfloat16, batch {batch}", flush=True)
+    print(f"jax {jax.__version__} on {devices} x {device.device_kind}, bfloat16, batch "
+          f"{batch}", flush=True)
     cache, built, runners = {}, {}, {}
     for kind in KINDS:
         built[kind] = build_step(kind, batch, classes, _SCAN.value, cache, variant, "bfloat16")
         runners[kind] = JaxRunner(built[kind])
         print(f"{elapsed()} compiled {kind}: {built[kind]['compile_s']:.1f} s", flush=True)
     n = _ACC_MATMUL.value
-    timed = dict(step_timers(runners), matmul=matmul_runner(n, n, n, 10, "bfloat16"))
+    timed = dict(step_timers(runners, _STEPS.value),
+                 matmul=matmul_runner(n, n, n, 10, "bfloat16"))
     for run in timed.values():  # warm-up, excluded
         run()
     sample = Sampler()
     samples = {name: [] for name in timed}
     for r in range(_ROUNDS.value):
         for name, run in timed.items():
-            samples[name].append(sample(run, 1 if name == "matmul" else _STEPS.value)[0])
-        print(f"{elapsed()} round {r}: " + ", ".join(f"{k} {v[-1]:.4f}s"
+            samples[name].append(sample(run)[0])
+        print(f"{elapsed()} round {r}: " + ", ".join(f"{k} {v[-1]:.4g}s"
                                                     for k, v in samples.items()), flush=True)
     t = {k: statistics.median(v) for k, v in samples.items()}
     flops = analytic_flops(built["plain"]["model_cfg"], batch, classes)["train"]
     plain = t["jax_plain"]
-    matmul_flops_per_s = 2 * n ** 3 / t["matmul"]
+    matmul_flops_per_s = 2 * n ** 3 / t["matmul"]  # one device
     return dict(
-        images_per_s=round(batch / plain, 1),
-        model_flops_utilization=round(flops / plain / peak, 3) if peak else None,
-        fraction_of_matmul_peak=round(flops / plain / matmul_flops_per_s, 3),
-        online_teacher_overhead=round(
-            (t["jax_online_target"] + t["jax_online_generic"]) / 2 / plain, 3),
-        precomputed_teacher_overhead=round(
-            (t["jax_precomputed_target"] + t["jax_precomputed_generic"]) / 2 / plain, 3),
-        images_per_s_by_step={k: round(batch / v, 1) for k, v in t.items() if k != "matmul"},
+        images_per_s=_sig(batch / plain),
+        model_flops_utilization=_sig(flops / plain / (peak * devices)) if peak else None,
+        fraction_of_matmul_peak=_sig(flops / plain / (matmul_flops_per_s * devices)),
+        online_teacher_overhead=_sig(
+            (t["jax_online_target"] + t["jax_online_generic"]) / 2 / plain),
+        precomputed_teacher_overhead=_sig(
+            (t["jax_precomputed_target"] + t["jax_precomputed_generic"]) / 2 / plain),
+        images_per_s_by_step={k: _sig(batch / v) for k, v in t.items() if k != "matmul"},
         step_flops=flops,
-        step_flops_per_s=round(flops / plain),
-        peak_flops=peak,
+        step_flops_per_s=_sig(flops / plain),
+        peak_flops_per_device=peak,
         peak_source="--peak_flops" if _PEAK.value else ("PEAK_BF16_FLOPS" if peak else None),
-        matmul_flops_per_s=round(matmul_flops_per_s),
-        seconds={k: round(v, 5) for k, v in t.items()},
-        all_s={k: [round(x, 5) for x in v] for k, v in samples.items()},
+        matmul_flops_per_s_per_device=_sig(matmul_flops_per_s),
+        seconds={k: _sig(v) for k, v in t.items()},
+        all_s={k: [_sig(x) for x in v] for k, v in samples.items()},
         compile_s={k: round(b["compile_s"], 1) for k, b in built.items()},
         setup=dict(mode="accelerator", device_kind=device.device_kind,
-                   platform=device.platform, devices=jax.device_count(), variant=variant,
+                   platform=device.platform, devices=devices, variant=variant,
                    image_size=IMAGE_SIZE, batch_size=batch, num_classes=classes,
                    dtype="bfloat16", param_dtype="float32", scan=_SCAN.value,
                    steps_per_sample=_STEPS.value, matmul_n=n, jax=jax.__version__))
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """x rounded to `digits` significant digits."""
+    return float(f"{x:.{digits}g}")
 
 
 # ---------------------------------------------------------------------------- main
@@ -600,6 +616,7 @@ def main(argv):
         print(json.dumps(fsdp_child(_FSDP_VARIANT.value, _BATCH.value, _CLASSES.value,
                                     _FSDP_SCAN.value)))
         return
+    xla_flags = os.environ.get("XLA_FLAGS", "")  # the FSDP part's: no --xla_cpu_flags
     if _XLA_CPU_FLAGS.value:  # read when the backend starts, below
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
                                    _XLA_CPU_FLAGS.value).strip()
@@ -617,7 +634,8 @@ def main(argv):
     # The FSDP part compiles (in a subprocess) while this process builds its steps; it
     # is over before anything is timed.
     fsdp_proc = (start_fsdp_subprocess(_FSDP_VARIANT.value, _FSDP_DEVICES.value, batch,
-                                       classes, _FSDP_SCAN.value) if _FSDP.value else None)
+                                       classes, _FSDP_SCAN.value, xla_flags)
+                 if _FSDP.value else None)
     print(f"jax {jax.__version__} on {jax.devices()}, XLA_FLAGS="
           f"{os.environ.get('XLA_FLAGS', '')!r}, {threads} threads", flush=True)
 
@@ -722,7 +740,8 @@ def main(argv):
         rounds=len(rounds),
         others_cpu_load={k: round(statistics.median(x[1] for x in v), 3)
                          for k, v in times.items()},
-        flops_counted="analytic matmul FLOPs of the ViT + MAP head + classifier, 3x forward",
+        flops_counted="analytic matmul FLOPs of the ViT + MAP head + classifier, 3x forward "
+                      "less the patch embedding's input gradient",
         step_flops_analytic=flops["train"],
         step_flops_xla=built["plain"]["xla_flops"],
         median=med,

@@ -1,4 +1,4 @@
-"""The fine-tuning train state and the pure train step: JAX, Flax and optax only.
+"""The fine-tuning train state and the pure train step (no TensorFlow).
 
     state = create_train_state(backbone, heads, tx, ema, fisher)
     state, metrics = train_step(state, batch, reference, loss_fn=..., tx=...)

@@ -41,11 +41,11 @@ def test_accelerator_mode_runs_in_bfloat16_without_tensorflow():
     assert set(out["images_per_s_by_step"]) == {
         "jax_plain", "jax_precomputed_target", "jax_precomputed_generic", "jax_online_target",
         "jax_online_generic"}
-    assert out["images_per_s"] == pytest.approx(4 / out["seconds"]["jax_plain"], rel=1e-3)
-    assert out["peak_source"] == "--peak_flops"
+    assert out["images_per_s"] == pytest.approx(4 / out["seconds"]["jax_plain"], rel=2e-3)
+    assert out["peak_source"] == "--peak_flops" and setup["devices"] == 1
     assert 0 < out["model_flops_utilization"] < 1
     assert out["model_flops_utilization"] == pytest.approx(
-        out["step_flops_per_s"] / 1e12, abs=1e-3)
+        out["step_flops_per_s"] / 1e12, rel=2e-3)
     assert out["online_teacher_overhead"] > 0 and out["precomputed_teacher_overhead"] > 0
     assert len(out["all_s"]["jax_plain"]) == 1
 
@@ -54,13 +54,14 @@ def test_device_peaks_match_the_most_specific_kind():
     code = """
         import json, runpy, sys
         bench = runpy.run_path(sys.argv[1], run_name="bench")
-        kinds = ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H200", "TPU v5 lite",
-                 "TPU v5", "TPU v4", "cpu"]
+        kinds = ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA L40",
+                 "NVIDIA L4", "TPU v5 lite", "TPU v5e", "TPU v5", "TPU v6e", "TPU v4", "cpu"]
         print(json.dumps({k: bench["peak_bf16_flops"](k) for k in kinds}))
     """
     assert _run(code) == {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
-                          "NVIDIA H200": 989e12, "TPU v5 lite": 197e12, "TPU v5": 459e12,
-                          "TPU v4": 275e12, "cpu": None}
+                          "NVIDIA H200": 989e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12,
+                          "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12,
+                          "TPU v6e": 918e12, "TPU v4": 275e12, "cpu": None}
 
 
 def test_cpu_mode_reports_every_headline_figure():
@@ -75,5 +76,5 @@ def test_cpu_mode_reports_every_headline_figure():
         assert out[key] > 0, key
     assert out["setup"]["mode"] == "cpu" and out["setup"]["steps_per_sample"] == 2
     assert out["fsdp"]["devices"] == 2 and out["fsdp_memory_reduction"] > 1
-    # FLOPs: our analytic count of the tiny model agrees with XLA's (elementwise work aside).
-    assert out["step_flops_xla"] == pytest.approx(out["step_flops_analytic"], rel=0.15)
+    # FLOPs: XLA's count of the tiny model = our analytic matmul count + its elementwise work.
+    assert 1 < out["step_flops_xla"] / out["step_flops_analytic"] < 1.15

@@ -125,13 +125,34 @@ def test_heads_major_attention_is_flax_dot_product_attention(causal):
     def loss(fn, q, k, v):
         return jnp.sum(jnp.sin(fn(q, k, v, mask=mask)))
 
-    for ours, ref in zip(jax.grad(functools.partial(loss, transformer.heads_major_attention),
-                                  argnums=(0, 1, 2))(q, k, v),
-                         jax.grad(functools.partial(loss, nn.dot_product_attention),
-                                  argnums=(0, 1, 2))(q, k, v)):
+    grads = [jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2))(q, k, v)
+             for fn in (transformer.heads_major_attention, nn.dot_product_attention)]
+    for ours, ref in zip(*grads):
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(transformer.heads_major_attention(q, k, v, mask=mask),
-                               nn.dot_product_attention(q, k, v, mask=mask), rtol=1e-5,
-                               atol=1e-6)
+    for fp32_softmax in (False, True):
+        args = [t.astype(jnp.bfloat16) for t in (q, k, v)]
+        kw = dict(mask=mask, force_fp32_for_softmax=fp32_softmax)
+        ours = transformer.heads_major_attention(*args, **kw)
+        ref = nn.dot_product_attention(*args, **kw)
+        assert ours.dtype == ref.dtype
+        np.testing.assert_allclose(ours.astype(np.float32), ref.astype(np.float32), atol=2e-2)
     with pytest.raises(ValueError, match="dropout"):
         transformer.heads_major_attention(q, k, v, dropout_rate=0.1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_our_attention_module_matches_flax_default(dtype):
+    """The towers' attention (same parameters) against flax's default attention_fn;
+    with sow_weights the weights are sown as flax sows them."""
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 16)), jnp.float32)
+    ours = transformer._attention(4, dtype, jnp.float32)
+    ref = nn.MultiHeadDotProductAttention(num_heads=4, dtype=dtype, deterministic=True)
+    params = ours.init(jax.random.PRNGKey(0), x, x)
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(np.asarray(ours.apply(params, x, x), np.float32),
+                               np.asarray(ref.apply(params, x, x), np.float32), atol=tol)
+    _, sown = ours.apply(params, x, x, sow_weights=True, mutable=["intermediates"])
+    _, sown_ref = ref.apply(params, x, x, sow_weights=True, mutable=["intermediates"])
+    np.testing.assert_allclose(
+        np.asarray(sown["intermediates"]["attention_weights"][0], np.float32),
+        np.asarray(sown_ref["intermediates"]["attention_weights"][0], np.float32), atol=tol)

@@ -68,13 +68,14 @@ class MlpBlock(nn.Module):
 
 
 def heads_major_attention(query, key, value, mask=None, dropout_rate=0.0, precision=None,
-                          force_fp32_for_softmax=False):
+                          force_fp32_for_softmax=False, module=None):
     """softmax(q k^T / sqrt(d), masked) v: (..., Lq, H, d), (..., Lk, H, d) x2 -> (..., Lq, H, d).
 
     flax's `dot_product_attention` (no dropout), with the products taken on
     (..., H, L, d) copies of q, k, v: for the heads-minor einsums XLA:CPU lays keys
     and values out as (..., H, d, L), and the attention then runs ~1.7x slower
-    (~2% of a B/16 train step). `mask`: broadcastable to (..., H, Lq, Lk), True = keep.
+    (~2% of a B/16 train step). `mask`: broadcastable to (..., H, Lq, Lk), True = keep;
+    `module` (flax passes it with sow_weights=True) sows the attention weights.
     """
     if dropout_rate:
         raise ValueError("heads_major_attention has no dropout; the towers use none")
@@ -84,9 +85,10 @@ def heads_major_attention(query, key, value, mask=None, dropout_rate=0.0, precis
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     if force_fp32_for_softmax:
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    else:
-        weights = jax.nn.softmax(logits, axis=-1)
+        logits = logits.astype(jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if module is not None:
+        module.sow("intermediates", "attention_weights", weights)
     out = jnp.einsum("...hqk,...hkd->...hqd", weights, v, precision=precision)
     return jnp.swapaxes(out, -3, -2)
 
