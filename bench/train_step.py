@@ -334,6 +334,21 @@ class JaxRunner:
         return (time.perf_counter() - start) / steps
 
 
+def step_timers(runners: dict, steps: int = 1) -> dict:
+    """{'jax_plain', 'jax_<kind>_target', 'jax_<kind>_generic': run() -> seconds per step}."""
+    timed = {"jax_plain": functools.partial(runners["plain"], 0, steps)}
+    for kind in KINDS[1:]:
+        timed[f"jax_{kind}_target"] = functools.partial(runners[kind], 0, steps)
+        timed[f"jax_{kind}_generic"] = functools.partial(runners[kind], 1, steps)
+    return timed
+
+
+def method_overhead(t: dict, kind: str) -> float:
+    """mean(t of the `kind` step on a target and on a generic batch) / t of the plain step,
+    for t keyed as step_timers."""
+    return (t[f"jax_{kind}_target"] + t[f"jax_{kind}_generic"]) / 2 / t["jax_plain"]
+
+
 def matmul_runner(m: int, k: int, n: int, reps: int = 1, dtype: str = "float32"):
     """-> run() timing `reps` (m, k) @ (k, n) jnp matmuls in seconds per matmul (float32:
     precision 'highest')."""
@@ -525,15 +540,6 @@ def finish_fsdp_subprocess(proc: subprocess.Popen) -> dict:
 # ---------------------------------------------------------------------------- accelerator
 
 
-def step_timers(runners: dict, steps: int = 1) -> dict:
-    """{'jax_plain', 'jax_<kind>_target', 'jax_<kind>_generic': run() -> seconds per step}."""
-    timed = {"jax_plain": functools.partial(runners["plain"], 0, steps)}
-    for kind in KINDS[1:]:
-        timed[f"jax_{kind}_target"] = functools.partial(runners[kind], 0, steps)
-        timed[f"jax_{kind}_generic"] = functools.partial(runners[kind], 1, steps)
-    return timed
-
-
 def peak_bf16_flops(device_kind: str):
     """The datasheet's dense bfloat16 FLOP/s of a device kind, or None if unknown."""
     return next((flops for name, flops in PEAK_BF16_FLOPS if name in device_kind), None)
@@ -580,10 +586,8 @@ def accelerator_main(elapsed) -> dict:
         images_per_s=_sig(batch / plain),
         model_flops_utilization=_sig(flops / plain / (peak * devices)) if peak else None,
         fraction_of_matmul_peak=_sig(flops / plain / (matmul_flops_per_s * devices)),
-        online_teacher_overhead=_sig(
-            (t["jax_online_target"] + t["jax_online_generic"]) / 2 / plain),
-        precomputed_teacher_overhead=_sig(
-            (t["jax_precomputed_target"] + t["jax_precomputed_generic"]) / 2 / plain),
+        online_teacher_overhead=_sig(method_overhead(t, "online")),
+        precomputed_teacher_overhead=_sig(method_overhead(t, "precomputed")),
         images_per_s_by_step={k: _sig(batch / v) for k, v in t.items() if k != "matmul"},
         step_flops=flops,
         step_flops_per_s=_sig(flops / plain),
@@ -708,10 +712,8 @@ def main(argv):
         return dict(
             speedup_vs_pytorch=round(torch_s / plain, 3) if torch_s else None,
             fraction_of_matmul_peak=round(step_flops_per_s / best_matmul, 3),
-            online_teacher_overhead=round(
-                (t["jax_online_target"] + t["jax_online_generic"]) / 2 / plain, 3),
-            precomputed_teacher_overhead=round(
-                (t["jax_precomputed_target"] + t["jax_precomputed_generic"]) / 2 / plain, 3),
+            online_teacher_overhead=round(method_overhead(t, "online"), 3),
+            precomputed_teacher_overhead=round(method_overhead(t, "precomputed"), 3),
             fraction_of_4096_matmul=round(step_flops_per_s / matmul_4096, 3),
             speedup_bound_at_best_matmul=(round(torch_s / (flops["train"] / best_matmul), 3)
                                           if torch_s else None),
@@ -749,11 +751,7 @@ def main(argv):
         per_round={k: [r[k] for r in per_round] for k in headline},
         # CPU seconds of this process: comparable between our configs (same runtime),
         # not with PyTorch (OpenMP threads spin while waiting).
-        overheads_by_cpu_time=dict(
-            precomputed=round((cpu["jax_precomputed_target"] + cpu["jax_precomputed_generic"])
-                              / 2 / cpu["jax_plain"], 3),
-            online=round((cpu["jax_online_target"] + cpu["jax_online_generic"])
-                         / 2 / cpu["jax_plain"], 3)),
+        overheads_by_cpu_time={k: round(method_overhead(cpu, k), 3) for k in KINDS[1:]},
         median_cpu_s={k: round(v, 3) for k, v in cpu.items()},
         median_page_faults={k: round(statistics.median(x[3] for x in v))
                             for k, v in times.items() if k not in sweep},
