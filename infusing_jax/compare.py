@@ -19,10 +19,16 @@ import sys
 from absl import app
 from absl import flags
 
-flags.DEFINE_string("output", None, "Directory for comparison.{json,md} and tradeoff.png.")
-flags.DEFINE_list("names", None, "Run names (default: the workdirs' basenames).")
-flags.mark_flag_as_required("output")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command's flags, defined when it runs rather than on import: absl keeps one
+    global flag namespace, and the package's commands share names (--checkpoint, ...)."""
+    flags.DEFINE_string("output", None, "Directory for comparison.{json,md} and tradeoff.png.")
+    flags.DEFINE_list("names", None, "Run names (default: the workdirs' basenames).")
+    flags.mark_flag_as_required("output")
+
 
 COLUMNS = ("in_domain_r1", "in_domain_map{k}", "generic_r1", "generic_map{k}",
            "image_to_text_r1", "text_to_image_r1", "zero_shot_top1")
@@ -146,4 +152,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -14,22 +14,28 @@ from absl import flags
 from infusing_jax import checkpoints
 from infusing_jax.models import transformer
 
-_TO = flags.DEFINE_enum("to", None, checkpoints.FORMATS, "Output format (default: from DST).")
-_IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", None, "Resample the image position embedding to this resolution.")
-_ACT = flags.DEFINE_enum(
-    "act", None, sorted(transformer.ACTIVATIONS),
-    "Activation, for sources that do not record it (required for open_clip CLIP files: "
-    "quick_gelu for OpenAI weights, gelu for LAION / DataComp / DFN).")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command's flags, defined when it runs rather than on import: absl keeps one
+    global flag namespace, and the package's commands share names (--checkpoint, ...)."""
+    flags.DEFINE_enum("to", None, checkpoints.FORMATS, "Output format (default: from DST).")
+    flags.DEFINE_integer(
+        "image_size", None, "Resample the image position embedding to this resolution.")
+    flags.DEFINE_enum(
+        "act", None, sorted(transformer.ACTIVATIONS),
+        "Activation, for sources that do not record it (required for open_clip CLIP files: "
+        "quick_gelu for OpenAI weights, gelu for LAION / DataComp / DFN).")
 
 
 def main(argv):
     if len(argv) != 3:
         raise app.UsageError("usage: python -m infusing_jax.convert SRC DST [--to=FORMAT]")
     src, dst = argv[1:]
-    fmt = _TO.value or checkpoints.format_of(dst)
+    fmt = FLAGS.to or checkpoints.format_of(dst)
     try:
-        params, cfg = checkpoints.load(src, image_size=_IMAGE_SIZE.value, act=_ACT.value)
+        params, cfg = checkpoints.load(src, image_size=FLAGS.image_size, act=FLAGS.act)
         checkpoints.save(params, cfg, dst, fmt)
     except (ValueError, FileNotFoundError, ImportError) as e:
         sys.exit(f"error: {e}")
@@ -39,4 +45,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

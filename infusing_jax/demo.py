@@ -27,8 +27,14 @@ from PIL import Image, ImageDraw
 from infusing_jax import checkpoints
 from infusing_jax import models
 
-_WORKDIR = flags.DEFINE_string("workdir", "demo_out", "Where everything is written.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 48, "How many images to draw.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command's flags, defined when it runs rather than on import: absl keeps one
+    global flag namespace, and the package's commands share names (--checkpoint, ...)."""
+    flags.DEFINE_string("workdir", "demo_out", "Where everything is written.")
+    flags.DEFINE_integer("num_images", 48, "How many images to draw.")
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220),
            "yellow": (230, 210, 40), "purple": (140, 50, 170), "orange": (240, 140, 30)}
@@ -95,9 +101,9 @@ def run(*args):
 
 def main(argv):
     del argv
-    work = _WORKDIR.value
+    work = FLAGS.workdir
     os.makedirs(work, exist_ok=True)
-    captions = write_images(os.path.join(work, "images"), _NUM_IMAGES.value)
+    captions = write_images(os.path.join(work, "images"), FLAGS.num_images)
     with open(os.path.join(work, "texts.txt"), "w") as f:
         f.write("\n".join(captions) + "\n")
     tokenizer = write_tokenizer(os.path.join(work, "tokenizer"), captions)
@@ -134,4 +140,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -26,19 +26,25 @@ from infusing_jax import models
 from infusing_jax import preprocessing
 from infusing_jax import tokenizers
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint (any supported format).")
-_IMAGES = flags.DEFINE_string("images", None, "Folder of images, searched recursively.")
-_OUTPUT = flags.DEFINE_string("output", None, "Output .npz file.")
-_TEXTS = flags.DEFINE_string("texts", None, "Optional text file, one text per line.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer file for --texts.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
-_ACT = flags.DEFINE_enum(
-    "act", None, sorted(transformer.ACTIVATIONS),
-    "Activation, for checkpoints that do not record it (open_clip CLIP files).")
-_PRECISION = flags.DEFINE_enum(
-    "matmul_precision", "highest", ["default", "high", "highest"],
-    "JAX matmul precision. 'highest' is true float32 (matches PyTorch to ~1e-6); "
-    "'default' uses TF32 / bf16 passes on GPU / TPU (~1e-3, faster).")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command's flags, defined when it runs rather than on import: absl keeps one
+    global flag namespace, and the package's commands share names (--checkpoint, ...)."""
+    flags.DEFINE_string("checkpoint", None, "Checkpoint (any supported format).")
+    flags.DEFINE_string("images", None, "Folder of images, searched recursively.")
+    flags.DEFINE_string("output", None, "Output .npz file.")
+    flags.DEFINE_string("texts", None, "Optional text file, one text per line.")
+    flags.DEFINE_string("tokenizer", None, "Tokenizer file for --texts.")
+    flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
+    flags.DEFINE_enum(
+        "act", None, sorted(transformer.ACTIVATIONS),
+        "Activation, for checkpoints that do not record it (open_clip CLIP files).")
+    flags.DEFINE_enum(
+        "matmul_precision", "highest", ["default", "high", "highest"],
+        "JAX matmul precision. 'highest' is true float32 (matches PyTorch to ~1e-6); "
+        "'default' uses TF32 / bf16 passes on GPU / TPU (~1e-3, faster).")
 
 
 def find_images(root: str):
@@ -88,14 +94,14 @@ def embed_images(encode, root, paths, size, family, batch_size):
 def _texts_and_tokenizer(cfg):
     """--texts lines and the --tokenizer, checked against the model before any work."""
     if cfg.get("text") is None:
-        raise ValueError(f"--texts: {_CHECKPOINT.value} has no text tower")
-    with open(_TEXTS.value, encoding="utf-8") as f:
+        raise ValueError(f"--texts: {FLAGS.checkpoint} has no text tower")
+    with open(FLAGS.texts, encoding="utf-8") as f:
         texts = [line.rstrip("\n") for line in f if line.strip()]
     if not texts:
-        raise ValueError(f"--texts={_TEXTS.value}: no non-empty line")
-    tokenize = tokenizers.load_tokenizer(_TOKENIZER.value, cfg.family, cfg.text.seq_len)
+        raise ValueError(f"--texts={FLAGS.texts}: no non-empty line")
+    tokenize = tokenizers.load_tokenizer(FLAGS.tokenizer, cfg.family, cfg.text.seq_len)
     if tokenize.vocab_size > cfg.text.vocab_size:
-        raise ValueError(f"--tokenizer={_TOKENIZER.value}: its {tokenize.vocab_size} tokens do "
+        raise ValueError(f"--tokenizer={FLAGS.tokenizer}: its {tokenize.vocab_size} tokens do "
                          f"not fit the model's vocabulary of {cfg.text.vocab_size}; use the "
                          "checkpoint's own tokenizer")
     return texts, tokenize
@@ -103,17 +109,17 @@ def _texts_and_tokenizer(cfg):
 
 def main(argv):
     del argv
-    for flag in (_CHECKPOINT, _IMAGES, _OUTPUT):
-        if not flag.value:
-            sys.exit(f"error: --{flag.name} is required")
-    if bool(_TEXTS.value) != bool(_TOKENIZER.value):
+    for name in ("checkpoint", "images", "output"):
+        if not FLAGS[name].value:
+            sys.exit(f"error: --{name} is required")
+    if bool(FLAGS.texts) != bool(FLAGS.tokenizer):
         sys.exit("error: --texts and --tokenizer go together")
-    if not os.path.isdir(_IMAGES.value):
-        sys.exit(f"error: --images={_IMAGES.value}: no such folder")
-    jax.config.update("jax_default_matmul_precision", _PRECISION.value)
+    if not os.path.isdir(FLAGS.images):
+        sys.exit(f"error: --images={FLAGS.images}: no such folder")
+    jax.config.update("jax_default_matmul_precision", FLAGS.matmul_precision)
     try:
-        params, cfg = checkpoints.load(_CHECKPOINT.value, act=_ACT.value)
-        texts, tokenize = _texts_and_tokenizer(cfg) if _TEXTS.value else (None, None)
+        params, cfg = checkpoints.load(FLAGS.checkpoint, act=FLAGS.act)
+        texts, tokenize = _texts_and_tokenizer(cfg) if FLAGS.texts else (None, None)
     except (ValueError, FileNotFoundError, ImportError) as e:
         sys.exit(f"error: {e}")
     model = models.build(cfg)
@@ -121,12 +127,12 @@ def main(argv):
     encode_images = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_images))
     encode = functools.partial(encode_images, params)
 
-    paths, others = find_images(_IMAGES.value)
+    paths, others = find_images(FLAGS.images)
     if others:
-        print(f"ignored {others} files without an image extension in {_IMAGES.value}",
+        print(f"ignored {others} files without an image extension in {FLAGS.images}",
               file=sys.stderr)
-    embeddings, kept, skipped = embed_images(encode, _IMAGES.value, paths, cfg.image_size,
-                                             cfg.family, _BATCH_SIZE.value)
+    embeddings, kept, skipped = embed_images(encode, FLAGS.images, paths, cfg.image_size,
+                                             cfg.family, FLAGS.batch_size)
     out = dict(image_embeddings=(np.concatenate(embeddings) if embeddings else
                                  np.zeros((0, 0), np.float32)),
                image_paths=np.asarray(kept, dtype=str), skipped_paths=np.asarray(skipped, dtype=str))
@@ -138,17 +144,18 @@ def main(argv):
         encode_text = jax.jit(lambda p, t: model.apply({"params": p}, t,
                                                        method=model.encode_texts))
         out["text_embeddings"] = np.concatenate(
-            [np.asarray(encode_text(params, tokenize(texts[i:i + _BATCH_SIZE.value])))
-             for i in range(0, len(texts), _BATCH_SIZE.value)])
+            [np.asarray(encode_text(params, tokenize(texts[i:i + FLAGS.batch_size])))
+             for i in range(0, len(texts), FLAGS.batch_size)])
         out["texts"] = np.asarray(texts, dtype=str)
 
-    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-    np.savez(_OUTPUT.value, **out)
-    print(f"wrote {_OUTPUT.value}: {len(kept)} image embeddings"
-          + (f", {len(out['texts'])} text embeddings" if _TEXTS.value else ""), file=sys.stderr)
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    np.savez(FLAGS.output, **out)
+    print(f"wrote {FLAGS.output}: {len(kept)} image embeddings"
+          + (f", {len(out['texts'])} text embeddings" if FLAGS.texts else ""), file=sys.stderr)
     if not kept:
-        sys.exit(f"error: no image in {_IMAGES.value} could be embedded")
+        sys.exit(f"error: no image in {FLAGS.images} could be embedded")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -35,16 +35,22 @@ from infusing_jax import step as step_lib
 from infusing_jax.evaluation import suite
 from infusing_jax.evaluation import wise_ft
 
-config_flags.DEFINE_config_file("config", None, "The run's configs/*.py file (and :ARG).",
-                                lock_config=False)
-flags.DEFINE_string("workdir", None, "The run's workdir; results.json goes here.")
-flags.DEFINE_string("checkpoint", None, "Evaluate this pretrained checkpoint instead of a run.")
-flags.DEFINE_string("wise_ft", "", "Comma-separated WiSE-FT alphas, e.g. 0.25,0.5,0.75.")
-flags.DEFINE_string("export", None, "Write the image tower at --export_alpha here.")
-flags.DEFINE_float("export_alpha", 1.0, "WiSE-FT alpha of the export (1 = fine-tuned).")
-flags.DEFINE_bool("test", True, "Run the test sets (--notest: only --export).")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command's flags, defined when it runs rather than on import: absl keeps one
+    global flag namespace, and the package's commands share names (--checkpoint, ...)."""
+    config_flags.DEFINE_config_file("config", None, "The run's configs/*.py file (and :ARG).",
+                                    lock_config=False)
+    flags.DEFINE_string("workdir", None, "The run's workdir; results.json goes here.")
+    flags.DEFINE_string("checkpoint", None,
+                        "Evaluate this pretrained checkpoint instead of a run.")
+    flags.DEFINE_string("wise_ft", "", "Comma-separated WiSE-FT alphas, e.g. 0.25,0.5,0.75.")
+    flags.DEFINE_string("export", None, "Write the image tower at --export_alpha here.")
+    flags.DEFINE_float("export_alpha", 1.0, "WiSE-FT alpha of the export (1 = fine-tuned).")
+    flags.DEFINE_bool("test", True, "Run the test sets (--notest: only --export).")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def finetuned_backbone(cfg, workdir: str, pretrained):
@@ -127,4 +133,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -21,13 +21,20 @@ from absl import flags
 
 from infusing_jax.evaluation import metrics
 
-_QUERIES = flags.DEFINE_string("queries", None, "Query .npz file.")
-_INDEX = flags.DEFINE_string("index", None, "Index .npz file (default: the queries).")
-_K = flags.DEFINE_integer("k", 20, "Rank cut-off of mMP@k and mAP@k.")
-_SEPARATE = flags.DEFINE_bool("separate", False, "Search each query's own domain only.")
-_MAX_RANK = flags.DEFINE_integer("max_rank", metrics.MAX_RANK,
-                                 "map@r is null if a query has more positives than this.")
-_OUTPUT = flags.DEFINE_string("output", None, "Output .json file.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command's flags, defined when it runs rather than on import: absl keeps one
+    global flag namespace, and the package's commands share names (--checkpoint, ...)."""
+    flags.DEFINE_string("queries", None, "Query .npz file.")
+    flags.DEFINE_string("index", None, "Index .npz file (default: the queries).")
+    flags.DEFINE_integer("k", 20, "Rank cut-off of mMP@k and mAP@k.")
+    flags.DEFINE_bool("separate", False, "Search each query's own domain only.")
+    flags.DEFINE_integer("max_rank", metrics.MAX_RANK,
+                         "map@r is null if a query has more positives than this.")
+    flags.DEFINE_string("output", None, "Output .json file.")
+
 
 OPTIONAL = ("domains", "ids", "coarse_labels")
 
@@ -69,36 +76,37 @@ def check_pair(queries: dict, index: dict, query_path: str, index_path: str):
 
 def main(argv):
     del argv
-    for flag in (_QUERIES, _OUTPUT):
-        if not flag.value:
-            sys.exit(f"error: --{flag.name} is required")
-    if _K.value < 1:
-        sys.exit(f"error: --k={_K.value} must be positive")
+    for name in ("queries", "output"):
+        if not FLAGS[name].value:
+            sys.exit(f"error: --{name} is required")
+    if FLAGS.k < 1:
+        sys.exit(f"error: --k={FLAGS.k} must be positive")
     try:
-        queries = load(_QUERIES.value)
-        index = load(_INDEX.value) if _INDEX.value else None
+        queries = load(FLAGS.queries)
+        index = load(FLAGS.index) if FLAGS.index else None
         if index is not None:
-            check_pair(queries, index, _QUERIES.value, _INDEX.value)
-        if _SEPARATE.value and "domains" not in queries:
-            raise ValueError(f"--separate: {_QUERIES.value} has no `domains` array")
+            check_pair(queries, index, FLAGS.queries, FLAGS.index)
+        if FLAGS.separate and "domains" not in queries:
+            raise ValueError(f"--separate: {FLAGS.queries} has no `domains` array")
         index = index or {}
         report = metrics.retrieval_metrics(
             queries["embeddings"], queries["labels"], index.get("embeddings"),
-            index.get("labels"), _K.value, query_ids=queries.get("ids"),
+            index.get("labels"), FLAGS.k, query_ids=queries.get("ids"),
             index_ids=index.get("ids"), query_domains=queries.get("domains"),
             index_domains=index.get("domains"), query_coarse_labels=queries.get("coarse_labels"),
-            index_coarse_labels=index.get("coarse_labels"), separate=_SEPARATE.value,
-            max_rank=_MAX_RANK.value)
+            index_coarse_labels=index.get("coarse_labels"), separate=FLAGS.separate,
+            max_rank=FLAGS.max_rank)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-    with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    with open(FLAGS.output, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
-    k = _K.value
-    print(f"wrote {_OUTPUT.value}: {report['num_queries']} queries "
+    k = FLAGS.k
+    print(f"wrote {FLAGS.output}: {report['num_queries']} queries "
           f"({report['lone_queries']} lone), R@1 {report['recall@1']:.4f}, "
           f"mAP@{k} {report[f'map@{k}']:.4f}", file=sys.stderr)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

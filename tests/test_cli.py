@@ -112,3 +112,20 @@ def test_embed_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path):
     assert result.returncode != 0
     assert "do not fit the model's vocabulary of 100" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "o.npz").exists()
+
+
+COMMANDS = {"main": "--workdir", "evaluate": "--checkpoint", "embed": "--checkpoint",
+            "retrieval": "--queries", "demo": "--num_images", "compare": "--names",
+            "convert": "--image_size", "toy_world": "--target_per_class"}
+
+
+def test_commands_import_side_by_side_and_keep_their_flags():
+    """absl flags are one global namespace: the commands define theirs only when run, so a
+    notebook can import evaluate beside main and embed (--config, --checkpoint, ...)."""
+    modules = ", ".join(f"infusing_jax.{m}" for m in COMMANDS)
+    result = subprocess.run([sys.executable, "-c", f"import {modules}"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name, flag in COMMANDS.items():
+        result = _run(f"infusing_jax.{name}", "--helpshort")  # absl exits 1 after help
+        assert flag in result.stdout, (name, result.stderr[-2000:])
