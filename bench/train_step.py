@@ -446,13 +446,12 @@ def torch_runner(host_batch: dict, num_classes: int, threads: int, img):
 def fsdp_child(variant: str, batch: int, num_classes: int, scan: bool) -> dict:
     """Per-device bytes of the method's train step, 1 device vs FSDP over all devices.
 
-    Abstract only: parameters via jax.eval_shape of the model's init, the train
+    Abstract only: parameters from step.load_image_tower(abstract=True), the train
     state via eval_shape of create_train_state, inputs as ShapeDtypeStructs
     carrying their shardings; the step is lowered and compiled, never run.
     """
     import jax
     from infusing_jax import config as config_lib
-    from infusing_jax import models
     from infusing_jax import objective
     from infusing_jax import optim
     from infusing_jax import sharding
@@ -461,15 +460,7 @@ def fsdp_child(variant: str, batch: int, num_classes: int, scan: bool) -> dict:
     cfg = run_config("precomputed", scan=scan, variant=variant)
     config_lib.validate(cfg)
     names = config_lib.ordered_domains(cfg)
-    # step.load_image_tower without materialising: the same model config and module,
-    # parameters as ShapeDtypeStructs.
-    m = cfg.model
-    model_cfg = models.model_config(m.family, m.variant, m.image_size, None, scan=m.scan,
-                                    param_dtype=m.param_dtype)
-    model_cfg.text = None
-    model_cfg.dtype, model_cfg.remat_policy = m.dtype, m.remat_policy
-    model = models.build(model_cfg)
-    backbone = jax.eval_shape(lambda: models.init_params(model_cfg, jax.random.PRNGKey(0))["img"])
+    model, backbone, model_cfg = step_lib.load_image_tower(cfg.model, abstract=True)
     embed = step_lib.embed_fn(model)
     dim = model_cfg.image.width
     heads = jax.eval_shape(lambda: objective.init_heads(

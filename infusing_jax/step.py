@@ -52,8 +52,12 @@ def train_step(state: TrainState, batch: dict, reference, *, loss_fn: Callable,
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
 
-def load_image_tower(model_cfg):
-    """-> (Flax module, backbone params (numpy tree), model config) for config.model."""
+def load_image_tower(model_cfg, abstract: bool = False):
+    """-> (Flax module, backbone params (numpy tree), model config) for config.model.
+
+    abstract: the params as jax.ShapeDtypeStructs; without a checkpoint nothing is
+    initialised (to compile for a model too big to hold, e.g. the FSDP memory bench).
+    """
     m = model_cfg
     if m.checkpoint:
         try:
@@ -73,7 +77,10 @@ def load_image_tower(model_cfg):
     cfg.dtype, cfg.remat_policy = m.dtype, m.remat_policy
     model = models.build(cfg)
     if backbone is None:
-        backbone = jax.device_get(models.init_params(cfg, jax.random.PRNGKey(0))["img"])
+        init = lambda: models.init_params(cfg, jax.random.PRNGKey(0))["img"]
+        backbone = jax.eval_shape(init) if abstract else jax.device_get(init())
+    elif abstract:
+        backbone = jax.eval_shape(lambda: backbone)
     return model, backbone, cfg
 
 

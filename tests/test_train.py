@@ -73,6 +73,23 @@ def test_missing_data_and_checkpoint_name_the_field(world, tmp_path):
         train.train_and_evaluate(c, str(tmp_path / "b"))
 
 
+@pytest.mark.parametrize("from_checkpoint", [False, True])
+def test_load_image_tower_abstract_gives_the_materialised_shapes(tmp_path, from_checkpoint):
+    c = config_lib.default_config()
+    c.model.variant = "mu/16"
+    if from_checkpoint:
+        model_cfg = conftest.tiny_config("siglip", text=False)
+        c.model.checkpoint = str(tmp_path / "tiny.npz")
+        from infusing_jax import checkpoints
+        checkpoints.save(conftest.random_params(model_cfg), model_cfg, c.model.checkpoint)
+    _, real, real_cfg = step_lib.load_image_tower(c.model)
+    _, abstract, abstract_cfg = step_lib.load_image_tower(c.model, abstract=True)
+    assert abstract_cfg.to_dict() == real_cfg.to_dict()
+    assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(abstract))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), real)
+
+
 # ---------------------------------------------------------------------------- objective
 
 
