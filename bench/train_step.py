@@ -39,8 +39,9 @@ plain, precomputed on a target then a generic batch, online likewise), each
 sample the mean of --steps_per_sample (3) consecutive steps, each step timed
 alone (block_until_ready; `loss.item()` for PyTorch), each sample followed by
 one 4096^2 float32 matmul (jnp, precision 'highest'); then a small sweep of
-matmul shapes (1024^3, 2048^3 and the step's own MLP shapes). Each round gives
-its own ratios, from timings taken within ~2 min of each other; the headline
+matmul shapes (1024^3, 2048^3 and the step's own MLP shapes), in JAX and, with
+4096^3 added, in PyTorch (MKL). Each round gives its own ratios, from timings
+taken within ~2 min of each other; the headline
 figures are their medians over rounds (paired, so that the VM's slow drifts,
 +-10% over minutes here, cancel in each ratio). Both frameworks run in
 this one process, one at a time, on the same cores (torch.set_num_threads = the
@@ -90,11 +91,13 @@ JSON (the last line), headline figures: medians over rounds of each round's
                            materialised); temp bytes (activations, gathered
                            weights) are listed beside it
 then the same ratios from the median ("median") and from the fastest sample
-("min") of each timing over all rounds, each round's own ("per_round"), the bound
-`speedup_bound_at_best_matmul` (PyTorch's step time over the time of the step's
-FLOPs at the best matmul rate: no float32 implementation on this CPU can beat
-PyTorch by more), the overheads by CPU time, and the raw numbers (seconds,
-images/s, FLOPs, FLOP/s, bytes, others' load).
+("min") of each timing over all rounds, each round's own ("per_round"), the
+bounds `speedup_bound_at_best_matmul` and `speedup_bound_at_torch_matmul`
+(PyTorch's step time over the time of the step's FLOPs at XLA's / at MKL's best
+float32 matmul rate, `torch_best_matmul_flops_per_s`: no float32 implementation
+on this CPU can beat PyTorch by more, even one that does nothing but matmuls),
+the overheads by CPU time, and the raw numbers (seconds, images/s, FLOPs,
+FLOP/s, bytes, others' load).
 
 Host memory: like `python -m infusing_jax.main`, the bench restarts itself once
 with host_memory.TUNABLES in GLIBC_TUNABLES (recorded in the JSON's setup), so
@@ -135,6 +138,23 @@ layout transposes, LayerNorm, GELU, softmax, AdamW); ~7% idle gaps.
     AMX, 2026-11-23) runs float32 matmuls at 250-300 GFLOP/s: there PyTorch's
     step took 3.3-3.8 s and ours 4.1-4.7 s (0.69-0.71 of the matmul rate): the
     ratios depend on the host the VM lands on.
+On that AMX host (2026-11-23, plain step 4.28 s in a profile): XLA's dots are
+busy 3.41 s of it at 249 GFLOP/s (0.85 of its best matmul), non-matmul work runs
+alone 0.61 s and the cores idle 0.26 s between thunks. A fraction of 0.8 would
+need the step in 3.62 s. The biggest losses, by thread time: the attention's
+batched (196 x 64) products, ~0.45 s over their time at the matmul rate (alone:
+100-137 GFLOP/s in XLA for every layout, dot library and fusion flag tried,
+against 240-320 for PyTorch's bmm of the same shapes); the copies that
+transpose each kernel for the input-gradient dots, ~0.29 s; AdamW's per-leaf
+updates, ~0.24 s (memory bound, ~11 GB/s). MKL runs float32 matmuls at 330-355
+GFLOP/s here against XLA's 280-295, so even a step made of nothing but matmuls at
+MKL's rate would beat PyTorch's 3.36 s by only ~1.4x. Also tried there, no gain:
+--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_{CONCURRENCY,MEMORY}_OPTIMIZED,
+--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME,
+--xla_cpu_copy_insertion_use_region_analysis (4.30-4.40 s against 4.20-4.35),
+--xla_cpu_experimental_enable_tiling_propagation (5.07 s); a custom-VJP attention
+with FlashAttention's backward (rowsum(dO * O) instead of the softmax's
+Jacobian): the attention core 8% faster, < 1% of the step, not kept.
 """
 import functools
 import json
@@ -365,6 +385,21 @@ def matmul_runner(m: int, k: int, n: int, reps: int = 1, dtype: str = "float32")
         for _ in range(reps):
             out = f(a, b)
         out.block_until_ready()
+        return (time.perf_counter() - start) / reps
+    return run
+
+
+def torch_matmul_runner(m: int, k: int, n: int, reps: int = 1):
+    """-> run() timing `reps` (m, k) @ (k, n) float32 torch matmuls (MKL's sgemm on x86)
+    in seconds per matmul."""
+    import torch
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
         return (time.perf_counter() - start) / reps
     return run
 
@@ -645,14 +680,17 @@ def main(argv):
     # The "best matmul": a few sizes incl. the step's own MLP shapes; smaller ones often
     # block better in cache than 4096^2 on XLA CPU, so this is the stricter peak.
     tokens, d, m = batch * (IMAGE_SIZE // img.patch_size) ** 2, img.width, img.mlp_dim
-    sweep = {f"{a}x{b}x{c}": matmul_runner(a, b, c, reps)
-             for a, b, c, reps in ((1024, 1024, 1024, 16), (2048, 2048, 2048, 2),
-                                   (tokens, d, m, 4), (d, tokens, m, 4), (tokens, m, d, 4))}
+    shapes = ((1024, 1024, 1024, 16), (2048, 2048, 2048, 2), (tokens, d, m, 4),
+              (d, tokens, m, 4), (tokens, m, d, 4))
+    sweep = {f"{a}x{b}x{c}": matmul_runner(a, b, c, reps) for a, b, c, reps in shapes}
     timed = step_timers(runners)
     if _TORCH.value:
         torch_run, torch_info = torch_runner(host_batches("plain", batch, d, classes)[0],
                                              classes, threads, img)
         timed = {"torch_plain": torch_run, **timed}
+        # The same shapes in PyTorch (MKL): the fastest float32 matmul this CPU runs.
+        sweep.update({f"torch_{a}x{b}x{c}": torch_matmul_runner(a, b, c, reps)
+                      for a, b, c, reps in ((MATMUL_N, MATMUL_N, MATMUL_N, 1), *shapes)})
 
     print(f"{elapsed()} built everything", flush=True)
     if fsdp_proc is not None:
@@ -690,7 +728,10 @@ def main(argv):
     used = quiet or rounds  # the quiet rounds if any, else all (flagged below)
     times = {k: [s for x in used for s in x["samples"][k]] for k in used[0]["samples"]}
     flops = analytic_flops(built["plain"]["model_cfg"], batch, classes)
-    shape_flops = {k: 2 * np.prod([int(d) for d in k.split("x")]) for k in sweep}
+    shape_flops = {k: 2 * np.prod([int(d) for d in k.split("_")[-1].split("x")])
+                   for k in sweep}
+    jax_sweep = [k for k in sweep if not k.startswith("torch_")]
+    torch_sweep = [k for k in sweep if k.startswith("torch_")]
 
     def summary(stat, times=times) -> dict:
         """The ratios from one statistic of each timing's samples."""
@@ -698,8 +739,9 @@ def main(argv):
         plain = t["jax_plain"]
         step_flops_per_s = flops["train"] / plain
         matmul_4096 = 2 * MATMUL_N ** 3 / t["matmul"]
-        best_matmul = max(matmul_4096, *(shape_flops[k] / t[k] for k in sweep))
+        best_matmul = max(matmul_4096, *(shape_flops[k] / t[k] for k in jax_sweep))
         torch_s = t.get("torch_plain")
+        torch_matmul = max((shape_flops[k] / t[k] for k in torch_sweep), default=None)
         return dict(
             speedup_vs_pytorch=round(torch_s / plain, 3) if torch_s else None,
             fraction_of_matmul_peak=round(step_flops_per_s / best_matmul, 3),
@@ -708,6 +750,8 @@ def main(argv):
             fraction_of_4096_matmul=round(step_flops_per_s / matmul_4096, 3),
             speedup_bound_at_best_matmul=(round(torch_s / (flops["train"] / best_matmul), 3)
                                           if torch_s else None),
+            speedup_bound_at_torch_matmul=(round(torch_s / (flops["train"] / torch_matmul), 3)
+                                           if torch_s else None),
             jax_images_per_s=round(batch / plain, 3),
             torch_images_per_s=round(batch / torch_s, 3) if torch_s else None,
             step_flops_per_s=round(step_flops_per_s),
@@ -715,6 +759,7 @@ def main(argv):
             torch_flops_per_s=round(flops["train"] / torch_s) if torch_s else None,
             matmul_4096_flops_per_s=round(matmul_4096),
             best_matmul_flops_per_s=round(best_matmul),
+            torch_best_matmul_flops_per_s=round(torch_matmul) if torch_s else None,
             matmul_sweep_flops_per_s={k: round(shape_flops[k] / t[k]) for k in sweep},
             seconds={k: round(v, 4) for k, v in t.items() if k not in sweep})
 
@@ -767,6 +812,11 @@ def main(argv):
           f"{med['matmul_4096_flops_per_s'] / 1e9:.1f}; method / plain: precomputed "
           f"{paired['precomputed_teacher_overhead']}, online "
           f"{paired['online_teacher_overhead']} (medians of the rounds' own ratios)", flush=True)
+    if med["torch_best_matmul_flops_per_s"]:
+        print(f"PyTorch's (MKL) best matmul {med['torch_best_matmul_flops_per_s'] / 1e9:.1f} "
+              f"GFLOP/s; speedup_vs_pytorch can be at most "
+              f"{med['speedup_bound_at_best_matmul']} at XLA's best matmul rate, "
+              f"{med['speedup_bound_at_torch_matmul']} at MKL's (no other work)", flush=True)
     print(json.dumps(out))
 
 

@@ -75,6 +75,13 @@ def test_cpu_mode_reports_every_headline_figure():
                 "precomputed_teacher_overhead", "fsdp_memory_reduction"):
         assert out[key] > 0, key
     assert out["setup"]["mode"] == "cpu" and out["setup"]["steps_per_sample"] == 2
+    # The bounds: PyTorch's step time over the step's FLOPs at XLA's / MKL's best matmul.
+    med = out["median"]
+    for bound, rate in (("speedup_bound_at_best_matmul", "best_matmul_flops_per_s"),
+                        ("speedup_bound_at_torch_matmul", "torch_best_matmul_flops_per_s")):
+        assert med[bound] == pytest.approx(
+            med["seconds"]["torch_plain"] * med[rate] / out["step_flops_analytic"], rel=1e-2)
+    assert "torch_4096x4096x4096" in med["matmul_sweep_flops_per_s"]
     assert out["fsdp"]["devices"] == 2 and out["fsdp_memory_reduction"] > 1
     # FLOPs: XLA's count of the tiny model = our analytic matmul count + its elementwise work.
     assert 1 < out["step_flops_xla"] / out["step_flops_analytic"] < 1.15
