@@ -148,8 +148,9 @@ against 240-320 for PyTorch's bmm of the same shapes); the copies that
 transpose each kernel for the input-gradient dots, ~0.29 s; AdamW's per-leaf
 updates, ~0.24 s (memory bound, ~11 GB/s). MKL runs float32 matmuls at ~320-350
 GFLOP/s there against XLA's ~270-295, so even a step made of nothing but matmuls
-at MKL's rate would beat PyTorch's ~3.4 s by only 1.30-1.34x
-(speedup_bound_at_torch_matmul, two runs). Also tried there, no gain:
+at MKL's rate would beat PyTorch's ~3.4 s by only ~1.3x
+(speedup_bound_at_torch_matmul: 1.34 from the medians, 1.30 from the fastest
+samples, in one run). Also tried there, no gain:
 --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_{CONCURRENCY,MEMORY}_OPTIMIZED,
 --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME,
 --xla_cpu_copy_insertion_use_region_analysis (4.30-4.40 s against 4.20-4.35),
