@@ -6,7 +6,9 @@ DeepFashion In-Shop (UnED splits: test queries against the gallery).
 
 method: full (the paper's method) | naive (the baseline); family: siglip (B/16 224,
 big_vision) | clip (B/16, a Hugging Face directory). recipes.py lists the files
-expected under data= and checkpoints=; any field can be overridden with --config.F=V.
+expected under data= and checkpoints=; tests=target+imagenet+flickr30k+coco+zero_shot
+(the default) or a subset picks the test sets; any field can be overridden with
+--config.F=V.
 """
 from infusing_jax import recipes
 

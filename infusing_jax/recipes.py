@@ -19,9 +19,11 @@ Where the files go (DATA and CKPT are the `data` and `checkpoints` arguments):
   CKPT/c4_en.model                                         its sentencepiece tokenizer
   CKPT/clip-vit-base-patch16/                              CLIP B/16 (HF save_pretrained dir,
                                                            with vocab.json + merges.txt)
-Test sets (eval): the target's own test split (UnED: its test queries against its
-index / gallery), ImageNet's official val (generic, image->image), Flickr30k and
-COCO image<->text with the frozen text tower, ImageNet zero-shot.
+Test sets (eval), all by default, a subset with tests=NAME+NAME... (e.g.
+tests=target+imagenet where Flickr30k and COCO are not at hand): `target` its own
+test split (UnED: its test queries against its index / gallery), `imagenet`
+ImageNet's official val (generic, image->image), `flickr30k` and `coco`
+image<->text with the frozen text tower, `zero_shot` ImageNet zero-shot.
 """
 import os
 
@@ -45,6 +47,7 @@ CHECKPOINTS = {
     "clip": "clip-vit-base-patch16",
 }
 TOKENIZERS = {"siglip": "c4_en.model", "clip": "clip-vit-base-patch16"}
+TESTS = ("target", "imagenet", "flickr30k", "coco", "zero_shot")
 BATCH, EPOCHS = 128, 3
 LAMBDA_DISTILL, LAMBDA_ANCHOR = 1000.0, 1e5
 
@@ -61,7 +64,11 @@ def parse_arg(arg, **defaults) -> dict:
 
 
 def paper_config(target: str, method: str = "full", family: str = "siglip",
-                 data: str = "/data", checkpoints: str = "/checkpoints"):
+                 data: str = "/data", checkpoints: str = "/checkpoints", tests=TESTS):
+    """The recipe (module doc); tests: names from TESTS, or a '+'-joined string of them."""
+    tests = tests.split("+") if isinstance(tests, str) else list(tests)
+    if not set(tests) <= set(TESTS):
+        raise ValueError(f"tests {'+'.join(tests)!r}: '+'-join names from {TESTS}")
     if target not in TARGETS:
         raise ValueError(f"target {target!r}: use one of {sorted(TARGETS)}")
     if method not in ("full", "naive"):
@@ -91,26 +98,35 @@ def paper_config(target: str, method: str = "full", family: str = "siglip",
     c.train.eval_every = 2000
     c.train.checkpoint_every = 1000
     c.train.select_by = "all" if method == "full" else "in-domain"
-    add_test_sets(c, target, spec.format(data=data), data)
+    add_test_sets(c, target, spec.format(data=data), data, tests)
     c.eval.tokenizer = os.path.join(checkpoints, TOKENIZERS[family])
     return c
 
 
-def add_test_sets(c, target: str, target_spec: str, data: str) -> None:
-    """The paper's test sets (module doc) into c.eval."""
-    c.eval.retrieval[target] = config_lib.retrieval_test(target_spec, role="target")
-    c.eval.retrieval.imagenet = config_lib.retrieval_test("tfds:imagenet2012", role="generic")
-    c.eval.text_retrieval.flickr30k = config_lib.text_test(
-        f"captions:{data}/flickr30k/dataset_flickr30k.json:test",
-        data_dir=f"{data}/flickr30k/flickr30k-images")
-    c.eval.text_retrieval.coco = config_lib.text_test(
-        f"captions:{data}/coco/dataset_coco.json:test", data_dir=f"{data}/coco")
-    c.eval.zero_shot.imagenet = config_lib.zero_shot_test("tfds:imagenet2012", split="test")
+def add_test_sets(c, target: str, target_spec: str, data: str, tests=TESTS) -> None:
+    """The paper's test sets named in `tests` (module doc) into c.eval."""
+    if "target" in tests:
+        c.eval.retrieval[target] = config_lib.retrieval_test(target_spec, role="target")
+    if "imagenet" in tests:
+        c.eval.retrieval.imagenet = config_lib.retrieval_test("tfds:imagenet2012",
+                                                              role="generic")
+    if "flickr30k" in tests:
+        c.eval.text_retrieval.flickr30k = config_lib.text_test(
+            f"captions:{data}/flickr30k/dataset_flickr30k.json:test",
+            data_dir=f"{data}/flickr30k/flickr30k-images")
+    if "coco" in tests:
+        c.eval.text_retrieval.coco = config_lib.text_test(
+            f"captions:{data}/coco/dataset_coco.json:test", data_dir=f"{data}/coco")
+    if "zero_shot" in tests:
+        c.eval.zero_shot.imagenet = config_lib.zero_shot_test("tfds:imagenet2012",
+                                                              split="test")
 
 
 def config_file(target: str, arg) -> ml_collections.ConfigDict:
-    """What a configs/<target>.py returns for its :ARG (method, family, data, checkpoints)."""
-    a = parse_arg(arg, method="full", family="siglip", data="/data", checkpoints="/checkpoints")
+    """What a configs/<target>.py returns for its :ARG (method, family, data, checkpoints,
+    tests)."""
+    a = parse_arg(arg, method="full", family="siglip", data="/data", checkpoints="/checkpoints",
+                  tests="+".join(TESTS))
     return paper_config(target, **a)
 
 

@@ -78,6 +78,17 @@ def test_a_bad_argument_and_missing_files_give_one_line_errors(tmp_path):
     assert last.startswith("error: config.model.checkpoint: ") and str(tmp_path) in last
 
 
+def test_tests_argument_keeps_only_the_named_test_sets():
+    c = _load(os.path.join(REPO, "configs", "cars196.py"), "data=/d,tests=target+coco")
+    config_lib.validate(c)
+    assert set(c.eval.retrieval.keys()) == {"cars196"} and not c.eval.zero_shot.keys()
+    assert set(c.eval.text_retrieval.keys()) == {"coco"}
+    c = _load(os.path.join(REPO, "configs", "cars196.py"), "tests=imagenet")
+    assert set(c.eval.retrieval.keys()) == {"imagenet"} and not c.eval.text_retrieval.keys()
+    with pytest.raises(ValueError, match=r"tests 'target\+cocoa'"):
+        _load(os.path.join(REPO, "configs", "cars196.py"), "tests=target+cocoa")
+
+
 def test_data_dir_reaches_only_tfds_sources():
     c = _load(os.path.join(REPO, "configs", "sop.py"), "data=/d")
     assert config_lib.data_dir(c, c.domains.imagenet) == "/d/tfds"
