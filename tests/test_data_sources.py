@@ -311,6 +311,49 @@ def test_captions_karpathy_layout(tmp_path):
     one_line_error(lambda: load_source(f"captions:{tmp_path}/none.json"), "none.json")
 
 
+# ---------------------------------------------------------------------------- gs:// paths
+
+
+def _mirror(local, url: str):
+    """Copies the tree under `local` to `url` through tf.io.gfile."""
+    for path in local.rglob("*"):
+        if path.is_file():
+            dst = f"{url}/{path.relative_to(local).as_posix()}"
+            tf.io.gfile.makedirs(dst.rsplit("/", 1)[0])
+            tf.io.gfile.copy(str(path), dst, overwrite=True)
+
+
+def _contents(source) -> dict:
+    return {name: [(ex["id"], ex["label"], ex["image"], list(ex.get("captions", [])))
+                   for ex in _examples(source.split(name).dataset(0, 1))]
+            for name in source.splits}
+
+
+def test_file_sources_read_through_gfile(tmp_path):
+    """folder:, uned: and captions: on a non-local filesystem (TF's ram:// stands in for
+    gs://) load exactly what they load from the same files on disk."""
+    for split, classes in [("train", ["cat", "dog"]), ("test", ["cat", "eel"])]:
+        for i, c in enumerate(classes):
+            _write_image(tmp_path / "folder" / split / c / "deep" / f"{i}.PNG", seed=i)
+    (tmp_path / "folder" / "train" / "dog" / "notes.txt").write_text("not an image")
+    _write_uned(tmp_path / "info" / "sop", tmp_path / "images", {
+        "train": [("sop/t1.jpg", 1), ("sop/t0.jpg", 0)], "test": [("sop/q0.jpg", 2)]})
+    _write_image(tmp_path / "val2014" / "x.jpg")
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [
+        {"filepath": "val2014", "filename": "x.jpg", "split": "test",
+         "sentences": [{"raw": "A dog."}, {"raw": "Dog."}]}]}))
+    url = "ram://sources_test"
+    _mirror(tmp_path, url)
+    for spec, data_dir in (("folder:{}/folder", None), ("uned:{}/info/sop", "{}/images"),
+                           ("captions:{}/dataset_coco.json:test", None)):
+        local = load_source(spec.format(tmp_path), data_dir and data_dir.format(tmp_path))
+        remote = load_source(spec.format(url), data_dir and data_dir.format(url))
+        assert (remote.name, remote.splits, remote.roles) == (local.name, local.splits,
+                                                              local.roles), spec
+        assert _contents(remote) == _contents(local) and _contents(local)["test"], spec
+    one_line_error(lambda: load_source(f"uned:{url}/info"), f"{url}/info", "train.json")
+
+
 # ---------------------------------------------------------------------------- sharding, splits
 
 

@@ -15,11 +15,11 @@ Specs:
                           FILE's folder); the source has one split, SPLIT (default 'test')
 
 No source decodes images: `image` is the encoded file, broken files included.
+File sources read through tf.io.gfile: DIR and FILE may be local or gs:// paths.
 """
 import dataclasses
 import json
-import os
-from pathlib import Path
+import posixpath
 from typing import Mapping, Optional
 
 import numpy as np
@@ -201,7 +201,7 @@ def _tfds_split(builder, info: _TfdsSet, ours: str, theirs: str, spec: str) -> S
 # ---------------------------------------------------------------------------- files
 
 
-def _file_split(name: str, root: Path, records: list, num_classes: int,
+def _file_split(name: str, root: str, records: list, num_classes: int,
                 captions: bool = False) -> SplitData:
     """records: [(relative path, label[, captions list])] -> SplitData with ids, sorted by path.
 
@@ -210,7 +210,7 @@ def _file_split(name: str, root: Path, records: list, num_classes: int,
     records = sorted(records, key=lambda r: r[0])
     ids = np.array([r[0] for r in records], dtype=object)
     labels = np.array([r[1] for r in records], dtype=np.int64)
-    paths = [str(root / r[0]) for r in records]
+    paths = [posixpath.join(root, r[0]) for r in records]
 
     def dataset(shard_index: int, num_shards: int) -> tf.data.Dataset:
         columns = {"path": paths, "label": labels, "id": list(ids)}
@@ -232,32 +232,45 @@ def _file_split(name: str, root: Path, records: list, num_classes: int,
                      labels=labels, ids=ids)
 
 
-def _images_under(folder: Path) -> list:
-    """All image files under folder, recursively, by extension (any case)."""
-    return [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+def _subdirs(folder: str) -> list:
+    """Names of folder's sub-folders, sorted (gs:// listings end them with '/')."""
+    names = (n.rstrip("/") for n in tf.io.gfile.listdir(folder))
+    return sorted(n for n in names if tf.io.gfile.isdir(posixpath.join(folder, n)))
+
+
+def _images_under(root: str, sub: str) -> list:
+    """Paths relative to root of the image files under root/sub, recursively, by extension
+    (any case)."""
+    out = []
+    for dirpath, _, files in tf.io.gfile.walk(posixpath.join(root, sub)):
+        rel = dirpath[len(root):].strip("/")
+        out += [posixpath.join(rel, f) for f in files
+                if posixpath.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return out
 
 
 def _folder_source(rest: str, data_dir: Optional[str]) -> Source:
     """DIR/<class>/... (one split, 'train') or DIR/{train,val,test}/<class>/...; classes sorted
     by name over all splits -> labels 0..C-1 (the same class, the same label in every split)."""
-    root = Path(rest)
-    if not root.is_dir():
+    root = rest.rstrip("/")
+    if not tf.io.gfile.isdir(root):
         raise ValueError(f"folder:{rest}: no such directory")
-    split_dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
-    split_dirs = split_dirs or {"train": root}
-    class_dirs = {s: sorted(d for d in folder.iterdir() if d.is_dir())
-                  for s, folder in split_dirs.items()}
-    classes = sorted({d.name for dirs in class_dirs.values() for d in dirs})
+    split_dirs = {s: s for s in ("train", "val", "test")
+                  if tf.io.gfile.isdir(posixpath.join(root, s))} or {"train": ""}
+    class_dirs = {s: _subdirs(posixpath.join(root, d)) for s, d in split_dirs.items()}
+    classes = sorted({c for names in class_dirs.values() for c in names})
     label_of = {c: i for i, c in enumerate(classes)}
     split_data = {}
-    for s, dirs in class_dirs.items():
-        records = [(p.relative_to(root).as_posix(), label_of[d.name])
-                   for d in dirs for p in _images_under(d)]
+    for s, names in class_dirs.items():
+        records = [(p, label_of[c]) for c in names
+                   for p in _images_under(root, posixpath.join(split_dirs[s], c))]
         if not records:
-            raise ValueError(f"folder:{rest}: no images in class sub-folders of {split_dirs[s]} "
+            raise ValueError(f"folder:{rest}: no images in class sub-folders of "
+                             f"{posixpath.join(root, split_dirs[s])} "
                              f"(extensions {' '.join(IMAGE_EXTENSIONS)})")
         split_data[s] = _file_split(s, root, records, num_classes=len(classes))
-    return Source(name=root.name, roles=_roles(tuple(split_data)), split_data=split_data)
+    return Source(name=posixpath.basename(root), roles=_roles(tuple(split_data)),
+                  split_data=split_data)
 
 
 def _uned_source(rest: str, data_dir: Optional[str]) -> Source:
@@ -266,25 +279,27 @@ def _uned_source(rest: str, data_dir: Optional[str]) -> Source:
     Images are at <data_dir or DIR>/<path> (the UnED layout keeps them in data/images, beside
     data/info_files/<dataset>). num_classes = max class_id + 1, per split.
     """
-    folder = Path(rest)
-    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    folder = rest.rstrip("/")
+    files = (tf.io.gfile.glob(posixpath.join(folder, "*.json"))
+             if tf.io.gfile.isdir(folder) else [])
     if not files:
         raise ValueError(f"uned:{rest}: no split files there (train.json, val.json, test.json, "
                          "index.json)")
-    root = Path(data_dir) if data_dir else folder
+    root = data_dir or folder
     split_data = {}
-    for name in _ordered([f.stem for f in files]):
-        with open(folder / f"{name}.json") as f:
-            records = [(r["path"], _single_class(r["class_id"], folder / f"{name}.json"))
-                       for r in json.load(f)]
+    for name in _ordered([posixpath.basename(f)[:-len(".json")] for f in files]):
+        path = posixpath.join(folder, f"{name}.json")
+        with tf.io.gfile.GFile(path) as f:
+            records = [(r["path"], _single_class(r["class_id"], path)) for r in json.load(f)]
         if not records:
             raise ValueError(f"uned:{rest}: {name}.json has no records")
         num_classes = max(label for _, label in records) + 1
         split_data[name] = _file_split(name, root, records, num_classes=num_classes)
-    return Source(name=folder.name, roles=_roles(tuple(split_data)), split_data=split_data)
+    return Source(name=posixpath.basename(folder), roles=_roles(tuple(split_data)),
+                  split_data=split_data)
 
 
-def _single_class(class_id, path: Path) -> int:
+def _single_class(class_id, path: str) -> int:
     """UnED class_id: an int, or a list (multi-label records); one class only here."""
     if isinstance(class_id, list):
         if len(class_id) != 1:
@@ -302,19 +317,19 @@ def _captions_source(rest: str, data_dir: Optional[str]) -> Source:
         file, split = rest, "test"
     else:
         file, _, split = rest.rpartition(":")
-    path = Path(file)
-    if not file or not path.is_file():
+    if not file or not tf.io.gfile.exists(file) or tf.io.gfile.isdir(file):
         raise ValueError(f"captions:{rest}: no such JSON file {file or rest}")
-    with open(path) as f:
+    with tf.io.gfile.GFile(file) as f:
         data = json.load(f)
     if isinstance(data, list):
         records = [(r["image"], NO_LABEL, list(r["captions"])) for r in data]
     else:
-        records = [(os.path.join(r.get("filepath", ""), r["filename"]), NO_LABEL,
+        records = [(posixpath.join(r.get("filepath", ""), r["filename"]), NO_LABEL,
                     [s["raw"] for s in r["sentences"]])
                    for r in data["images"] if r["split"] == split]
     if not records:
         raise ValueError(f"captions:{rest}: no images for split {split!r} in {file}")
-    root = Path(data_dir) if data_dir else path.parent
+    root = data_dir or posixpath.dirname(file)
     split_data = {split: _file_split(split, root, records, num_classes=0, captions=True)}
-    return Source(name=path.stem, roles=_roles((split,)), split_data=split_data)
+    return Source(name=posixpath.splitext(posixpath.basename(file))[0], roles=_roles((split,)),
+                  split_data=split_data)
