@@ -94,8 +94,10 @@ then the same ratios from the median ("median") and from the fastest sample
 ("min") of each timing over all rounds, each round's own ("per_round"), the
 bounds `speedup_bound_at_best_matmul` and `speedup_bound_at_torch_matmul`
 (PyTorch's step time over the time of the step's FLOPs at XLA's / at MKL's best
-float32 matmul rate, `torch_best_matmul_flops_per_s`: no float32 implementation
-on this CPU can beat PyTorch by more, even one that does nothing but matmuls),
+float32 matmul rate, `torch_best_matmul_flops_per_s`: no step built on XLA's
+dots can beat PyTorch by more than the first, and no float32 implementation on
+this CPU, even one that does nothing but matmuls at MKL's rate, by more than the
+second),
 the overheads by CPU time, and the raw numbers (seconds, images/s, FLOPs,
 FLOP/s, bytes, others' load).
 

@@ -32,7 +32,8 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     """The command's flags, defined when it runs rather than on import: absl keeps one
-    global flag namespace, and the package's commands share names (--checkpoint, ...)."""
+    global flag namespace, and the package's commands share names (--checkpoint, ...).
+    To run `main` from Python: define_flags(); app.run(main, argv)."""
     flags.DEFINE_string("workdir", "demo_out", "Where everything is written.")
     flags.DEFINE_integer("num_images", 48, "How many images to draw.")
 

@@ -40,7 +40,8 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     """The command's flags, defined when it runs rather than on import: absl keeps one
-    global flag namespace, and the package's commands share names (--checkpoint, ...)."""
+    global flag namespace, and the package's commands share names (--checkpoint, ...).
+    To run `main` from Python: define_flags(); app.run(main, argv)."""
     config_flags.DEFINE_config_file("config", None, "The run's configs/*.py file (and :ARG).",
                                     lock_config=False)
     flags.DEFINE_string("workdir", None, "The run's workdir; results.json goes here.")

@@ -81,7 +81,12 @@ def test_cpu_mode_reports_every_headline_figure():
                         ("speedup_bound_at_torch_matmul", "torch_best_matmul_flops_per_s")):
         assert med[bound] == pytest.approx(
             med["seconds"]["torch_plain"] * med[rate] / out["step_flops_analytic"], rel=1e-2)
-    assert "torch_4096x4096x4096" in med["matmul_sweep_flops_per_s"]
+    sweep = med["matmul_sweep_flops_per_s"]
+    assert "torch_4096x4096x4096" in sweep
+    assert med["torch_best_matmul_flops_per_s"] == max(
+        v for k, v in sweep.items() if k.startswith("torch_"))
+    assert med["best_matmul_flops_per_s"] == max(
+        med["matmul_4096_flops_per_s"], *(v for k, v in sweep.items() if "torch" not in k))
     assert out["fsdp"]["devices"] == 2 and out["fsdp_memory_reduction"] > 1
     # FLOPs: XLA's count of the tiny model = our analytic matmul count + its elementwise work.
     assert 1 < out["step_flops_xla"] / out["step_flops_analytic"] < 1.15

@@ -354,6 +354,26 @@ def test_file_sources_read_through_gfile(tmp_path):
     one_line_error(lambda: load_source(f"uned:{url}/info"), f"{url}/info", "train.json")
 
 
+def test_folder_listing_stats_no_image_and_no_listed_folder(tmp_path, monkeypatch):
+    """gs:// listings end folders with '/' and each stat is an HTTP request: given such a
+    listing, a folder: source stats only the root, the split candidates and non-images."""
+    for split, classes in [("train", ["cat", "dog"]), ("test", ["cat"])]:
+        for i, c in enumerate(classes):
+            _write_image(tmp_path / split / c / "a" / "b" / f"{i}.jpg", seed=i)
+            _write_image(tmp_path / split / c / f"top{i}.png", seed=i)
+    (tmp_path / "train" / "dog" / "a" / "notes.txt").write_text("not an image")
+    expected = _contents(load_source(f"folder:{tmp_path}"))
+    listdir, isdir, stats = tf.io.gfile.listdir, tf.io.gfile.isdir, []
+    monkeypatch.setattr(tf.io.gfile, "listdir", lambda d: [
+        n + "/" if isdir(f"{d}/{n}") else n for n in listdir(d)])
+    monkeypatch.setattr(tf.io.gfile, "isdir", lambda p: stats.append(p) or isdir(p))
+    assert _contents(load_source(f"folder:{tmp_path}")) == expected
+    assert len(expected["train"]) == 4 and len(expected["test"]) == 2
+    root = str(tmp_path)
+    assert sorted(stats) == sorted([root, *(f"{root}/{s}" for s in ("train", "val", "test")),
+                                    f"{root}/train/dog/a/notes.txt"])
+
+
 # ---------------------------------------------------------------------------- sharding, splits
 
 

@@ -232,20 +232,29 @@ def _file_split(name: str, root: str, records: list, num_classes: int,
                      labels=labels, ids=ids)
 
 
+def _is_subdir(folder: str, name: str) -> bool:
+    """Whether listdir(folder)'s entry `name` is a folder: gs:// listings end folders with
+    '/', so only other filesystems' entries are stat-ed (on gs:// a stat is a request)."""
+    return name.endswith("/") or tf.io.gfile.isdir(posixpath.join(folder, name))
+
+
 def _subdirs(folder: str) -> list:
-    """Names of folder's sub-folders, sorted (gs:// listings end them with '/')."""
-    names = (n.rstrip("/") for n in tf.io.gfile.listdir(folder))
-    return sorted(n for n in names if tf.io.gfile.isdir(posixpath.join(folder, n)))
+    """Names of folder's sub-folders, sorted."""
+    return sorted(n.rstrip("/") for n in tf.io.gfile.listdir(folder) if _is_subdir(folder, n))
 
 
 def _images_under(root: str, sub: str) -> list:
     """Paths relative to root of the image files under root/sub, recursively, by extension
-    (any case)."""
-    out = []
-    for dirpath, _, files in tf.io.gfile.walk(posixpath.join(root, sub)):
-        rel = dirpath[len(root):].strip("/")
-        out += [posixpath.join(rel, f) for f in files
-                if posixpath.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    (any case). Entries named like images are taken as files without a stat."""
+    out, todo = [], [sub]
+    while todo:
+        rel = todo.pop()
+        folder = posixpath.join(root, rel)
+        for name in tf.io.gfile.listdir(folder):
+            if posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                out.append(posixpath.join(rel, name))
+            elif _is_subdir(folder, name):
+                todo.append(posixpath.join(rel, name.rstrip("/")))
     return out
 
 
@@ -280,14 +289,14 @@ def _uned_source(rest: str, data_dir: Optional[str]) -> Source:
     data/info_files/<dataset>). num_classes = max class_id + 1, per split.
     """
     folder = rest.rstrip("/")
-    files = (tf.io.gfile.glob(posixpath.join(folder, "*.json"))
+    files = ([n for n in tf.io.gfile.listdir(folder) if n.endswith(".json")]
              if tf.io.gfile.isdir(folder) else [])
     if not files:
         raise ValueError(f"uned:{rest}: no split files there (train.json, val.json, test.json, "
                          "index.json)")
     root = data_dir or folder
     split_data = {}
-    for name in _ordered([posixpath.basename(f)[:-len(".json")] for f in files]):
+    for name in _ordered([f[:-len(".json")] for f in files]):
         path = posixpath.join(folder, f"{name}.json")
         with tf.io.gfile.GFile(path) as f:
             records = [(r["path"], _single_class(r["class_id"], path)) for r in json.load(f)]
