@@ -21,6 +21,8 @@ import sentencepiece
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from infusing_jax import paths
+
 SIGLIP_SEQ_LEN = 64
 CLIP_SEQ_LEN = 77
 
@@ -38,7 +40,7 @@ _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 def _existing(path) -> str:
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise ValueError(f"tokenizer file not found: {path}")
     return path
 
@@ -63,8 +65,8 @@ class SigLIPTokenizer:
     punctuation and collapses whitespace (big_vision does that only to class
     names in its zero-shot prompts) and lowercases all of Unicode.
 
-    `path`: the `.model` file, or a directory holding `spiece.model` or
-    `tokenizer.model`.
+    `path`: the `.model` file (local or remote, e.g. gs://), or a local directory
+    holding `spiece.model` or `tokenizer.model`.
     """
 
     def __init__(self, path, seq_len: int = SIGLIP_SEQ_LEN, *, lowercase: bool = True,
@@ -80,7 +82,8 @@ class SigLIPTokenizer:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
-            self.sp.Load(path)
+            with paths.open_binary(path) as f:
+                self.sp.LoadFromSerializedProto(f.read())
         except (OSError, RuntimeError) as e:
             raise ValueError(f"not a sentencepiece .model file: {path} ({e})") from None
         if self.sp.eos_id() < 0:
@@ -152,6 +155,9 @@ def _read_tokenizer_json(path):
 
 def _read_clip_bpe(path, merges_path=None):
     """Any supported CLIP vocab source -> (vocab, merges)."""
+    if paths.is_remote(path):
+        raise ValueError(f"CLIP tokenizer files are read from local paths only: copy {path} "
+                         "to a local folder")
     path = _existing(path)
     name = os.path.basename(path)
     if os.path.isdir(path):

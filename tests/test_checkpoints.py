@@ -1,6 +1,8 @@
 """Checkpoint round trips, big_vision file variants, config inference, errors and safety."""
 import os
 import pickle
+import subprocess
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -86,6 +88,33 @@ def test_big_vision_file_variants(tmp_path):
     np.savez(tmp_path / "vit.npz", **{k[4:]: v for k, v in flat.items() if k.startswith("img/")})
     lone, _ = checkpoints.load(str(tmp_path / "vit.npz"))
     assert set(checkpoints.to_flat(lone)) == set(got)
+
+
+def test_big_vision_file_on_a_remote_filesystem(tmp_path):
+    """gs://big_vision/...npz:img loads through tf.io.gfile (TF's ram:// stands in)."""
+    import tensorflow as tf
+    cfg = tiny_config("siglip")
+    checkpoints.save(random_params(cfg), cfg, str(tmp_path / "m.npz"))
+    url = "ram://checkpoints_test/m.npz"
+    tf.io.gfile.makedirs("ram://checkpoints_test")
+    tf.io.gfile.copy(str(tmp_path / "m.npz"), url, overwrite=True)
+    local, local_cfg = checkpoints.load(str(tmp_path / "m.npz:img"))
+    remote, remote_cfg = checkpoints.load(f"{url}:img")
+    assert remote_cfg.to_dict() == local_cfg.to_dict()
+    want, got = checkpoints.to_flat(local), checkpoints.to_flat(remote)
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    with pytest.raises(FileNotFoundError, match="ram://checkpoints_test/none.npz"):
+        checkpoints.load("ram://checkpoints_test/none.npz")
+
+
+def test_local_checkpoints_load_without_tensorflow(tmp_path):
+    cfg = tiny_config("siglip", text=False)
+    checkpoints.save(random_params(cfg), cfg, str(tmp_path / "m.npz"))
+    code = ("import sys; sys.modules['tensorflow'] = None\n"
+            "from infusing_jax import checkpoints\n"
+            f"checkpoints.load({str(tmp_path / 'm.npz')!r})")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_posemb_resampling(family, tmp_path):

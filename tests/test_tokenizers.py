@@ -83,6 +83,17 @@ def test_siglip_matches_sentencepiece(sp_model, seq_len):
         assert row.tolist() == _sp_expected(sp, text, seq_len, pad=1)
 
 
+def test_siglip_model_file_on_a_remote_filesystem(sp_model):
+    """A gs:// .model file reads through tf.io.gfile (TF's ram:// stands in)."""
+    import tensorflow as tf
+    tf.io.gfile.makedirs("ram://tokenizers_test")
+    tf.io.gfile.copy(sp_model, "ram://tokenizers_test/spm.model", overwrite=True)
+    remote = tk.SigLIPTokenizer("ram://tokenizers_test/spm.model", 16)
+    np.testing.assert_array_equal(remote(TEXTS), tk.SigLIPTokenizer(sp_model, 16)(TEXTS))
+    with pytest.raises(ValueError, match="local paths only"):
+        tk.load_tokenizer("ram://tokenizers_test/vocab.json", "clip")
+
+
 def test_siglip_eos_padding_truncation(sp_model):
     sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)
     tok = tk.SigLIPTokenizer(sp_model, 10, pad_value=0)  # pad != eos, to see the EOS

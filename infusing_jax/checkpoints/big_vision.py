@@ -10,6 +10,7 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
+from infusing_jax import paths
 from infusing_jax.checkpoints import tree
 
 _TWO_TOWER_ROOTS = ("img", "txt", "t", "b")
@@ -35,29 +36,35 @@ def _decode(key, value, file):
     return value
 
 
-def read(path: str) -> dict:
-    """'file.npz[:sub/tree]' -> canonical flat params ('img/...', 'txt/...', 't', 'b').
-
-    A file with a `params/` sub-tree (e.g. a training state with `opt/` beside
-    it) is read from that sub-tree.
-    """
-    file, sub = split_path(path)
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{file}: no such checkpoint file")
+def _read_npz(f, file: str) -> dict:
+    """The arrays of the .npz archive open as `f`, named `file` in errors."""
     try:
-        npz = np.load(file, allow_pickle=False)
+        npz = np.load(f, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise ValueError(f"{file}: not a readable .npz archive ({e})") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise ValueError(f"{file}: holds a single array, not a .npz archive of named parameters")
     try:
         with npz:
-            flat = {k: _decode(k, npz[k], file) for k in npz.files}
+            return {k: _decode(k, npz[k], file) for k in npz.files}
     except ValueError as e:
         if "allow_pickle" in str(e):
             raise ValueError(f"{file}: refused, it holds pickled Python objects, and "
                              "loading them could run code; save plain arrays instead") from None
         raise ValueError(f"{file}: unreadable array ({e})") from None
+
+
+def read(path: str) -> dict:
+    """'file.npz[:sub/tree]' -> canonical flat params ('img/...', 'txt/...', 't', 'b').
+
+    A file with a `params/` sub-tree (e.g. a training state with `opt/` beside
+    it) is read from that sub-tree. The file may be remote (gs://big_vision/...).
+    """
+    file, sub = split_path(path)
+    if not paths.exists(file):
+        raise FileNotFoundError(f"{file}: no such checkpoint file")
+    with paths.open_binary(file) as f:
+        flat = _read_npz(f, file)
     if any(k.startswith("params/") for k in flat):
         flat = {k[len("params/"):]: v for k, v in flat.items() if k.startswith("params/")}
     if sub:
