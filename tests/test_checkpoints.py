@@ -294,6 +294,9 @@ def test_big_vision_files_that_are_not_checkpoints(tmp_path):
     (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match=r"corrupt.npz: not a readable .npz archive"):
         checkpoints.load(str(tmp_path / "corrupt.npz"))
+    (tmp_path / "folder.npz").mkdir()
+    with pytest.raises(ValueError, match=r"folder.npz: not a readable .npz archive"):
+        checkpoints.load(str(tmp_path / "folder.npz"))
     np.save(tmp_path / "single.npy", np.zeros(3))
     os.rename(tmp_path / "single.npy", tmp_path / "single.npz")
     with pytest.raises(ValueError, match=r"single.npz: holds a single array"):

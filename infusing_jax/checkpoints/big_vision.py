@@ -63,7 +63,11 @@ def read(path: str) -> dict:
     file, sub = split_path(path)
     if not paths.exists(file):
         raise FileNotFoundError(f"{file}: no such checkpoint file")
-    with paths.open_binary(file) as f:
+    try:
+        f = paths.open_binary(file)
+    except OSError as e:  # a directory, no permission
+        raise ValueError(f"{file}: not a readable .npz archive ({e})") from None
+    with f:
         flat = _read_npz(f, file)
     if any(k.startswith("params/") for k in flat):
         flat = {k[len("params/"):]: v for k, v in flat.items() if k.startswith("params/")}
