@@ -652,8 +652,7 @@ def main(argv):
         return
     xla_flags = os.environ.get("XLA_FLAGS", "")  # the FSDP part's: no --xla_cpu_flags
     if _XLA_CPU_FLAGS.value:  # read when the backend starts, below
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
-                                   _XLA_CPU_FLAGS.value).strip()
+        os.environ["XLA_FLAGS"] = (xla_flags + " " + _XLA_CPU_FLAGS.value).strip()
     import jax
     if _MODE.value == "cpu":
         jax.config.update("jax_platforms", "cpu")

@@ -16,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
+from infusing_jax import paths
 from infusing_jax.data import pipeline
 
 
@@ -51,7 +52,7 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 
 def absolute(path: str) -> str:
     """A local path made absolute; a URL (gs://bucket/run) as it is."""
-    return path if "://" in path else os.path.abspath(path)
+    return path if paths.is_remote(path) else os.path.abspath(path)
 
 
 def manager(workdir: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
