@@ -10,6 +10,8 @@ label to match, in one index merged over the domains (UnED) or, with
 --separate, in each query's own domain only. M.json: `recall@1`, `mmp@K`,
 `map@K`, `map@r`, `num_queries`, `lone_queries`, per domain under `domains`,
 the same at the coarse granularity under `coarse` (infusing_jax.evaluation.metrics).
+With domains the four metrics are UnED's headline, the unweighted mean over the
+domains; the mean over all queries is under `over_queries`.
 """
 import json
 import os

@@ -61,7 +61,7 @@ def _reference_metrics(order, query_keys, index_keys, query_ids, index_ids, k):
             if hit and r <= n:
                 ap_r += hits / r
         out["recall@1"].append(float(rel[0]))
-        out[f"mmp@{k}"].append(sum(rel[:k]) / min(n, k) if n else 0.0)
+        out[f"mmp@{k}"].append(sum(rel[:min(n, k)]) / min(n, k) if n else 0.0)
         out[f"map@{k}"].append(ap_k / min(n, k) if n else 0.0)
         out["map@r"].append(ap_r / n if n else 0.0)
     return {**{m: float(np.mean(v)) for m, v in out.items()},
@@ -75,6 +75,11 @@ def _assert_reports_equal(ours, reference):
             assert ours[name] == pytest.approx(value, abs=1e-12), name
         else:
             assert ours[name] == value, name
+
+
+def _pooled(report):
+    """The report with its means over all queries where it has them (merged domains)."""
+    return dict(report, **report.get("over_queries", {}))
 
 
 def _keys(*columns):
@@ -181,18 +186,22 @@ def test_metrics_equal_the_definitions_on_a_merged_index_with_domains_and_coarse
     _, order = _dense_ranking(d["x"], d["x"], d["ids"], d["ids"])
     for report, labels in [(ours, d["labels"]), (ours["coarse"], d["coarse"])]:
         keys = _keys(d["domains"], labels)
-        _assert_reports_equal(report, _reference_metrics(order, keys, keys, d["ids"], d["ids"], K))
+        _assert_reports_equal(_pooled(report),
+                              _reference_metrics(order, keys, keys, d["ids"], d["ids"], K))
+        refs = {}
         for name in ("cars", "sop"):
             rows = np.flatnonzero(d["domains"] == name)
-            ref = _reference_metrics(order[rows], [keys[i] for i in rows], keys,
-                                     d["ids"][rows], d["ids"], K)
-            _assert_reports_equal(report["domains"][name], ref)
+            refs[name] = _reference_metrics(order[rows], [keys[i] for i in rows], keys,
+                                            d["ids"][rows], d["ids"], K)
+            _assert_reports_equal(report["domains"][name], refs[name])
+        for m in ("recall@1", f"mmp@{K}", f"map@{K}", "map@r"):  # the headline: per domain
+            assert report[m] == pytest.approx((refs["cars"][m] + refs["sop"][m]) / 2, abs=1e-12)
     assert ours["lone_queries"] >= 6 and ours["num_queries"] == len(d["x"])
     # Removing rank 0 instead of the query's id would credit the duplicates' twins.
     _, with_self = _dense_ranking(d["x"], d["x"], d["ids"], np.full(len(d["x"]), ""))
     keys = _keys(d["domains"], d["labels"])
     rank0 = np.mean([keys[row[1]] == keys[i] for i, row in enumerate(with_self)])
-    assert rank0 != pytest.approx(ours["recall@1"])
+    assert rank0 != pytest.approx(ours["over_queries"]["recall@1"])
 
 
 def test_separate_index_searches_only_the_query_domain():
@@ -206,10 +215,13 @@ def test_separate_index_searches_only_the_query_domain():
         alone = metrics.retrieval_metrics(d["x"][rows], d["labels"][rows], k=K,
                                           query_ids=d["ids"][rows])
         _assert_reports_equal(ours["domains"][name], alone)
-    # Over all queries: the mean of the domains' per-query scores.
+    # The headline is the domains' unweighted mean; over_queries weighs them by size.
     sizes = {name: ours["domains"][name]["num_queries"] for name in ("cars", "sop")}
     pooled = sum(ours["domains"][n]["map@r"] * s for n, s in sizes.items()) / sum(sizes.values())
-    assert ours["map@r"] == pytest.approx(pooled)
+    assert ours["over_queries"]["map@r"] == pytest.approx(pooled)
+    assert ours["map@r"] == pytest.approx((ours["domains"]["cars"]["map@r"]
+                                           + ours["domains"]["sop"]["map@r"]) / 2)
+    assert sizes["cars"] != sizes["sop"] and ours["map@r"] != pytest.approx(pooled)
     assert ours["map@r"] != pytest.approx(merged["map@r"])  # other domains' rows interfere
 
 
@@ -221,7 +233,8 @@ def test_merged_hit_needs_the_domain_too():
     # Rows 0 and 2 rank row 1 (other domain) first, then each other (n = 1): R@1 0,
     # mAP@2 = (1/2) / 1. Rows 1 and 3 have no positive: lone, 0.
     assert report["recall@1"] == 0.0
-    assert report["map@2"] == pytest.approx((0.5 + 0.5 + 0 + 0) / 4)
+    assert report["over_queries"]["map@2"] == pytest.approx((0.5 + 0.5 + 0 + 0) / 4)
+    assert report["map@2"] == pytest.approx(((0.5 + 0.5 + 0) / 3 + 0) / 2)  # a, b
     assert report["lone_queries"] == 2
     assert report["domains"]["a"]["num_queries"] == 3
     assert report["domains"]["b"]["lone_queries"] == 1
@@ -300,6 +313,70 @@ def test_per_query_by_hand():
     np.testing.assert_allclose(out["mmp@2"], [1 / 2, 1, 0])
     np.testing.assert_allclose(out["map@2"], [(1 / 2) / 2, 1, 0])
     np.testing.assert_allclose(out["map@r"], [(1 / 2 + 2 / 3) / 3, 1, 0])
+
+
+def test_mmp_is_precision_at_min_of_positives_and_k():
+    # Hand-written rankings at k = 5 (1 = a positive at that rank) and n_q positives:
+    relevant = np.asarray([
+        [0, 1, 1, 0, 0],  # few positives, n = 2: judged on ranks 1-2, P@2 = 1/2
+        [0, 0, 1, 1, 0],  # n = 2, both hits past rank 2: P@2 = 0, though 2 hits in the top 5
+        [0, 1, 0, 0, 0],  # n = 1: P@1 = 0
+        [1, 1, 0, 1, 1],  # many positives, n = 10: P@5 = 4/5
+        [1, 1, 1, 1, 1],  # n = 5: P@5 = 1
+        [0, 0, 0, 0, 0],  # lone, n = 0: 0
+    ], bool)
+    n = np.asarray([2, 2, 1, 10, 5, 0])
+    out = metrics.per_query(relevant, n, k=5)
+    np.testing.assert_allclose(out["mmp@5"], [1 / 2, 0, 0, 4 / 5, 1, 0])
+    np.testing.assert_allclose(out["map@5"], [(1 / 2 + 2 / 3) / 2, (1 / 3 + 2 / 4) / 2, 1 / 2,
+                                              (1 + 1 + 3 / 4 + 4 / 5) / 5, 1, 0])
+    np.testing.assert_allclose(out["recall@1"], [0, 0, 0, 1, 1, 0])
+    # A ranking shorter than min(n, k) counts the missing ranks as misses.
+    short = metrics.per_query(np.asarray([[1, 1]], bool), np.asarray([4]), k=5)
+    assert short["mmp@5"][0] == pytest.approx(2 / 4)
+
+
+def test_mmp_on_small_classes_is_not_a_capped_recall():
+    # SOP-like pairs of images per class, on a circle at these angles (radians):
+    angles = np.asarray([0.0, 0.10, 0.11, 0.30])
+    x = np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32)
+    labels = np.asarray([0, 1, 1, 0])  # pairs: rows 0 and 3, rows 1 and 2
+    # Rows 0 and 3 find their twin at rank 3, behind the other pair; rows 1 and 2 at
+    # rank 1. n = 1 for all: mMP@5 = P@1, where counting hits in the top 5 would give 1.
+    report = metrics.retrieval_metrics(x, labels, k=5)
+    assert report["mmp@5"] == pytest.approx((0 + 1 + 1 + 0) / 4)
+    assert report["map@5"] == pytest.approx((1 / 3 + 1 + 1 + 1 / 3) / 4)
+    assert report["recall@1"] == pytest.approx(0.5)
+
+
+def test_ties_go_to_the_lowest_index_row():
+    # Three identical index rows: the query's ranking is rows 0, 1, 2 in that order.
+    q = np.asarray([[1.0, 0.0]], np.float32)
+    index = np.asarray([[2.0, 0.0], [1.0, 0.0], [3.0, 0.0], [0.0, 1.0]], np.float32)
+    first_negative = metrics.retrieval_metrics(q, [5], index, [4, 5, 5, 5], k=2)
+    assert first_negative["recall@1"] == 0.0 and first_negative["mmp@2"] == 0.5
+    first_positive = metrics.retrieval_metrics(q, [5], index, [5, 4, 5, 5], k=2)
+    assert first_positive["recall@1"] == 1.0 and first_positive["mmp@2"] == 0.5
+    # n = 3 positives (rows 1-3 for the first), so mMP@2 = P@2 in both.
+
+
+def test_merged_index_headline_is_the_mean_over_datasets():
+    # Dataset "big": 3 queries, all R@1 hits; dataset "small": 1 query, a miss (its
+    # nearest row is of the same label but from "big"). Mean over datasets: (1 + 0) / 2;
+    # over queries: 3 / 4.
+    x = np.asarray([[1, 0], [1, 0.05], [0, 1], [0, 1.05], [0.7, 0.71], [0.7, 0.7]],
+                   np.float32)
+    labels = np.asarray([1, 1, 2, 2, 3, 3])
+    domains = np.asarray(["big", "big", "big", "big", "small", "big"])
+    queries = np.asarray([0, 2, 3, 4])
+    report = metrics.retrieval_metrics(
+        x[queries], labels[queries], x, labels, k=1, query_ids=queries,
+        index_ids=np.arange(6), query_domains=domains[queries], index_domains=domains)
+    assert report["domains"]["big"]["recall@1"] == 1.0
+    assert report["domains"]["small"]["lone_queries"] == 1
+    assert report["recall@1"] == pytest.approx(0.5)
+    assert report["over_queries"]["recall@1"] == pytest.approx(0.75)
+    assert report["num_queries"] == 4
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def test_queries_as_their_own_index(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "m.json").read_text())
     assert set(report) == {"recall@1", "mmp@5", "map@5", "map@r", "num_queries",
-                           "lone_queries", "domains", "coarse"}
+                           "lone_queries", "domains", "over_queries", "coarse"}
     assert set(report["domains"]) == {"cars", "food"}
     assert set(report["coarse"]) == set(report) - {"coarse"}
     expected = metrics.retrieval_metrics(

@@ -5,9 +5,14 @@ positive: same label, and same domain where domains are given. n_i = number of
 positives of i in the index, leaving out index rows with i's id (i itself).
 
     R@1    = rel_1
-    mMP@k  = sum_{r<=k} rel_r / min(n_i, k)
+    mMP@k  = P@min(n_i, k) = sum_{r<=min(n_i, k)} rel_r / min(n_i, k)
     mAP@k  = sum_{r<=k} P@r rel_r / min(n_i, k),     P@r = sum_{s<=r} rel_s / r
     MAP@R  = sum_{r<=R} P@r rel_r / R,   R = n_i     (Musgrave et al., 2020)
+
+mMP@k is UnED's "modified mean precision": precision at rank min(n_i, k), so a
+query with 2 positives is judged on its first 2 neighbours, not its first k
+(counting hits in the top k over min(n_i, k) would be a capped recall, which
+reads far higher where classes are small). docs/method.md has the definitions.
 
 Queries with n_i = 0 ("lone") score 0 in every metric (the authors' way) and are
 counted. Metrics are fractions in [0, 1], averaged over queries.
@@ -17,7 +22,14 @@ counted. Metrics are fractions in [0, 1], averaged over queries.
     {"recall@1": .., "mmp@K": .., "map@K": .., "map@r": .. or null,
      "num_queries": int, "lone_queries": int,
      "domains": {NAME: {same six keys}, ...},        # when domains are given
-     "coarse": {same six keys, "domains": {...}}}    # when coarse labels are given
+     "over_queries": {the four metrics},             # when domains are given
+     "coarse": {same keys, "domains": {...}}}        # when coarse labels are given
+
+Without domains the four metrics are means over the queries. With domains they
+are UnED's headline: the unweighted mean over the domains of each domain's
+mean over its queries (the authors' "average" over datasets), so a large
+dataset does not outweigh a small one; the mean over all queries is kept as
+"over_queries".
 
 "map@r" is null when some query has more than `max_rank` positives (MAP@R
 would need that many neighbours for every query).
@@ -33,15 +45,17 @@ _CHUNK = 8192  # queries per step of the per-query metrics, to bound memory
 def per_query(relevant, num_positives, k: int):
     """relevant (Q, M) bool, rank-ordered; num_positives (Q,) -> {metric: (Q,) float64}.
 
-    "map@r" is None unless M >= max(num_positives).
+    Ranks past M count as misses. "map@r" is None unless M >= max(num_positives).
     """
     rel = np.asarray(relevant, bool).astype(np.float64)
     n = np.asarray(num_positives)
     ranks = np.arange(1, rel.shape[1] + 1)
-    precision_hits = np.cumsum(rel, axis=1) / ranks * rel  # P@r * rel_r
+    hits = np.cumsum(rel, axis=1)  # hits[:, r - 1] = sum_{s<=r} rel_s
+    precision_hits = hits / ranks * rel  # P@r * rel_r
     top = np.maximum(np.minimum(n, k), 1)  # lone queries: every sum below is 0
+    hits_at_top = np.take_along_axis(hits, np.minimum(top, rel.shape[1])[:, None] - 1, axis=1)
     out = {"recall@1": rel[:, 0],
-           f"mmp@{k}": rel[:, :k].sum(1) / top,
+           f"mmp@{k}": hits_at_top[:, 0] / top,
            f"map@{k}": precision_hits[:, :k].sum(1) / top,
            "map@r": None}
     if n.max() <= rel.shape[1]:
@@ -58,6 +72,13 @@ def summary(metrics, num_positives, rows=None):
     out["num_queries"] = int(len(rows))
     out["lone_queries"] = int(np.sum(num_positives[rows] == 0))
     return out
+
+
+def mean_over_domains(domains: dict, names) -> dict:
+    """{metric: unweighted mean over the domains' reports}; None where a domain's is."""
+    reports = list(domains.values())
+    return {m: None if any(r[m] is None for r in reports)
+            else float(np.mean([r[m] for r in reports])) for m in names}
 
 
 def num_positives(query_keys, index_keys, query_ids=None, index_ids=None):
@@ -121,6 +142,8 @@ def retrieval_metrics(queries, query_labels, index=None, index_labels=None, k: i
         if domain_rows:
             report["domains"] = {d: summary(metrics, positives[name], rows)
                                  for d, rows in domain_rows.items()}
+            report["over_queries"] = {m: report[m] for m in metrics}
+            report.update(mean_over_domains(report["domains"], metrics))
         if name == "fine":
             out.update(report)
         else:

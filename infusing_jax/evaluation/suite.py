@@ -10,7 +10,9 @@ on its devices (the caller gathers FSDP-sharded parameters first).
 
 Result (fractions in [0, 1]; K = eval.k):
   retrieval       {test: retrieval_metrics(...)}           each set's own index
-  universal       retrieval_metrics over all target sets   hit = same test and class
+  universal       retrieval_metrics over all target sets   hit = same test and class;
+                  each metric the unweighted mean over the sets (the authors' figure),
+                  'over_queries' the mean over all queries
   text_retrieval  {test: {'i2t_r1', ..., 't2i_r10'}}
   zero_shot       {test: {'fine': {'top1', 'top5'}, 'coarse': ...}}
   headline        in_domain_r1, in_domain_mapK (mean over target sets), generic_r1,
@@ -118,15 +120,16 @@ def _retrieval(encode, cfg) -> tuple:
 
 def _universal(merged, k: int) -> dict:
     """The UnED merged index: every target set's queries against all their index splits;
-    a hit needs the same set (domain) and class. Ids are prefixed by the set's name."""
+    a hit needs the same set (domain) and class. Ids are prefixed by the set's name.
+    Its metrics are the unweighted means over the sets (per set under 'domains', the
+    mean over all queries under 'over_queries')."""
     def side(j: int) -> dict:
         parts = [(name, sets[j]) for name, *sets in merged]
         return dict(embeddings=np.concatenate([p["embeddings"] for _, p in parts]),
                     labels=np.concatenate([p["labels"] for _, p in parts]),
                     ids=np.concatenate([np.char.add(f"{n}/", p["ids"].astype(str))
                                         for n, p in parts]),
-                    domains=np.concatenate([np.full(len(p["labels"]), d)
-                                            for d, (_, p) in enumerate(parts)]))
+                    domains=np.concatenate([np.full(len(p["labels"]), n) for n, p in parts]))
     q, i = side(0), side(1)
     return metrics_lib.retrieval_metrics(
         q["embeddings"], q["labels"], i["embeddings"], i["labels"], k,
