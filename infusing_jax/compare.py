@@ -14,10 +14,11 @@ Changes are against each run's own pretrained numbers.
 """
 import json
 import os
-import sys
 
-from absl import app
 from absl import flags
+
+from infusing_jax import cli
+from infusing_jax import errors
 
 FLAGS = flags.FLAGS
 
@@ -38,11 +39,11 @@ COLUMNS = ("in_domain_r1", "in_domain_map{k}", "generic_r1", "generic_map{k}",
 def _load(workdir: str) -> dict:
     path = os.path.join(workdir, "results.json")
     if not os.path.exists(path):
-        raise ValueError(f"{path}: no results; run python -m infusing_jax.evaluate first")
+        raise errors.UserError(f"{path}: no results; run python -m infusing_jax.evaluate first")
     with open(path) as f:
         results = json.load(f)
     if "fine-tuned" not in results.get("models", {}):
-        raise ValueError(f"{path}: has no fine-tuned model (a --checkpoint evaluation?)")
+        raise errors.UserError(f"{path}: has no fine-tuned model (a --checkpoint evaluation?)")
     return results
 
 
@@ -61,7 +62,7 @@ def _text(headline: dict):
 def comparison(workdirs, names=None) -> dict:
     names = names or [os.path.basename(os.path.normpath(w)) for w in workdirs]
     if len(names) != len(workdirs):
-        raise ValueError(f"--names: {len(names)} names for {len(workdirs)} workdirs")
+        raise errors.UserError(f"--names: {len(names)} names for {len(workdirs)} workdirs")
     out = {"pretrained": None, "runs": {}}
     for name, workdir in zip(names, workdirs):
         results = _load(workdir)
@@ -134,13 +135,10 @@ def plot(report: dict, path: str) -> None:
 
 def main(argv):
     workdirs = argv[1:]
-    try:
-        if not workdirs:
-            raise ValueError("give one or more run workdirs")
-        report = comparison(workdirs, FLAGS.names)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    if not workdirs:
+        raise errors.UserError("WORKDIR: give one or more run workdirs")
+    cli.check_folder("--output", FLAGS.output)
+    report = comparison(workdirs, FLAGS.names)
     os.makedirs(FLAGS.output, exist_ok=True)
     with open(os.path.join(FLAGS.output, "comparison.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -153,5 +151,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

@@ -26,6 +26,7 @@ ValueError naming the first bad field; it runs before anything is compiled.
 """
 import ml_collections
 
+from infusing_jax import errors
 from infusing_jax import optim
 from infusing_jax.models import transformer
 
@@ -64,10 +65,10 @@ NEEDS_LABELS = set(CLASSIFIERS) | set(METRIC)
 def loss(kind: str, weight: float = 1.0, **settings) -> ml_collections.ConfigDict:
     """One loss term: ConfigDict(weight=..., <the kind's settings>); key it by kind."""
     if kind not in LOSSES:
-        raise ValueError(f"loss kind {kind!r}: use one of {sorted(LOSSES)}")
+        raise errors.UserError(f"loss kind {kind!r}: use one of {sorted(LOSSES)}")
     unknown = set(settings) - set(LOSSES[kind])
     if unknown:
-        raise ValueError(f"loss {kind!r}: unknown settings {sorted(unknown)}; "
+        raise errors.UserError(f"loss {kind!r}: unknown settings {sorted(unknown)}; "
                          f"it has {sorted(LOSSES[kind])}")
     return ml_collections.ConfigDict(dict(LOSSES[kind], weight=weight, **settings))
 
@@ -171,7 +172,7 @@ def ordered_domains(cfg) -> list:
 
 
 def _err(field: str, msg: str):
-    raise ValueError(f"config.{field}: {msg}")
+    raise errors.UserError(f"config.{field}: {msg}")
 
 
 def _num(x) -> bool:
@@ -269,7 +270,7 @@ def validate(cfg) -> None:
     try:
         optim.validate(cfg.optim)
     except ValueError as e:
-        raise ValueError(f"config.{e}") from None
+        raise errors.UserError(f"config.{e}") from None
     t = cfg.train
     if not _int(t.num_steps) or t.num_steps < 0:
         _err("train.num_steps", f"must be an int >= 0, got {t.num_steps!r}")

@@ -6,12 +6,11 @@ The format of SRC is inferred (`file.npz[:img]`, a save_pretrained directory,
 an open_clip .safetensors / .bin); without --to, DST's name decides: .npz ->
 big_vision, .safetensors / .bin -> open_clip, anything else -> an HF directory.
 """
-import sys
-
-from absl import app
 from absl import flags
 
 from infusing_jax import checkpoints
+from infusing_jax import cli
+from infusing_jax import errors
 from infusing_jax.models import transformer
 
 FLAGS = flags.FLAGS
@@ -32,19 +31,16 @@ def define_flags():
 
 def main(argv):
     if len(argv) != 3:
-        raise app.UsageError("usage: python -m infusing_jax.convert SRC DST [--to=FORMAT]")
+        raise errors.UserError("SRC DST: usage: python -m infusing_jax.convert SRC DST "
+                               "[--to=FORMAT]")
     src, dst = argv[1:]
     fmt = FLAGS.to or checkpoints.format_of(dst)
-    try:
-        params, cfg = checkpoints.load(src, image_size=FLAGS.image_size, act=FLAGS.act)
-        checkpoints.save(params, cfg, dst, fmt)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    params, cfg = checkpoints.load(src, image_size=FLAGS.image_size, act=FLAGS.act)
+    checkpoints.save(params, cfg, dst, fmt)
     towers = "image and text towers" if cfg.get("text") else "image tower"
     print(f"wrote {dst} ({fmt}): {cfg.family} {towers}, width {cfg.image.width}, "
           f"depth {cfg.image.depth}, patch {cfg.image.patch_size}, {cfg.image_size} px")
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

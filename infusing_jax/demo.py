@@ -20,11 +20,11 @@ import sys
 import jax
 import numpy as np
 import sentencepiece
-from absl import app
 from absl import flags
 from PIL import Image, ImageDraw
 
 from infusing_jax import checkpoints
+from infusing_jax import cli
 from infusing_jax import models
 
 FLAGS = flags.FLAGS
@@ -103,7 +103,7 @@ def run(*args):
 def main(argv):
     del argv
     work = FLAGS.workdir
-    os.makedirs(work, exist_ok=True)
+    cli.check_folder("--workdir", work)
     captions = write_images(os.path.join(work, "images"), FLAGS.num_images)
     with open(os.path.join(work, "texts.txt"), "w") as f:
         f.write("\n".join(captions) + "\n")
@@ -141,5 +141,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

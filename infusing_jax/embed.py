@@ -17,10 +17,11 @@ import sys
 import jax
 import numpy as np
 import tqdm
-from absl import app
 from absl import flags
 
 from infusing_jax import checkpoints
+from infusing_jax import cli
+from infusing_jax import errors
 from infusing_jax.models import transformer
 from infusing_jax import models
 from infusing_jax import preprocessing
@@ -95,14 +96,17 @@ def embed_images(encode, root, paths, size, family, batch_size):
 def _texts_and_tokenizer(cfg):
     """--texts lines and the --tokenizer, checked against the model before any work."""
     if cfg.get("text") is None:
-        raise ValueError(f"--texts: {FLAGS.checkpoint} has no text tower")
-    with open(FLAGS.texts, encoding="utf-8") as f:
-        texts = [line.rstrip("\n") for line in f if line.strip()]
+        raise errors.UserError(f"--texts: {FLAGS.checkpoint} has no text tower")
+    try:
+        with open(FLAGS.texts, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise errors.UserError(f"--texts={FLAGS.texts}: cannot read it as UTF-8 text ({e})")
     if not texts:
-        raise ValueError(f"--texts={FLAGS.texts}: no non-empty line")
+        raise errors.UserError(f"--texts={FLAGS.texts}: no non-empty line")
     tokenize = tokenizers.load_tokenizer(FLAGS.tokenizer, cfg.family, cfg.text.seq_len)
     if tokenize.vocab_size > cfg.text.vocab_size:
-        raise ValueError(f"--tokenizer={FLAGS.tokenizer}: its {tokenize.vocab_size} tokens do "
+        raise errors.UserError(f"--tokenizer={FLAGS.tokenizer}: its {tokenize.vocab_size} tokens do "
                          f"not fit the model's vocabulary of {cfg.text.vocab_size}; use the "
                          "checkpoint's own tokenizer")
     return texts, tokenize
@@ -112,17 +116,17 @@ def main(argv):
     del argv
     for name in ("checkpoint", "images", "output"):
         if not FLAGS[name].value:
-            sys.exit(f"error: --{name} is required")
+            raise errors.UserError(f"--{name}: required")
     if bool(FLAGS.texts) != bool(FLAGS.tokenizer):
-        sys.exit("error: --texts and --tokenizer go together")
+        raise errors.UserError("--texts, --tokenizer: give both or neither")
     if not os.path.isdir(FLAGS.images):
-        sys.exit(f"error: --images={FLAGS.images}: no such folder")
+        raise errors.UserError(f"--images={FLAGS.images}: no such folder")
+    if FLAGS.batch_size < 1:
+        raise errors.UserError(f"--batch_size={FLAGS.batch_size}: must be >= 1")
+    cli.check_output_file("--output", FLAGS.output)
     jax.config.update("jax_default_matmul_precision", FLAGS.matmul_precision)
-    try:
-        params, cfg = checkpoints.load(FLAGS.checkpoint, act=FLAGS.act)
-        texts, tokenize = _texts_and_tokenizer(cfg) if FLAGS.texts else (None, None)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    params, cfg = checkpoints.load(FLAGS.checkpoint, act=FLAGS.act)
+    texts, tokenize = _texts_and_tokenizer(cfg) if FLAGS.texts else (None, None)
     model = models.build(cfg)
     # Parameters are arguments, not closed-over constants baked into the program.
     encode_images = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_images))
@@ -154,9 +158,8 @@ def main(argv):
     print(f"wrote {FLAGS.output}: {len(kept)} image embeddings"
           + (f", {len(out['texts'])} text embeddings" if FLAGS.texts else ""), file=sys.stderr)
     if not kept:
-        sys.exit(f"error: no image in {FLAGS.images} could be embedded")
+        raise errors.UserError(f"--images: no image in {FLAGS.images} could be embedded")
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

@@ -19,18 +19,18 @@ file, by the path's form (checkpoints.save). --notest only exports (no test sets
 run, results.json left as it is).
 """
 import os
-import sys
 
 import jax
 import numpy as np
 import tensorflow as tf
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from infusing_jax import checkpointing
+from infusing_jax import cli
 from infusing_jax import checkpoints
 from infusing_jax import config as config_lib
+from infusing_jax import errors
 from infusing_jax import step as step_lib
 from infusing_jax.evaluation import suite
 from infusing_jax.evaluation import wise_ft
@@ -63,7 +63,7 @@ def finetuned_backbone(cfg, workdir: str, pretrained):
         return step, _restored(checkpointing.restore_item(best, step, "params")["backbone"], like)
     step = last.latest_step()
     if step is None:
-        raise ValueError(f"--workdir {workdir}: no checkpoint (neither best/ nor checkpoints/); "
+        raise errors.UserError(f"--workdir {workdir}: no checkpoint (neither best/ nor checkpoints/); "
                          "train first, or pass --checkpoint to evaluate a pretrained model")
     state = checkpointing.restore_item(last, step, "state")
     return step, _restored(state["params"]["backbone"], like)
@@ -72,7 +72,7 @@ def finetuned_backbone(cfg, workdir: str, pretrained):
 def _restored(params, like):
     out = jax.tree.map(np.asarray, params)
     if jax.tree.structure(out) != jax.tree.structure(like):
-        raise ValueError("--workdir: the run's checkpoint does not match model.checkpoint's "
+        raise errors.UserError("--workdir: the run's checkpoint does not match model.checkpoint's "
                          "image tower; evaluate with the run's own config")
     return out
 
@@ -81,7 +81,7 @@ def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
              export_alpha: float = 1.0, run_tests: bool = True) -> dict:
     """-> results.json's content ({} with run_tests False: export only)."""
     if not run_tests and not export:
-        raise ValueError("--notest: nothing to do without --export")
+        raise errors.UserError("--notest: nothing to do without --export")
     if checkpoint:
         cfg.model.checkpoint = checkpoint
     config_lib.validate(cfg)
@@ -97,7 +97,7 @@ def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
                 backbones[f"wise_ft@{a:g}"] = wise_ft.interpolate(pretrained, finetuned, a)
     if export:
         if finetuned is None:
-            raise ValueError("--export needs a trained run in --workdir (not --checkpoint)")
+            raise errors.UserError("--export needs a trained run in --workdir (not --checkpoint)")
         _export(cfg, wise_ft.interpolate(pretrained, finetuned, export_alpha), export)
     if not run_tests:
         return {}
@@ -122,17 +122,15 @@ def _export(cfg, backbone, path: str):
 
 def main(argv):
     del argv
-    try:
-        alphas = wise_ft.parse_alphas(FLAGS.wise_ft)
-        evaluate(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, alphas, FLAGS.export,
-                 FLAGS.export_alpha, FLAGS.test)
-    except ValueError as e:
-        if not str(e).startswith(("config.", "--")):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.check_folder("--workdir", FLAGS.workdir)
+    if FLAGS.export:
+        cli.check_output_file("--export", FLAGS.export)
+    if not 0.0 <= FLAGS.export_alpha <= 1.0:
+        raise errors.UserError(f"--export_alpha={FLAGS.export_alpha}: must be in [0, 1]")
+    alphas = wise_ft.parse_alphas(FLAGS.wise_ft)
+    evaluate(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, alphas, FLAGS.export,
+             FLAGS.export_alpha, FLAGS.test)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

@@ -12,19 +12,17 @@ The command restarts itself once with glibc tunables that keep the host memory
 XLA:CPU frees after each step (host_memory.py: ~20% of a B/16 step on a 2-core
 CPU); set GLIBC_TUNABLES yourself, even to '', to keep your own.
 """
-import sys
-
 if __name__ == "__main__":  # before the heavy imports: glibc reads tunables only at exec
     from infusing_jax import host_memory
     host_memory.restart_with_tunables()
 
 import jax  # noqa: E402 (after the restart above)
 import tensorflow as tf
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from infusing_jax import cli
 from infusing_jax import config as config_lib
 from infusing_jax import pretrain
 from infusing_jax import train
@@ -48,18 +46,14 @@ def main(argv):
                                    FLAGS.process_id)
     logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                  jax.device_count())
-    try:
-        if "pretrain" in FLAGS.config:
-            pretrain.pretrain(FLAGS.config, FLAGS.workdir)
-        else:
-            config_lib.validate(FLAGS.config)
-            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, train.NonFiniteLoss) as e:
-        if not (isinstance(e, train.NonFiniteLoss) or str(e).startswith("config.")):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    if "pretrain" in FLAGS.config:
+        cli.check_folder("--workdir", FLAGS.workdir)
+        pretrain.pretrain(FLAGS.config, FLAGS.workdir)
+    else:
+        config_lib.validate(FLAGS.config)
+        cli.check_folder("--workdir", FLAGS.workdir)
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -54,6 +54,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from infusing_jax import errors
+
 SCHEDULES = ("constant", "warmup_cosine")
 _FIELDS = ("lr", "backbone_lr_mult", "b1", "b2", "weight_decay", "schedule",
            "warmup_steps", "total_steps", "grad_clip_norm", "freeze_backbone_epochs",
@@ -82,7 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _err(field: str, msg: str):
-    raise ValueError(f"optim.{field}: {msg}")
+    raise errors.UserError(f"optim.{field}: {msg}")
 
 
 def _is_num(x) -> bool:
@@ -144,13 +146,13 @@ def layer_id(path, depth: int) -> int:
         return 0
     if len(names) > 1 and names[0] == "Transformer":
         if names[1] == "encoderblock":
-            raise ValueError("optim.layer_decay: needs the unrolled layout "
+            raise errors.UserError("optim.layer_decay: needs the unrolled layout "
                              "(encoderblock_{i}); the scanned 'encoderblock' is stacked")
         m = _BLOCK.match(names[1])
         if m:
             i = int(m.group(1))
             if i >= depth:
-                raise ValueError(f"optim.layer_decay: found encoderblock_{i} but depth={depth}")
+                raise errors.UserError(f"optim.layer_decay: found encoderblock_{i} but depth={depth}")
             return i + 1
     return depth + 1
 
@@ -159,7 +161,7 @@ def param_labels(params, layer_decay: bool = False, depth: Optional[int] = None)
     """Labels tree for optax.multi_transform: 'heads', 'backbone' or 'backbone_{k}'."""
     extra = set(params) - {"backbone", "heads"}
     if extra:
-        raise ValueError(f"optim: params must be {{'backbone', 'heads'}}, got extra {sorted(extra)}")
+        raise errors.UserError(f"optim: params must be {{'backbone', 'heads'}}, got extra {sorted(extra)}")
     labels = {}
     if "heads" in params:
         labels["heads"] = jax.tree.map(lambda _: "heads", params["heads"])
@@ -194,7 +196,7 @@ def learning_rates(cfg, steps_per_epoch: int,
         peaks = {"backbone": peak}
     else:
         if not _is_int(depth) or depth < 0:
-            raise ValueError(f"optim.layer_decay: make_optimizer needs depth=<number of "
+            raise errors.UserError(f"optim.layer_decay: make_optimizer needs depth=<number of "
                              f"encoder blocks>, got {depth!r}")
         peaks = {f"backbone_{k}": peak * cfg.layer_decay ** (depth + 1 - k)
                  for k in range(depth + 2)}
@@ -219,7 +221,7 @@ def make_optimizer(cfg, steps_per_epoch: int,
     tower's number of encoder blocks) is needed only with layer_decay."""
     validate(cfg)
     if cfg.freeze_backbone_epochs > 0 and (not _is_int(steps_per_epoch) or steps_per_epoch < 1):
-        raise ValueError(f"optim.freeze_backbone_epochs: needs steps_per_epoch >= 1, "
+        raise errors.UserError(f"optim.freeze_backbone_epochs: needs steps_per_epoch >= 1, "
                          f"got {steps_per_epoch!r}")
     scheds = learning_rates(cfg, steps_per_epoch, depth)
     txs = {label: optax.adamw(s, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)

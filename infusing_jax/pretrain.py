@@ -24,6 +24,7 @@ import optax
 import tensorflow as tf
 import tqdm
 
+from infusing_jax import errors
 from infusing_jax import checkpointing
 from infusing_jax import checkpoints
 from infusing_jax import models
@@ -56,15 +57,15 @@ def validate(cfg) -> None:
     """Raises ValueError('config.<field>: ...') for what cannot work."""
     p = cfg.pretrain
     if not p.captions.startswith("captions:"):
-        raise ValueError(f"config.pretrain.captions: {p.captions!r} is not 'captions:FILE.json'")
+        raise errors.UserError(f"config.pretrain.captions: {p.captions!r} is not 'captions:FILE.json'")
     if not os.path.isfile(p.tokenizer):
-        raise ValueError(f"config.pretrain.tokenizer: no such file {p.tokenizer!r}")
+        raise errors.UserError(f"config.pretrain.tokenizer: no such file {p.tokenizer!r}")
     if cfg.model.family != "siglip":
-        raise ValueError("config.model.family: pretraining trains SigLIP (sigmoid loss) only")
+        raise errors.UserError("config.model.family: pretraining trains SigLIP (sigmoid loss) only")
     for field in ("data.batch_size", "train.num_steps"):
         group, name = field.split(".")
         if not isinstance(cfg[group][name], int) or cfg[group][name] < 1:
-            raise ValueError(f"config.{field}: want a positive integer")
+            raise errors.UserError(f"config.{field}: want a positive integer")
 
 
 def model_config(cfg, vocab_size: int) -> ml_collections.ConfigDict:
@@ -92,7 +93,7 @@ def load_pairs(cfg, tokenizer):
         images.append(image)
         captions.append([c.decode() for c in caps])
     if not images:
-        raise ValueError(f"config.pretrain.captions: {p.captions} has no images")
+        raise errors.UserError(f"config.pretrain.captions: {p.captions} has no images")
     width = max(len(c) for c in captions)
     tokens = np.stack([tokenizer([c[i % len(c)] for i in range(width)]) for c in captions])
     counts = np.array([len(c) for c in captions], np.int32)

@@ -29,6 +29,7 @@ import os
 
 import ml_collections
 
+from infusing_jax import errors
 from infusing_jax import config as config_lib
 
 # name -> (source spec relative to DATA, domain fields, train examples); the UnED
@@ -58,7 +59,7 @@ def parse_arg(arg, **defaults) -> dict:
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in defaults:
-            raise ValueError(f"config argument {item!r}: use k=v with k in {sorted(defaults)}")
+            raise errors.UserError(f"config argument {item!r}: use k=v with k in {sorted(defaults)}")
         out[key] = value
     return out
 
@@ -68,13 +69,13 @@ def paper_config(target: str, method: str = "full", family: str = "siglip",
     """The recipe (module doc); tests: names from TESTS, or a '+'-joined string of them."""
     tests = tests.split("+") if isinstance(tests, str) else list(tests)
     if not set(tests) <= set(TESTS):
-        raise ValueError(f"tests {'+'.join(tests)!r}: '+'-join names from {TESTS}")
+        raise errors.UserError(f"tests {'+'.join(tests)!r}: '+'-join names from {TESTS}")
     if target not in TARGETS:
-        raise ValueError(f"target {target!r}: use one of {sorted(TARGETS)}")
+        raise errors.UserError(f"target {target!r}: use one of {sorted(TARGETS)}")
     if method not in ("full", "naive"):
-        raise ValueError(f"method {method!r}: use 'full' or 'naive'")
+        raise errors.UserError(f"method {method!r}: use 'full' or 'naive'")
     if family not in CHECKPOINTS:
-        raise ValueError(f"family {family!r}: use one of {sorted(CHECKPOINTS)}")
+        raise errors.UserError(f"family {family!r}: use one of {sorted(CHECKPOINTS)}")
     c = config_lib.default_config()
     c.model.family = family
     c.model.checkpoint = os.path.join(checkpoints, CHECKPOINTS[family])
@@ -141,7 +142,7 @@ def toy_config(method: str, world: str, steps: int) -> ml_collections.ConfigDict
     batches, with weights, learning rate and length for a tiny model and a few CPU
     minutes."""
     if method not in ("full", "naive"):
-        raise ValueError(f"method {method!r}: use 'full' or 'naive'")
+        raise errors.UserError(f"method {method!r}: use 'full' or 'naive'")
     c = config_lib.default_config()
     c.model.checkpoint = f"{world}/vlm/pretrained.npz:img"
     c.model.image_size = 32

@@ -18,9 +18,10 @@ import os
 import sys
 
 import numpy as np
-from absl import app
 from absl import flags
 
+from infusing_jax import cli
+from infusing_jax import errors
 from infusing_jax.evaluation import metrics
 
 FLAGS = flags.FLAGS
@@ -48,19 +49,19 @@ def load(path: str) -> dict:
         with np.load(path, allow_pickle=False) as f:
             data = {name: f[name] for name in ("embeddings", "labels") + OPTIONAL if name in f}
     except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable .npz file ({e})") from e
+        raise errors.UserError(f"{path}: not a readable .npz file ({e})") from None
     for name in ("embeddings", "labels"):
         if name not in data:
-            raise ValueError(f"{path}: no `{name}` array")
+            raise errors.UserError(f"{path}: no `{name}` array")
     x = data["embeddings"]
     if x.ndim != 2 or not len(x) or not np.issubdtype(x.dtype, np.number):
-        raise ValueError(f"{path}: `embeddings` is {x.dtype} {x.shape}; expected numbers, "
+        raise errors.UserError(f"{path}: `embeddings` is {x.dtype} {x.shape}; expected numbers, "
                          "(N, D) with N > 0")
     if not np.all(np.isfinite(x)):
-        raise ValueError(f"{path}: `embeddings` has NaN or infinite values")
+        raise errors.UserError(f"{path}: `embeddings` has NaN or infinite values")
     for name, values in data.items():
         if name != "embeddings" and values.shape != (len(x),):
-            raise ValueError(f"{path}: `{name}` has shape {values.shape}; expected ({len(x)},), "
+            raise errors.UserError(f"{path}: `{name}` has shape {values.shape}; expected ({len(x)},), "
                              "one entry per row of `embeddings`")
     return data
 
@@ -69,38 +70,38 @@ def check_pair(queries: dict, index: dict, query_path: str, index_path: str):
     """One-line errors for an index that does not fit its queries."""
     dims = queries["embeddings"].shape[1], index["embeddings"].shape[1]
     if dims[0] != dims[1]:
-        raise ValueError(f"{index_path}: `embeddings` have dimension {dims[1]}, "
+        raise errors.UserError(f"{index_path}: `embeddings` have dimension {dims[1]}, "
                          f"{query_path}'s have {dims[0]}")
     for name in OPTIONAL:
         if (name in queries) != (name in index):
             has, lacks = (query_path, index_path) if name in queries else (index_path, query_path)
-            raise ValueError(f"{lacks}: no `{name}` array, but {has} has one; give both or neither")
+            raise errors.UserError(f"{lacks}: no `{name}` array, but {has} has one; give both or neither")
 
 
 def main(argv):
     del argv
     for name in ("queries", "output"):
         if not FLAGS[name].value:
-            sys.exit(f"error: --{name} is required")
+            raise errors.UserError(f"--{name}: required")
     if FLAGS.k < 1:
-        sys.exit(f"error: --k={FLAGS.k} must be positive")
-    try:
-        queries = load(FLAGS.queries)
-        index = load(FLAGS.index) if FLAGS.index else None
-        if index is not None:
-            check_pair(queries, index, FLAGS.queries, FLAGS.index)
-        if FLAGS.separate and "domains" not in queries:
-            raise ValueError(f"--separate: {FLAGS.queries} has no `domains` array")
-        index = index or {}
-        report = metrics.retrieval_metrics(
-            queries["embeddings"], queries["labels"], index.get("embeddings"),
-            index.get("labels"), FLAGS.k, query_ids=queries.get("ids"),
-            index_ids=index.get("ids"), query_domains=queries.get("domains"),
-            index_domains=index.get("domains"), query_coarse_labels=queries.get("coarse_labels"),
-            index_coarse_labels=index.get("coarse_labels"), separate=FLAGS.separate,
-            max_rank=FLAGS.max_rank)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+        raise errors.UserError(f"--k={FLAGS.k}: must be positive")
+    if FLAGS.max_rank < 1:
+        raise errors.UserError(f"--max_rank={FLAGS.max_rank}: must be positive")
+    cli.check_output_file("--output", FLAGS.output)
+    queries = load(FLAGS.queries)
+    index = load(FLAGS.index) if FLAGS.index else None
+    if index is not None:
+        check_pair(queries, index, FLAGS.queries, FLAGS.index)
+    if FLAGS.separate and "domains" not in queries:
+        raise errors.UserError(f"--separate: {FLAGS.queries} has no `domains` array")
+    index = index or {}
+    report = metrics.retrieval_metrics(
+        queries["embeddings"], queries["labels"], index.get("embeddings"),
+        index.get("labels"), FLAGS.k, query_ids=queries.get("ids"),
+        index_ids=index.get("ids"), query_domains=queries.get("domains"),
+        index_domains=index.get("domains"), query_coarse_labels=queries.get("coarse_labels"),
+        index_coarse_labels=index.get("coarse_labels"), separate=FLAGS.separate,
+        max_rank=FLAGS.max_rank)
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
     with open(FLAGS.output, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
@@ -111,5 +112,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

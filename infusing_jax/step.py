@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from infusing_jax import checkpoints
+from infusing_jax import errors
 from infusing_jax import models
 from infusing_jax import optim
 
@@ -64,10 +65,10 @@ def load_image_tower(model_cfg, abstract: bool = False):
             params, cfg = checkpoints.load(m.checkpoint, image_size=m.image_size,
                                            act=m.act or None, scan=m.scan,
                                            param_dtype=m.param_dtype)
-        except (ValueError, FileNotFoundError, OSError) as e:
-            raise ValueError(f"config.model.checkpoint: {e}") from None
+        except (errors.UserError, OSError) as e:
+            raise errors.UserError(f"config.model.checkpoint: {e}") from None
         if "img" not in params:
-            raise ValueError(f"config.model.checkpoint: {m.checkpoint} has no image tower")
+            raise errors.UserError(f"config.model.checkpoint: {m.checkpoint} has no image tower")
         backbone = params["img"]
     else:
         cfg = models.model_config(m.family, m.variant, m.image_size, None, scan=m.scan,

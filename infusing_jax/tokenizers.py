@@ -21,6 +21,7 @@ import sentencepiece
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from infusing_jax import errors
 from infusing_jax import paths
 
 SIGLIP_SEQ_LEN = 64
@@ -41,7 +42,7 @@ _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 def _existing(path) -> str:
     path = os.fspath(path)
     if not paths.exists(path):
-        raise ValueError(f"tokenizer file not found: {path}")
+        raise errors.UserError(f"tokenizer file not found: {path}")
     return path
 
 
@@ -76,18 +77,18 @@ class SigLIPTokenizer:
             found = [os.path.join(path, n) for n in ("spiece.model", "tokenizer.model")
                      if os.path.isfile(os.path.join(path, n))]
             if not found:
-                raise ValueError(f"no spiece.model or tokenizer.model in directory: {path}")
+                raise errors.UserError(f"no spiece.model or tokenizer.model in directory: {path}")
             path = found[0]
         if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+            raise errors.UserError(f"seq_len must be >= 1, got {seq_len}")
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
             with paths.open_binary(path) as f:
                 self.sp.LoadFromSerializedProto(f.read())
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"not a sentencepiece .model file: {path} ({e})") from None
+            raise errors.UserError(f"not a sentencepiece .model file: {path} ({e})") from None
         if self.sp.eos_id() < 0:
-            raise ValueError(f"sentencepiece model has no EOS token: {path}")
+            raise errors.UserError(f"sentencepiece model has no EOS token: {path}")
         self.path, self.seq_len = path, seq_len
         self.lowercase, self.pad_value = lowercase, pad_value
         self.eos_id = self.sp.eos_id()
@@ -131,10 +132,10 @@ def _read_openai_merges(path):
         with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
             lines = f.read().split("\n")
     except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise ValueError(f"not a gzip CLIP merges file: {path} ({e})") from None
+        raise errors.UserError(f"not a gzip CLIP merges file: {path} ({e})") from None
     merges = [tuple(line.split()) for line in lines[1:1 + OPENAI_NUM_MERGES] if line]
     if any(len(m) != 2 for m in merges):
-        raise ValueError(f"not a CLIP merges file (want 'a b' per line): {path}")
+        raise errors.UserError(f"not a CLIP merges file (want 'a b' per line): {path}")
     chars = byte_alphabet()
     tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + [SOT, EOT]
     return {t: i for i, t in enumerate(tokens)}, merges
@@ -146,9 +147,9 @@ def _read_tokenizer_json(path):
         with open(path, encoding="utf-8") as f:
             model = json.load(f)["model"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"not a Hugging Face tokenizer.json: {path} ({e})") from None
+        raise errors.UserError(f"not a Hugging Face tokenizer.json: {path} ({e})") from None
     if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
-        raise ValueError(f"not a CLIP BPE tokenizer (BPE with '</w>' suffix): {path}")
+        raise errors.UserError(f"not a CLIP BPE tokenizer (BPE with '</w>' suffix): {path}")
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return model["vocab"], merges
 
@@ -156,7 +157,7 @@ def _read_tokenizer_json(path):
 def _read_clip_bpe(path, merges_path=None):
     """Any supported CLIP vocab source -> (vocab, merges)."""
     if paths.is_remote(path):
-        raise ValueError(f"CLIP tokenizer files are read from local paths only: copy {path} "
+        raise errors.UserError(f"CLIP tokenizer files are read from local paths only: copy {path} "
                          "to a local folder")
     path = _existing(path)
     name = os.path.basename(path)
@@ -167,7 +168,7 @@ def _read_clip_bpe(path, merges_path=None):
         elif os.path.isfile(os.path.join(path, "tokenizer.json")):
             return _read_tokenizer_json(os.path.join(path, "tokenizer.json"))
         else:
-            raise ValueError(f"no vocab.json + merges.txt or tokenizer.json in directory: {path}")
+            raise errors.UserError(f"no vocab.json + merges.txt or tokenizer.json in directory: {path}")
     elif name.endswith(".gz"):
         return _read_openai_merges(path)
     elif name == "tokenizer.json":
@@ -175,7 +176,7 @@ def _read_clip_bpe(path, merges_path=None):
     elif name.endswith(".txt") and merges_path is None:  # merges.txt given: vocab.json beside it
         path, merges_path = os.path.join(os.path.dirname(path), "vocab.json"), path
     elif not name.endswith(".json"):
-        raise ValueError(f"not a CLIP vocab (want .txt.gz, vocab.json, merges.txt, "
+        raise errors.UserError(f"not a CLIP vocab (want .txt.gz, vocab.json, merges.txt, "
                          f"tokenizer.json or a directory): {path}")
     if merges_path is None:
         merges_path = os.path.join(os.path.dirname(path), "merges.txt")
@@ -184,7 +185,7 @@ def _read_clip_bpe(path, merges_path=None):
     try:
         return BPE.read_file(path, merges_path)
     except Exception as e:  # the Rust reader raises plain Exception
-        raise ValueError(f"not a CLIP vocab.json + merges.txt pair: {path}, {merges_path} "
+        raise errors.UserError(f"not a CLIP vocab.json + merges.txt pair: {path}, {merges_path} "
                          f"({e})") from None
 
 
@@ -212,11 +213,11 @@ class CLIPTokenizer:
     def __init__(self, path, seq_len: int = CLIP_SEQ_LEN, *, merges_path=None,
                  pad_value: int = 0):
         if seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2 (SOT and EOT), got {seq_len}")
+            raise errors.UserError(f"seq_len must be >= 2 (SOT and EOT), got {seq_len}")
         vocab, merges = _read_clip_bpe(path, merges_path)
         missing = [t for t in (SOT, EOT) if t not in vocab]
         if missing:
-            raise ValueError(f"CLIP vocab lacks {missing}: {path}")
+            raise errors.UserError(f"CLIP vocab lacks {missing}: {path}")
         self.path, self.seq_len, self.pad_value = os.fspath(path), seq_len, pad_value
         self.sot_id, self.eot_id = vocab[SOT], vocab[EOT]
         self.vocab_size = len(vocab)
@@ -259,4 +260,4 @@ def load_tokenizer(path, family: str, seq_len: int | None = None):
         return SigLIPTokenizer(path, seq_len or SIGLIP_SEQ_LEN)
     if family == "clip":
         return CLIPTokenizer(path, seq_len or CLIP_SEQ_LEN)
-    raise ValueError(f"unknown tokenizer family {family!r} for {path}: use 'siglip' or 'clip'")
+    raise errors.UserError(f"unknown tokenizer family {family!r} for {path}: use 'siglip' or 'clip'")

@@ -33,6 +33,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from infusing_jax import errors
+
 SIZE = 32
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 COLOURS = {"red": (215, 40, 40), "green": (40, 185, 60), "blue": (45, 75, 225),
@@ -235,17 +237,31 @@ def _digest(records) -> str:
 def main(argv):
     del argv
     from absl import flags
+    from infusing_jax import cli
     f = flags.FLAGS
     done = os.path.join(f.root, "world.json")
-    wanted = dict(seed=f.seed, generic_train=f.generic_train, generic_test=f.generic_test,
-                  target_classes=[int(x) for x in f.target_classes],
-                  target_per_class=[int(x) for x in f.target_per_class])
+    try:
+        wanted = dict(seed=f.seed, generic_train=f.generic_train, generic_test=f.generic_test,
+                      target_classes=[int(x) for x in f.target_classes],
+                      target_per_class=[int(x) for x in f.target_per_class])
+    except ValueError:
+        raise errors.UserError(f"--target_classes={','.join(f.target_classes)}, "
+                               f"--target_per_class={','.join(f.target_per_class)}: give "
+                               "integers, e.g. 40,8,15") from None
+    for name in ("generic_train", "generic_test"):
+        if f[name].value < 1:
+            raise errors.UserError(f"--{name}={f[name].value}: must be >= 1")
+    for name in ("target_classes", "target_per_class"):
+        if len(wanted[name]) != 3 or min(wanted[name]) < 1:
+            raise errors.UserError(f"--{name}={','.join(f[name].value)}: give three "
+                                   "numbers >= 1 (train,val,test)")
+    cli.check_folder("--root", f.root)
     if os.path.exists(done):
         with open(done) as file:
             have = json.load(file)["settings"]
         if have != wanted:
-            raise SystemExit(f"error: {f.root} holds a toy world made with {have}, not "
-                             f"{wanted}; use another --root or delete it")
+            raise errors.UserError(f"--root={f.root}: holds a toy world made with {have}, not "
+                                   f"{wanted}; use another --root or delete it")
         print(f"{f.root}: the toy world is there already ({done})")
         return
     info = make(f.root, **wanted)
@@ -253,8 +269,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
     from absl import flags
+    from infusing_jax import cli
     flags.DEFINE_string("root", None, "Where to write the world.")
     flags.DEFINE_integer("seed", 0, "The world's seed.")
     flags.DEFINE_integer("generic_train", 20000, "Generic image-caption pairs to pretrain on.")
@@ -262,4 +278,4 @@ if __name__ == "__main__":
     flags.DEFINE_list("target_classes", ["40", "8", "15"], "Glyph classes: train,val,test.")
     flags.DEFINE_list("target_per_class", ["40", "10", "20"], "Images per class: train,val,test.")
     flags.mark_flag_as_required("root")
-    app.run(main)
+    cli.run(main)

@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from infusing_jax import checkpointing
 from infusing_jax import checkpoints
 from infusing_jax import config as config_lib
+from infusing_jax import errors
 from infusing_jax import objective
 from infusing_jax import optim
 from infusing_jax import sharding
@@ -41,7 +42,7 @@ from infusing_jax.losses import retention
 DEVICE_FIELDS = ("image", "label", "domain", "teacher", "has_teacher")
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(errors.UserError):
     """The loss or the gradient norm went NaN / inf; the last good checkpoint is kept."""
 
 
@@ -95,7 +96,7 @@ def schedule_length(cfg, splits) -> tuple:
     if None in sizes:
         if not cfg.train.num_steps:
             unknown = [n for n, s in splits.items() if s.train.num_examples is None]
-            raise ValueError(f"config.train.num_steps: the sizes of {unknown} are unknown "
+            raise errors.UserError(f"config.train.num_steps: the sizes of {unknown} are unknown "
                              "(filtered TFDS splits); set train.num_steps")
         return max(1, cfg.train.num_steps), cfg.train.num_steps
     steps_per_epoch = max(1, sum(sizes) // cfg.data.batch_size)
@@ -115,11 +116,11 @@ def estimate_fisher(cfg, splits, loss_domain: str, embed, backbone, heads, train
     losses = cfg.domains[loss_domain].losses
     data_losses = {k: losses[k] for k in losses.keys() if k not in config_lib.PARAMETER}
     if not data_losses:
-        raise ValueError(f"config.domains.{loss_domain}.losses.ewc: the Fisher needs a data "
+        raise errors.UserError(f"config.domains.{loss_domain}.losses.ewc: the Fisher needs a data "
                          "loss in the same domain (e.g. feature_mse or a classifier)")
     if all(k in config_lib.DISTILLATION and data_losses[k].teacher == "online"
            for k in data_losses):
-        raise ValueError(_ZERO_FISHER.format(loss_domain))
+        raise errors.UserError(_ZERO_FISHER.format(loss_domain))
     ds = pipeline.train_dataset([pipeline.Domain(loss_domain, splits[loss_domain].train,
                                                  descriptors=descriptors.get(loss_domain))],
                                 train_fn, cfg.data.batch_size, seed + 1,
@@ -142,7 +143,7 @@ def estimate_fisher(cfg, splits, loss_domain: str, embed, backbone, heads, train
                for b in ds.take(losses.ewc.fisher_batches))
     fisher = retention.estimate_fisher(per_example, backbone, batches)
     if not any(np.any(np.asarray(x) > 0) for x in jax.tree.leaves(fisher)):
-        raise ValueError(_ZERO_FISHER.format(loss_domain))
+        raise errors.UserError(_ZERO_FISHER.format(loss_domain))
     return fisher
 
 
@@ -189,7 +190,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     names = config_lib.ordered_domains(cfg)
     mesh = sharding.make_mesh()
     if cfg.data.batch_size % mesh.size:
-        raise ValueError(f"config.data.batch_size: {cfg.data.batch_size} is not divisible by "
+        raise errors.UserError(f"config.data.batch_size: {cfg.data.batch_size} is not divisible by "
                          f"the {mesh.size} devices")
 
     model, backbone, model_cfg = step_lib.load_image_tower(cfg.model)

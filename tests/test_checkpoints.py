@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from infusing_jax import errors
 from infusing_jax import checkpoints
 from infusing_jax import models
 from infusing_jax.checkpoints import tree
@@ -103,7 +104,7 @@ def test_big_vision_file_on_a_remote_filesystem(tmp_path):
     assert remote_cfg.to_dict() == local_cfg.to_dict()
     want, got = checkpoints.to_flat(local), checkpoints.to_flat(remote)
     assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
-    with pytest.raises(FileNotFoundError, match="ram://checkpoints_test/none.npz"):
+    with pytest.raises(errors.UserError, match="ram://checkpoints_test/none.npz"):
         checkpoints.load("ram://checkpoints_test/none.npz")
 
 
@@ -191,7 +192,7 @@ def test_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"extra.safetensors.*1 unexpected keys.*extra.weight"):
         checkpoints.load(str(tmp_path / "extra.safetensors"))
 
-    with pytest.raises(FileNotFoundError, match=r"nope.npz: no such checkpoint file$"):
+    with pytest.raises(errors.UserError, match=r"nope.npz: no such checkpoint file$"):
         checkpoints.load(str(tmp_path / "nope.npz"))
 
 

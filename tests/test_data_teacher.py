@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from infusing_jax import errors
 from infusing_jax.data import pipeline
 from infusing_jax.data import teacher
 
@@ -79,7 +80,7 @@ def test_descriptors_from_another_model_or_missing_ids_are_errors(tmp_path):
                                 eval_view, 12, seed=0, shuffle_buffer=2)
     with pytest.raises(tf.errors.InvalidArgumentError, match="without a teacher descriptor"):
         list(ds.take(2).as_numpy_iterator())
-    with pytest.raises(FileNotFoundError, match=r"nothing.npz: no teacher descriptors"):
+    with pytest.raises(errors.UserError, match=r"nothing.npz: no teacher descriptors"):
         teacher.load(str(tmp_path / "nothing.npz"))
 
 

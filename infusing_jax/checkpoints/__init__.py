@@ -11,6 +11,7 @@ import os
 import ml_collections
 import numpy as np
 
+from infusing_jax import errors
 from infusing_jax.checkpoints import big_vision
 from infusing_jax.checkpoints import hf
 from infusing_jax.checkpoints import infer
@@ -40,8 +41,8 @@ def detect_format(path: str) -> str:
     if fmt != "hf" or hf.is_hf_dir(path):
         return fmt
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-    raise ValueError(f"{path}: unknown checkpoint format; expected a big_vision .npz, a "
+        raise errors.UserError(f"{path}: no such checkpoint file or directory")
+    raise errors.UserError(f"{path}: unknown checkpoint format; expected a big_vision .npz, a "
                      "Hugging Face directory with config.json, or an open_clip "
                      ".safetensors / .bin state dict")
 
@@ -57,7 +58,7 @@ def _read_flat(path: str, fmt: str):
     theirs = state_dict.read(path, open_clip.unwrap)
     family = open_clip.family_of(theirs)
     if family is None:
-        raise ValueError(f"{path}: not an open_clip SigLIP or CLIP state dict (no "
+        raise errors.UserError(f"{path}: not an open_clip SigLIP or CLIP state dict (no "
                          "'visual.trunk.*' or 'visual.conv1.weight' keys)")
     heads = open_clip.num_heads(theirs, family)
     flat = mapping.import_(open_clip.TABLES[family], theirs, heads, path)
@@ -69,13 +70,13 @@ def check_shapes(flat: dict, cfg, where: str):
     expected = infer.expected_shapes(cfg)
     missing = sorted(set(expected) - set(flat))
     if missing:
-        raise ValueError(f"{where}: {len(missing)} missing parameters, e.g. {missing[:5]}")
+        raise errors.UserError(f"{where}: {len(missing)} missing parameters, e.g. {missing[:5]}")
     unexpected = sorted(set(flat) - set(expected))
     if unexpected:
-        raise ValueError(f"{where}: {len(unexpected)} unexpected parameters, e.g. {unexpected[:5]}")
+        raise errors.UserError(f"{where}: {len(unexpected)} unexpected parameters, e.g. {unexpected[:5]}")
     for key, shape in expected.items():
         if tuple(flat[key].shape) != shape:
-            raise ValueError(f"{where}: parameter {key} has shape {tuple(flat[key].shape)}, "
+            raise errors.UserError(f"{where}: parameter {key} has shape {tuple(flat[key].shape)}, "
                              f"the model expects {shape}")
 
 
@@ -90,14 +91,14 @@ def load(path: str, image_size: int = None, act: str = None, scan: bool = False,
     scan: return big_vision's scan layout.
     """
     if act is not None and act not in transformer.ACTIVATIONS:
-        raise ValueError(f"act {act!r}: use one of {sorted(transformer.ACTIVATIONS)}")
+        raise errors.UserError(f"act {act!r}: use one of {sorted(transformer.ACTIVATIONS)}")
     fmt = detect_format(path)
     flat, hints = _read_flat(path, fmt)
     if act:
         hints = dict(hints, img=dict(hints.get("img", {}), act=act),
                      txt=dict(hints.get("txt", {}), act=act))
     elif fmt == "open_clip" and hints["family"] == "clip":
-        raise ValueError(f"{path}: open_clip stores no activation; pass act='quick_gelu' "
+        raise errors.UserError(f"{path}: open_clip stores no activation; pass act='quick_gelu' "
                          "(OpenAI weights, '-quickgelu' models) or act='gelu' (LAION, "
                          "DataComp, DFN weights), --act on the command line")
     cfg = infer.infer_config(flat, hints, where=path)
@@ -126,7 +127,7 @@ def _check_open_clip_heads(theirs, cfg, path):
     implied = open_clip.num_heads(theirs, cfg.family)
     for tower, name in (("img", "image"), ("txt", "text")):
         if tower in implied and implied[tower] != cfg[name].num_heads:
-            raise ValueError(
+            raise errors.UserError(
                 f"export to {path}: open_clip stores no head count, and this model's "
                 f"{name} tower ({cfg[name].num_heads} heads of width {cfg[name].width}) "
                 f"would load back with {implied[tower]}; use the hf or big_vision format")
@@ -153,4 +154,4 @@ def save(params, cfg: ml_collections.ConfigDict, path: str, fmt: str = None):
         _check_open_clip_heads(theirs, cfg, path)
         state_dict.write(path, theirs)
     else:
-        raise ValueError(f"unknown format {fmt!r}; use one of {FORMATS}")
+        raise errors.UserError(f"unknown format {fmt!r}; use one of {FORMATS}")

@@ -10,6 +10,7 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
+from infusing_jax import errors
 from infusing_jax import paths
 from infusing_jax.checkpoints import tree
 
@@ -32,7 +33,7 @@ def _decode(key, value, file):
     if value.dtype.kind == "V" and value.dtype.itemsize == 2:
         return value.view(ml_dtypes.bfloat16)
     if value.dtype.kind not in "fiub":
-        raise ValueError(f"{file}: array {key!r} has dtype {value.dtype}; expected numbers")
+        raise errors.UserError(f"{file}: array {key!r} has dtype {value.dtype}; expected numbers")
     return value
 
 
@@ -41,17 +42,17 @@ def _read_npz(f, file: str) -> dict:
     try:
         npz = np.load(f, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{file}: not a readable .npz archive ({e})") from None
+        raise errors.UserError(f"{file}: not a readable .npz archive ({e})") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ValueError(f"{file}: holds a single array, not a .npz archive of named parameters")
+        raise errors.UserError(f"{file}: holds a single array, not a .npz archive of named parameters")
     try:
         with npz:
             return {k: _decode(k, npz[k], file) for k in npz.files}
     except ValueError as e:
         if "allow_pickle" in str(e):
-            raise ValueError(f"{file}: refused, it holds pickled Python objects, and "
+            raise errors.UserError(f"{file}: refused, it holds pickled Python objects, and "
                              "loading them could run code; save plain arrays instead") from None
-        raise ValueError(f"{file}: unreadable array ({e})") from None
+        raise errors.UserError(f"{file}: unreadable array ({e})") from None
 
 
 def read(path: str) -> dict:
@@ -62,11 +63,11 @@ def read(path: str) -> dict:
     """
     file, sub = split_path(path)
     if not paths.exists(file):
-        raise FileNotFoundError(f"{file}: no such checkpoint file")
+        raise errors.UserError(f"{file}: no such checkpoint file")
     try:
         f = paths.open_binary(file)
     except OSError as e:  # a directory, no permission
-        raise ValueError(f"{file}: not a readable .npz archive ({e})") from None
+        raise errors.UserError(f"{file}: not a readable .npz archive ({e})") from None
     with f:
         flat = _read_npz(f, file)
     if any(k.startswith("params/") for k in flat):
@@ -75,16 +76,16 @@ def read(path: str) -> dict:
         prefix = sub + "/"
         flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
         if not flat:
-            raise ValueError(f"{path}: no parameters under {sub!r} in {file}")
+            raise errors.UserError(f"{path}: no parameters under {sub!r} in {file}")
     scanned = {k.replace("/encoderblock/", "/") for k in flat if "/encoderblock/" in k}
     if scanned and any("/encoderblock_" in k for k in flat):
-        raise ValueError(f"{file}: holds both the scan ('encoderblock/') and unrolled "
+        raise errors.UserError(f"{file}: holds both the scan ('encoderblock/') and unrolled "
                          "('encoderblock_N/') layouts; keep one")
     flat = tree.unroll_scan(flat)
     if not any(k.split("/")[0] in _TWO_TOWER_ROOTS for k in flat):
         flat = {f"img/{k}": v for k, v in flat.items()}  # a lone image tower
     if "img/embedding/kernel" not in flat:
-        raise ValueError(f"{path}: no image tower (img/embedding/kernel); name a sub-tree "
+        raise errors.UserError(f"{path}: no image tower (img/embedding/kernel); name a sub-tree "
                          "with file.npz:SUB if the model is nested")
     return flat
 
@@ -92,7 +93,7 @@ def read(path: str) -> dict:
 def write(path: str, flat: dict, scan: bool = False):
     """Canonical flat params -> `.npz` (the scan layout if `scan`)."""
     if not path.endswith(".npz"):
-        raise ValueError(f"{path}: a big_vision checkpoint file must end in .npz")
+        raise errors.UserError(f"{path}: a big_vision checkpoint file must end in .npz")
     if scan:
         flat = tree.roll_scan(flat)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -10,6 +10,7 @@ import os
 import numpy as np
 from safetensors import numpy as safetensors_np
 
+from infusing_jax import errors
 from infusing_jax import preprocessing
 from infusing_jax.checkpoints import mapping
 from infusing_jax.checkpoints.mapping import dense as _dense
@@ -103,11 +104,11 @@ def read(path: str):
     model_type = cfg.get("model_type", "")
     family = model_type.split("_")[0]
     if family not in TABLES:
-        raise ValueError(f"{path}/config.json: model_type {model_type!r} is not a SigLIP "
+        raise errors.UserError(f"{path}/config.json: model_type {model_type!r} is not a SigLIP "
                          "or CLIP model")
     weights = os.path.join(path, WEIGHTS)
     if not os.path.exists(weights):
-        raise ValueError(f"{path}: no {WEIGHTS}; re-save the model with "
+        raise errors.UserError(f"{path}: no {WEIGHTS}; re-save the model with "
                          "save_pretrained(safe_serialization=True)")
     theirs = {k: v for k, v in safetensors_np.load_file(weights).items() if k not in _BUFFERS}
     vision_only = "vision" in model_type
@@ -120,7 +121,7 @@ def read(path: str):
             continue
         act = c.get("hidden_act")
         if act is not None and act not in _ACT_FROM_HF:
-            raise ValueError(f"{path}/config.json: hidden_act {act!r} is not supported; "
+            raise errors.UserError(f"{path}/config.json: hidden_act {act!r} is not supported; "
                              f"expected one of {sorted(_ACT_FROM_HF)}")
         hints[tower] = dict(num_heads=c.get("num_attention_heads", _DEFAULT_HEADS[family, tower]),
                             act=_ACT_FROM_HF.get(act), ln_eps=c.get("layer_norm_eps"))

@@ -11,6 +11,7 @@ import numpy as np
 import scipy.ndimage
 from flax import traverse_util
 
+from infusing_jax import errors
 from infusing_jax.checkpoints import tree
 from infusing_jax.models import config as model_config_lib
 from infusing_jax.models import transformer
@@ -86,7 +87,7 @@ def infer_config(flat: dict, hints: dict = None, where: str = "checkpoint"
         image, image_size = _image(flat, hints)
         text = _text(flat)
     except KeyError as e:
-        raise ValueError(f"{where}: parameter {e.args[0]} is missing; the file is not a "
+        raise errors.UserError(f"{where}: parameter {e.args[0]} is missing; the file is not a "
                          "complete SigLIP / CLIP checkpoint") from None
     for tower, name in ((image, "img"), (text, "txt")):
         if tower is not None:
@@ -127,7 +128,7 @@ def resample_image_posemb(flat: dict, cfg, image_size: int):
     embedding resampled when the patch grid changes, cfg.image_size updated."""
     patch = cfg.image.patch_size
     if image_size < patch:
-        raise ValueError(f"image_size {image_size} is smaller than the patch size {patch}")
+        raise errors.UserError(f"image_size {image_size} is smaller than the patch size {patch}")
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     flat = dict(flat)
     if cfg.image.posemb == "learn" and image_size // patch != cfg.image_size // patch:

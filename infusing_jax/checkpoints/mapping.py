@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 
+from infusing_jax import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
@@ -104,7 +106,7 @@ def _expand(table, keys, side):
 def _check_consumed(source: dict, used: set, what: str):
     unexpected = sorted(set(source) - used)
     if unexpected:
-        raise ValueError(f"{what}: {len(unexpected)} unexpected keys, e.g. {unexpected[:5]}")
+        raise errors.UserError(f"{what}: {len(unexpected)} unexpected keys, e.g. {unexpected[:5]}")
 
 
 def export(table, ours: dict, what: str = "export") -> dict:
@@ -116,7 +118,7 @@ def export(table, ours: dict, what: str = "export") -> dict:
             continue
         if not all(present):
             missing = [o for o, p in zip(r.ours, present) if not p]
-            raise ValueError(f"{what}: missing keys {missing} needed for {r.theirs}")
+            raise errors.UserError(f"{what}: missing keys {missing} needed for {r.theirs}")
         to_theirs = _KINDS[r.kind][0]
         parts = [np.asarray(to_theirs(np.asarray(ours[o]))) for o in r.ours]
         theirs[r.theirs] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)

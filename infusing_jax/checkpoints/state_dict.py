@@ -9,6 +9,8 @@ import pickle
 import numpy as np
 from safetensors import numpy as safetensors_np
 
+from infusing_jax import errors
+
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 SUFFIXES = (".safetensors",) + TORCH_SUFFIXES
 
@@ -29,7 +31,7 @@ def read(path: str, unwrap=lambda state: state) -> dict:
     checkpoint's 'state_dict'); any entry left that is not a tensor is an error.
     """
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+        raise errors.UserError(f"{path}: no such checkpoint file")
     if path.endswith(".safetensors"):
         return safetensors_np.load_file(path)
     torch = _torch()
@@ -37,21 +39,21 @@ def read(path: str, unwrap=lambda state: state) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: refused, it needs arbitrary Python objects unpickled "
+        raise errors.UserError(f"{path}: refused, it needs arbitrary Python objects unpickled "
                          f"(weights_only load failed: {first}); use a .safetensors file") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+        raise errors.UserError(f"{path}: expected a state dict, found {type(state).__name__}")
     state = unwrap(state)
     others = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
     if others:
-        raise ValueError(f"{path}: {len(others)} entries are not tensors, e.g. {others[:5]}")
+        raise errors.UserError(f"{path}: {len(others)} entries are not tensors, e.g. {others[:5]}")
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
 
 
 def write(path: str, tensors: dict):
     """{key: np.ndarray} -> .safetensors, or a torch.save file for .bin / .pt / .pth."""
     if not path.endswith(SUFFIXES):
-        raise ValueError(f"{path}: a state-dict file must end in one of {', '.join(SUFFIXES)}")
+        raise errors.UserError(f"{path}: a state-dict file must end in one of {', '.join(SUFFIXES)}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tensors = {k: np.asarray(v, order="C") for k, v in tensors.items()}
     if path.endswith(".safetensors"):

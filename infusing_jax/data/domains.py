@@ -8,6 +8,7 @@ with none of these is not validated.
 import dataclasses
 from typing import Optional
 
+from infusing_jax import errors
 from infusing_jax import config as config_lib
 from infusing_jax.data import schema
 from infusing_jax.data import sources
@@ -28,18 +29,18 @@ def load(cfg, name: str) -> DomainSplits:
     where = f"config.domains.{name}"
     try:
         source = sources.load_source(d.source, config_lib.data_dir(cfg, d))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise ValueError(f"{where}.source: {e}") from None
+    except (errors.UserError, OSError) as e:
+        raise errors.UserError(f"{where}.source: {e}") from None
     if d.train_split not in source.splits:
-        raise ValueError(f"{where}.train_split: {d.source} has no split {d.train_split!r}; "
+        raise errors.UserError(f"{where}.train_split: {d.source} has no split {d.train_split!r}; "
                          f"it has {', '.join(source.splits)}")
     train = source.split(d.train_split)
     if train.num_examples == 0:
-        raise ValueError(f"{where}: split {d.train_split!r} of {d.source} is empty")
+        raise errors.UserError(f"{where}: split {d.train_split!r} of {d.source} is empty")
     val = None
     if d.val_split:
         if d.val_split not in source.splits:
-            raise ValueError(f"{where}.val_split: {d.source} has no split {d.val_split!r}; "
+            raise errors.UserError(f"{where}.val_split: {d.source} has no split {d.val_split!r}; "
                              f"it has {', '.join(source.splits)}")
         val = source.split(d.val_split)
     elif d.val_classes_fraction:
@@ -48,7 +49,7 @@ def load(cfg, name: str) -> DomainSplits:
         train, val = splits.holdout(train, d.holdout_fraction, d.val_seed)
     needs_labels = [k for k in d.losses.keys() if k in config_lib.NEEDS_LABELS]
     if needs_labels and train.num_classes == 0:
-        raise ValueError(f"{where}.losses: {needs_labels} need class labels, and {d.source} "
+        raise errors.UserError(f"{where}.losses: {needs_labels} need class labels, and {d.source} "
                          "has none")
     return DomainSplits(name, d.role, train, val)
 

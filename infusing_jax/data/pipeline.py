@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from infusing_jax import errors
 from infusing_jax import config as config_lib
 from infusing_jax.data import schema
 from infusing_jax.data import teacher
@@ -83,15 +84,15 @@ def mix_weights(domains: Sequence[Domain], mix: str) -> np.ndarray:
     elif mix == "dataset_size":
         unknown = [d.name for d in domains if d.split.num_examples is None]
         if unknown:
-            raise ValueError(f"data.mix 'dataset_size': the sizes of {unknown} are unknown "
+            raise errors.UserError(f"data.mix 'dataset_size': the sizes of {unknown} are unknown "
                              "(filtered TFDS splits); use mix 'weights'")
         w = np.array([d.split.num_examples for d in domains], np.float64)
     elif mix == "weights":
         w = np.array([d.weight for d in domains], np.float64)
     else:
-        raise ValueError(f"data.mix: unknown mix {mix!r}; use one of {config_lib.MIXES}")
+        raise errors.UserError(f"data.mix: unknown mix {mix!r}; use one of {config_lib.MIXES}")
     if np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"data.mix {mix!r}: domain weights {w.tolist()} must be >= 0 and not all 0")
+        raise errors.UserError(f"data.mix {mix!r}: domain weights {w.tolist()} must be >= 0 and not all 0")
     return w / w.sum()
 
 
@@ -120,13 +121,13 @@ def train_dataset(domains: Sequence[Domain], preprocess: Callable, global_batch_
     how many processes share the work.
     """
     if not domains:
-        raise ValueError("data.domains: no training domain configured")
+        raise errors.UserError("data.domains: no training domain configured")
     num_shards = num_shards or process_count
     if num_shards % process_count:
-        raise ValueError(f"data.num_shards {num_shards} is not a multiple of the "
+        raise errors.UserError(f"data.num_shards {num_shards} is not a multiple of the "
                          f"{process_count} processes")
     if global_batch_size % num_shards:
-        raise ValueError(f"data.batch_size {global_batch_size} is not divisible by the "
+        raise errors.UserError(f"data.batch_size {global_batch_size} is not divisible by the "
                          f"{num_shards} data shards (processes)")
     per_process = num_shards // process_count
     shards = [_shard_dataset(domains, preprocess, global_batch_size // num_shards, seed, mix,
@@ -146,7 +147,7 @@ def _shard_dataset(domains, preprocess, batch: int, seed: int, mix: str,
     probs = mix_weights(domains, mix)
     dims = {d.descriptors.embeddings.shape[1] for d in domains if d.descriptors is not None}
     if len(dims) > 1:
-        raise ValueError(f"data.domains: teacher descriptors of different widths {sorted(dims)}")
+        raise errors.UserError(f"data.domains: teacher descriptors of different widths {sorted(dims)}")
     teacher_dim = next(iter(dims), 0)
     streams = [domain_stream(d.split, i, preprocess, seed, shard, num_shards,
                              shuffle_buffer, d.descriptors, teacher_dim)
@@ -201,7 +202,7 @@ def restore_iterator(iterator, counter: SkipCounter, directory: str, process_ind
     """Restore what `save_iterator` wrote into a freshly built iterator of the same pipeline."""
     prefix = os.path.join(directory, f"data_process_{process_index}")
     if not tf.io.gfile.exists(prefix + ".skips.json"):
-        raise FileNotFoundError(f"{prefix}: no saved input-pipeline state")
+        raise errors.UserError(f"{prefix}: no saved input-pipeline state")
     tf.train.Checkpoint(iterator=iterator).read(prefix).assert_consumed()
     with tf.io.gfile.GFile(prefix + ".skips.json") as f:
         counter.restore(json.loads(f.read()))

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from infusing_jax import errors
 from infusing_jax.data.schema import NO_LABEL, SplitData
 from infusing_jax.preprocessing import IMAGE_EXTENSIONS
 
@@ -52,7 +53,7 @@ class Source:
 
     def split(self, name: str) -> SplitData:
         if name not in self.split_data:
-            raise ValueError(f"{self.name}: no split {name!r}; it has {', '.join(self.splits)}")
+            raise errors.UserError(f"{self.name}: no split {name!r}; it has {', '.join(self.splits)}")
         return self.split_data[name]
 
 
@@ -62,7 +63,7 @@ def load_source(spec: str, data_dir: Optional[str] = None) -> Source:
     loaders = {"tfds": _tfds_source, "folder": _folder_source, "uned": _uned_source,
                "captions": _captions_source}
     if kind not in loaders or not rest:
-        raise ValueError(f"unknown source spec {spec!r}; use tfds:NAME[:CONFIG], folder:DIR, "
+        raise errors.UserError(f"unknown source spec {spec!r}; use tfds:NAME[:CONFIG], folder:DIR, "
                          "uned:DIR or captions:FILE.json[:SPLIT]")
     return loaders[kind](rest, data_dir)
 
@@ -116,7 +117,7 @@ _TFDS = {
 def _tfds_source(rest: str, data_dir: Optional[str]) -> Source:
     name, _, config = rest.partition(":")
     if name not in _TFDS:
-        raise ValueError(f"tfds:{rest}: unsupported TFDS dataset; supported: {', '.join(_TFDS)}")
+        raise errors.UserError(f"tfds:{rest}: unsupported TFDS dataset; supported: {', '.join(_TFDS)}")
     info = _TFDS[name]
     builder = _tfds_builder(f"{name}/{config}" if config else name, data_dir)
     split_data = {ours: _tfds_split(builder, info, ours, theirs, rest)
@@ -137,7 +138,7 @@ def _tfds_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilde
             return tfds.core.read_only_builder.builder_from_files(name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError:
             where = data_dir or "the default TFDS data_dir"
-            raise ValueError(f"tfds:{name}: no prepared data in {where}; prepare it "
+            raise errors.UserError(f"tfds:{name}: no prepared data in {where}; prepare it "
                              f"(tfds build {name}) and pass data_dir=that folder") from None
 
 
@@ -157,7 +158,7 @@ def _tfds_split(builder, info: _TfdsSet, ours: str, theirs: str, spec: str) -> S
             return builder.as_dataset(split=theirs, decoders=decoders, read_config=read_config,
                                       shuffle_files=False)
         except AssertionError:  # how TFDS says the data is not prepared
-            raise ValueError(f"tfds:{spec}: no prepared data in {builder.data_dir}; prepare it "
+            raise errors.UserError(f"tfds:{spec}: no prepared data in {builder.data_dir}; prepare it "
                              f"(tfds build {builder.name}) or pass data_dir=the TFDS data "
                              "folder that holds it") from None
 
@@ -263,7 +264,7 @@ def _folder_source(rest: str, data_dir: Optional[str]) -> Source:
     by name over all splits -> labels 0..C-1 (the same class, the same label in every split)."""
     root = rest.rstrip("/")
     if not tf.io.gfile.isdir(root):
-        raise ValueError(f"folder:{rest}: no such directory")
+        raise errors.UserError(f"folder:{rest}: no such directory")
     split_dirs = {s: s for s in ("train", "val", "test")
                   if tf.io.gfile.isdir(posixpath.join(root, s))} or {"train": ""}
     class_dirs = {s: _subdirs(posixpath.join(root, d)) for s, d in split_dirs.items()}
@@ -274,7 +275,7 @@ def _folder_source(rest: str, data_dir: Optional[str]) -> Source:
         records = [(p, label_of[c]) for c in names
                    for p in _images_under(root, posixpath.join(split_dirs[s], c))]
         if not records:
-            raise ValueError(f"folder:{rest}: no images in class sub-folders of "
+            raise errors.UserError(f"folder:{rest}: no images in class sub-folders of "
                              f"{posixpath.join(root, split_dirs[s])} "
                              f"(extensions {' '.join(IMAGE_EXTENSIONS)})")
         split_data[s] = _file_split(s, root, records, num_classes=len(classes))
@@ -292,7 +293,7 @@ def _uned_source(rest: str, data_dir: Optional[str]) -> Source:
     files = ([n for n in tf.io.gfile.listdir(folder) if n.endswith(".json")]
              if tf.io.gfile.isdir(folder) else [])
     if not files:
-        raise ValueError(f"uned:{rest}: no split files there (train.json, val.json, test.json, "
+        raise errors.UserError(f"uned:{rest}: no split files there (train.json, val.json, test.json, "
                          "index.json)")
     root = data_dir or folder
     split_data = {}
@@ -301,7 +302,7 @@ def _uned_source(rest: str, data_dir: Optional[str]) -> Source:
         with tf.io.gfile.GFile(path) as f:
             records = [(r["path"], _single_class(r["class_id"], path)) for r in json.load(f)]
         if not records:
-            raise ValueError(f"uned:{rest}: {name}.json has no records")
+            raise errors.UserError(f"uned:{rest}: {name}.json has no records")
         num_classes = max(label for _, label in records) + 1
         split_data[name] = _file_split(name, root, records, num_classes=num_classes)
     return Source(name=posixpath.basename(folder), roles=_roles(tuple(split_data)),
@@ -312,7 +313,7 @@ def _single_class(class_id, path: str) -> int:
     """UnED class_id: an int, or a list (multi-label records); one class only here."""
     if isinstance(class_id, list):
         if len(class_id) != 1:
-            raise ValueError(f"{path}: multi-label class_id {class_id} is not supported")
+            raise errors.UserError(f"{path}: multi-label class_id {class_id} is not supported")
         class_id = class_id[0]
     return int(class_id)
 
@@ -327,7 +328,7 @@ def _captions_source(rest: str, data_dir: Optional[str]) -> Source:
     else:
         file, _, split = rest.rpartition(":")
     if not file or not tf.io.gfile.exists(file) or tf.io.gfile.isdir(file):
-        raise ValueError(f"captions:{rest}: no such JSON file {file or rest}")
+        raise errors.UserError(f"captions:{rest}: no such JSON file {file or rest}")
     with tf.io.gfile.GFile(file) as f:
         data = json.load(f)
     if isinstance(data, list):
@@ -337,7 +338,7 @@ def _captions_source(rest: str, data_dir: Optional[str]) -> Source:
                     [s["raw"] for s in r["sentences"]])
                    for r in data["images"] if r["split"] == split]
     if not records:
-        raise ValueError(f"captions:{rest}: no images for split {split!r} in {file}")
+        raise errors.UserError(f"captions:{rest}: no images for split {split!r} in {file}")
     root = data_dir or posixpath.dirname(file)
     split_data = {split: _file_split(split, root, records, num_classes=0, captions=True)}
     return Source(name=posixpath.splitext(posixpath.basename(file))[0], roles=_roles((split,)),

@@ -17,6 +17,7 @@ import tensorflow as tf
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec
 
+from infusing_jax import errors
 from infusing_jax.data import device_put
 from infusing_jax.data import schema
 
@@ -46,7 +47,7 @@ def extract(encode, split: schema.SplitData, preprocess, model: str, batch_size:
     """
     mesh = device_put.data_mesh(jax.local_devices())
     if batch_size % mesh.size:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices")
+        raise errors.UserError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices")
     sharding = NamedSharding(mesh, PartitionSpec(device_put.DATA_AXIS))
     all_ids = [x.decode() for x in split.dataset(process_index, process_count)
                .map(lambda ex: ex["id"]).as_numpy_iterator()]
@@ -90,7 +91,7 @@ def load(path: str) -> Descriptors:
     files = ([path] if tf.io.gfile.exists(path)
              else sorted(tf.io.gfile.glob(path + ".part*-of-*")))
     if not files:
-        raise FileNotFoundError(f"{path}: no teacher descriptors (nor parts {path}.partN-of-M)")
+        raise errors.UserError(f"{path}: no teacher descriptors (nor parts {path}.partN-of-M)")
     parts = []
     for f in files:
         with tf.io.gfile.GFile(f, "rb") as fh, np.load(io.BytesIO(fh.read()),
@@ -98,7 +99,7 @@ def load(path: str) -> Descriptors:
             parts.append(Descriptors(npz["ids"], npz["embeddings"], str(npz["model"])))
     models = {p.model for p in parts}
     if len(models) > 1:
-        raise ValueError(f"{path}: parts come from different models {sorted(models)}")
+        raise errors.UserError(f"{path}: parts come from different models {sorted(models)}")
     return Descriptors(np.concatenate([p.ids for p in parts]),
                        np.concatenate([p.embeddings for p in parts]), parts[0].model)
 
@@ -106,11 +107,11 @@ def load(path: str) -> Descriptors:
 def check(descriptors: Descriptors, split_ids, model: str, where: str):
     """One-line errors: descriptors of another model, or without some of the split's ids."""
     if descriptors.model != model:
-        raise ValueError(f"{where}: teacher descriptors were made by model {descriptors.model}, "
+        raise errors.UserError(f"{where}: teacher descriptors were made by model {descriptors.model}, "
                          f"the pretrained model here is {model}; extract them again")
     missing = sorted(set(split_ids) - set(descriptors.ids.tolist()))
     if missing:
-        raise ValueError(f"{where}: teacher descriptors lack {len(missing)} of the split's ids, "
+        raise errors.UserError(f"{where}: teacher descriptors lack {len(missing)} of the split's ids, "
                          f"e.g. {missing[:3]}; extract them again for this split")
 
 

@@ -18,6 +18,7 @@ Templates are ours: a few per dataset, '{}' standing for the class name.
 """
 import re
 
+from infusing_jax import errors
 from infusing_jax.data import sources
 
 GENERIC = ("a photo of a {}.", "an image showing a {}.", "a {} in the picture.",
@@ -50,10 +51,10 @@ def check_templates(templates_) -> tuple:
     """The templates, each with exactly one '{}'; raises ValueError naming a bad one."""
     templates_ = tuple(templates_)
     if not templates_:
-        raise ValueError("prompt templates: none given; give at least one like 'a photo of a {}.'")
+        raise errors.UserError("prompt templates: none given; give at least one like 'a photo of a {}.'")
     for t in templates_:
         if t.count("{}") != 1:
-            raise ValueError(f"prompt template {t!r}: needs exactly one '{{}}' for the class name")
+            raise errors.UserError(f"prompt template {t!r}: needs exactly one '{{}}' for the class name")
     return templates_
 
 
@@ -68,12 +69,12 @@ def read_class_names(path) -> list:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as e:
-        raise ValueError(f"class names file {path}: cannot read ({e})") from None
+        raise errors.UserError(f"class names file {path}: cannot read ({e})") from None
     while lines and not lines[-1].strip():
         lines.pop()
     empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
     if empty or not lines:
-        raise ValueError(f"class names file {path}: empty line {empty[:1] or 1}; want one name "
+        raise errors.UserError(f"class names file {path}: empty line {empty[:1] or 1}; want one name "
                          "per line, line i = class i")
     return [line.strip() for line in lines]
 
@@ -85,7 +86,7 @@ def imagenet_names(wnids) -> list:
     order = tfds.builder("imagenet2012").info.features["label"].names
     lemmas = bundled.IMAGENET_LABELS_LIST
     if list(wnids) != list(order) or len(lemmas) != len(order):
-        raise ValueError("imagenet class names: these WordNet ids are not TFDS's ImageNet order; "
+        raise errors.UserError("imagenet class names: these WordNet ids are not TFDS's ImageNet order; "
                          "give a class names file")
     first = [s.split(", ")[0] for s in lemmas]
     return [f if first.count(f) == 1 else full for f, full in zip(first, lemmas)]
@@ -96,7 +97,7 @@ def tfds_class_names(name: str, data_dir=None) -> dict:
     that have names; raises ValueError if none has. No data is read or downloaded."""
     # pylint: disable=protected-access  # the sources' own TFDS field map and builder
     if name not in sources._TFDS:
-        raise ValueError(f"tfds:{name}: unsupported TFDS dataset; give a class names file")
+        raise errors.UserError(f"tfds:{name}: unsupported TFDS dataset; give a class names file")
     spec = sources._TFDS[name]
     features = sources._tfds_builder(name, data_dir).info.features
     out = {}
@@ -107,6 +108,6 @@ def tfds_class_names(name: str, data_dir=None) -> dict:
         elif names and not all(n.isdigit() for n in names):
             out[granularity] = [clean(n) for n in names]
     if not out:
-        raise ValueError(f"tfds:{name}: TFDS has no class names for it (only numbers); give a "
+        raise errors.UserError(f"tfds:{name}: TFDS has no class names for it (only numbers); give a "
                          "class names file")
     return out

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
+from infusing_jax import errors
 from infusing_jax import checkpoints
 from infusing_jax import config as config_lib
 from infusing_jax import tokenizers
@@ -59,28 +60,28 @@ def load_text_side(cfg) -> Optional[TextSide]:
     path = text_checkpoint(cfg)
     try:
         params, model_cfg = checkpoints.load(path, act=cfg.model.act or None)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        raise ValueError(f"config.eval.text_checkpoint: {err}") from None
+    except (errors.UserError, OSError) as err:
+        raise errors.UserError(f"config.eval.text_checkpoint: {err}") from None
     if model_cfg.get("text") is None:
-        raise ValueError(f"config.eval.text_checkpoint: {path} has no text tower; name one "
+        raise errors.UserError(f"config.eval.text_checkpoint: {path} has no text tower; name one "
                          "with eval.text_checkpoint or give text_embeddings files")
     try:
         tokenize = tokenizers.load_tokenizer(e.tokenizer, model_cfg.family, model_cfg.text.seq_len)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"config.eval.tokenizer: {err}") from None
+    except (errors.UserError, OSError) as err:
+        raise errors.UserError(f"config.eval.tokenizer: {err}") from None
     return TextSide(text_retrieval.text_embedder(model_cfg, params, tokenize, e.batch_size))
 
 
 def _source(test, cfg, where: str):
     try:
         return sources.load_source(test.source, config_lib.data_dir(cfg, test))
-    except (ValueError, FileNotFoundError, OSError) as err:
-        raise ValueError(f"config.eval.{where}.source: {err}") from None
+    except (errors.UserError, OSError) as err:
+        raise errors.UserError(f"config.eval.{where}.source: {err}") from None
 
 
 def _split(source, name: str, where: str):
     if name not in source.splits:
-        raise ValueError(f"config.eval.{where}: {source.name} has no split {name!r}; it has "
+        raise errors.UserError(f"config.eval.{where}: {source.name} has no split {name!r}; it has "
                          f"{', '.join(source.splits)}")
     return source.split(name)
 
@@ -164,7 +165,7 @@ def _zero_shot(encode, texts, cfg) -> dict:
         else:
             kind, _, dataset = t.source.partition(":")
             if kind != "tfds":
-                raise ValueError(f"config.eval.{where}.class_names: {t.source} has no class "
+                raise errors.UserError(f"config.eval.{where}.class_names: {t.source} has no class "
                                  "names of its own; give a file with one name per line")
             names = prompts.tfds_class_names(dataset.split(":")[0], config_lib.data_dir(cfg, t))
         templates = prompts.check_templates(t.templates) if t.templates else prompts.templates(

@@ -33,6 +33,7 @@ import tensorflow as tf
 import tqdm
 from jax import lax
 
+from infusing_jax import errors
 from infusing_jax import models
 
 KS = (1, 5, 10)
@@ -97,17 +98,17 @@ def recalls(image_embeddings, text_embeddings, image_index, ks=KS, block_size: i
     images, texts = np.asarray(image_embeddings), np.asarray(text_embeddings)
     owner = np.asarray(image_index)
     if images.ndim != 2 or texts.ndim != 2 or images.shape[1] != texts.shape[1]:
-        raise ValueError(f"text retrieval: image embeddings {images.shape} and text embeddings "
+        raise errors.UserError(f"text retrieval: image embeddings {images.shape} and text embeddings "
                          f"{texts.shape} must be (N, E) and (M, E)")
     if owner.shape != (len(texts),) or not np.issubdtype(owner.dtype, np.integer):
-        raise ValueError(f"image_index: shape {owner.shape} {owner.dtype}; want ({len(texts)},) "
+        raise errors.UserError(f"image_index: shape {owner.shape} {owner.dtype}; want ({len(texts)},) "
                          "int, the image of each text")
     if len(owner) and (owner.min() < 0 or owner.max() >= len(images)):
-        raise ValueError(f"image_index: values in [{owner.min()}, {owner.max()}] but there are "
+        raise errors.UserError(f"image_index: values in [{owner.min()}, {owner.max()}] but there are "
                          f"{len(images)} images; want 0 <= image_index < {len(images)}")
     lonely = np.setdiff1d(np.arange(len(images)), owner)
     if len(lonely) or not len(images):
-        raise ValueError(f"image_index: {len(lonely)} of {len(images)} images have no text "
+        raise errors.UserError(f"image_index: {len(lonely)} of {len(images)} images have no text "
                          f"(e.g. {lonely[:5].tolist()}); give each image a caption or drop it")
     image_ids = np.arange(len(images))
     i2t = first_positive_ranks(images, texts, image_ids, owner, block_size)
@@ -129,13 +130,13 @@ def text_embedder(cfg, params, tokenize, batch_size: int = 256):
     Batches are padded to batch_size, so the tower compiles once.
     """
     if cfg.get("text") is None:
-        raise ValueError("model.text: this checkpoint has no text tower; load text embeddings "
+        raise errors.UserError("model.text: this checkpoint has no text tower; load text embeddings "
                          "from a file instead")
     if tokenize.vocab_size > cfg.text.vocab_size:
-        raise ValueError(f"tokenizer {tokenize.path}: {tokenize.vocab_size} tokens do not fit the "
+        raise errors.UserError(f"tokenizer {tokenize.path}: {tokenize.vocab_size} tokens do not fit the "
                          f"model's vocabulary of {cfg.text.vocab_size}; use the checkpoint's own")
     if tokenize.seq_len != cfg.text.seq_len:
-        raise ValueError(f"tokenizer {tokenize.path}: seq_len {tokenize.seq_len}, the model's text "
+        raise errors.UserError(f"tokenizer {tokenize.path}: seq_len {tokenize.seq_len}, the model's text "
                          f"tower takes {cfg.text.seq_len}; load it with seq_len={cfg.text.seq_len}")
     model = models.build(cfg)
     text_params = jax.device_put({k: v for k, v in params.items() if k != "img"})
@@ -144,7 +145,7 @@ def text_embedder(cfg, params, tokenize, batch_size: int = 256):
     def embed(texts) -> np.ndarray:
         texts = list(texts)
         if not texts:
-            raise ValueError("text_embedder: no texts to embed")
+            raise errors.UserError("text_embedder: no texts to embed")
         out = []
         for start in range(0, len(texts), batch_size):
             chunk = tokenize(texts[start:start + batch_size])
@@ -163,15 +164,15 @@ def load_text_embeddings(path):
     except (OSError, EOFError, ValueError):
         data = None
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: not an .npz file; {want}")
+        raise errors.UserError(f"{path}: not an .npz file; {want}")
     with data:
         missing = [k for k in ("embeddings", "image_index") if k not in data]
         if missing:
-            raise ValueError(f"{path}: no array {missing[0]!r}; {want}")
+            raise errors.UserError(f"{path}: no array {missing[0]!r}; {want}")
         embeddings, image_index = data["embeddings"], data["image_index"]
     if embeddings.ndim != 2 or image_index.shape != (len(embeddings),) or \
             not np.issubdtype(image_index.dtype, np.integer):
-        raise ValueError(f"{path}: embeddings {embeddings.shape}, image_index {image_index.shape} "
+        raise errors.UserError(f"{path}: embeddings {embeddings.shape}, image_index {image_index.shape} "
                          f"{image_index.dtype}; want (M, E) and (M,) int")
     return embeddings.astype(np.float32), image_index.astype(np.int64)
 
@@ -203,7 +204,7 @@ def embed_split(encode_images, split, preprocess_fn, batch_size: int = 256, fiel
                 columns[f].extend(batch[f])
             bar.update(n)
     if not embeddings:
-        raise ValueError(f"split {split.name}: no image could be decoded")
+        raise errors.UserError(f"split {split.name}: no image could be decoded")
     out = {f: np.asarray(v) for f, v in columns.items() if f != "captions"}
     if "captions" in columns:
         out["captions"] = [[c.decode("utf-8") for c in row] for row in columns["captions"]]
@@ -220,9 +221,9 @@ def evaluate_split(encode_images, split, preprocess_fn, *, embed_texts=None, tex
     Returns `recalls`' dict.
     """
     if (embed_texts is None) == (text_file is None):
-        raise ValueError("text retrieval: give embed_texts or text_file, exactly one")
+        raise errors.UserError("text retrieval: give embed_texts or text_file, exactly one")
     if not split.has_captions and text_file is None:
-        raise ValueError(f"split {split.name}: has no captions; use an image-text source "
+        raise errors.UserError(f"split {split.name}: has no captions; use an image-text source "
                          "(captions:FILE.json, tfds:coco_captions) or a text_file")
     fields = () if text_file else ("captions",)
     images, columns = embed_split(encode_images, split, preprocess_fn, batch_size, fields)
@@ -238,7 +239,7 @@ def evaluate_split(encode_images, split, preprocess_fn, *, embed_texts=None, tex
     else:
         texts, at = load_text_embeddings(text_file)
         if split.num_examples is not None and len(at) and at.max() >= split.num_examples:
-            raise ValueError(f"{text_file}: image_index up to {at.max()} but split {split.name} "
+            raise errors.UserError(f"{text_file}: image_index up to {at.max()} but split {split.name} "
                              f"has {split.num_examples} images")
         image_index = np.minimum(np.searchsorted(position, at), len(position) - 1)
         kept = position[image_index] == at

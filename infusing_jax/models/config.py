@@ -15,6 +15,7 @@ from typing import Optional
 import ml_collections
 import numpy as np
 
+from infusing_jax import errors
 from infusing_jax.models import transformer
 from infusing_jax.models import two_towers
 
@@ -61,7 +62,7 @@ def model_config(family: str = "siglip", variant: str = "B/16", image_size: int 
     or a big_vision variant for other sizes (embed_dim then the image width).
     """
     if family not in FAMILIES:
-        raise ValueError(f"model.family: unknown family {family!r}; use siglip or clip")
+        raise errors.UserError(f"model.family: unknown family {family!r}; use siglip or clip")
     img = transformer.decode_variant(variant)
     if family == "siglip":
         img.update(posemb="learn", pool_type="map", out_dim=None)
@@ -89,16 +90,16 @@ def model_config(family: str = "siglip", variant: str = "B/16", image_size: int 
 def validate(cfg) -> None:
     """Raises ValueError naming the config field that cannot work."""
     if cfg.family not in FAMILIES:
-        raise ValueError(f"model.family: unknown family {cfg.family!r}; use siglip or clip")
+        raise errors.UserError(f"model.family: unknown family {cfg.family!r}; use siglip or clip")
     for tower in ("image", "text"):
         t = cfg.get(tower)
         if t is None:
             continue
         if t.width % t.num_heads:
-            raise ValueError(f"model.{tower}: width {t.width} is not divisible by "
+            raise errors.UserError(f"model.{tower}: width {t.width} is not divisible by "
                              f"num_heads {t.num_heads}")
     if cfg.image_size < cfg.image.patch_size:
-        raise ValueError(f"model.image_size {cfg.image_size} is smaller than "
+        raise errors.UserError(f"model.image_size {cfg.image_size} is smaller than "
                          f"model.image.patch_size {cfg.image.patch_size}")
 
 

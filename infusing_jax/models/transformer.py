@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infusing_jax import errors
+
 ACTIVATIONS = {
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # big_vision / SigLIP
     "gelu": lambda x: nn.gelu(x, approximate=False),  # exact erf GELU
@@ -39,7 +41,7 @@ def decode_variant(variant: str) -> dict:
     """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)."""
     name, _, patch = variant.partition("/")
     if name not in VARIANTS:
-        raise ValueError(f"unknown model variant {variant!r}; known: {sorted(VARIANTS)}")
+        raise errors.UserError(f"unknown model variant {variant!r}; known: {sorted(VARIANTS)}")
     width, depth, mlp_dim, num_heads = VARIANTS[name]
     out = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
     if patch:
