@@ -13,7 +13,7 @@ TensorFlow: the step comes from step.py. Not yet run on a GPU here.
 Everything below is measured in one run, side by side, on the CPU (--mode=cpu,
 or auto without an accelerator): SigLIP B/16 (--variant)
 image tower at 224 px, float32 compute and master weights, batch 8, AdamW
-(optax through `optim.make_optimizer`, METHOD.md's LRs), batches of random
+(optax through `optim.make_optimizer`, the paper's LRs), batches of random
 numbers already on the device (no input pipeline), a target classifier of
 9,054 classes (SOP's train classes).
 

@@ -22,12 +22,18 @@ A run config (an ml_collections ConfigDict; configs/*.py return one):
 
 Domains train in this order: targets, then generic ones, each by name; the
 first is domain 0 (the paper's target). `validate` raises a one-line
-ValueError naming the first bad field; it runs before anything is compiled.
+errors.UserError naming the first bad field; it runs before anything is loaded
+or compiled. Every field has a range or a set of choices (fields.py).
 """
+import math
+
+import jax
 import ml_collections
 
 from infusing_jax import errors
+from infusing_jax import fields
 from infusing_jax import optim
+from infusing_jax.losses import classification
 from infusing_jax.models import transformer
 
 ROLES = ("target", "generic")
@@ -40,7 +46,7 @@ MIXES = ("round_robin", "balanced", "dataset_size", "weights")  # data/pipeline.
 CLASSIFIERS = {
     "normface": dict(scale=16.0, trainable_scale=False),
     "cosface": dict(scale=16.0, margin=0.1, trainable_scale=False),
-    "arcface": dict(scale=16.0, margin=0.1, trainable_scale=False),
+    "arcface": dict(scale=16.0, margin=0.1, trainable_scale=False, fallback="linear"),
 }
 METRIC = {
     "supcon": dict(temperature=0.1),
@@ -52,7 +58,8 @@ DISTILLATION = {
     "feature_mse": dict(teacher="precomputed"),
     "feature_cosine": dict(teacher="precomputed"),
     "relational": dict(teacher="precomputed"),
-    "logit_kl": dict(teacher="precomputed", temperature=1.0),
+    "logit_kl": dict(teacher="precomputed", student_temperature=1.0, teacher_temperature=1.0,
+                     scale_by_t2=True),
 }
 PARAMETER = {
     "anchoring": dict(reduction="mean_per_tensor", exclude=()),
@@ -66,11 +73,13 @@ def loss(kind: str, weight: float = 1.0, **settings) -> ml_collections.ConfigDic
     """One loss term: ConfigDict(weight=..., <the kind's settings>); key it by kind."""
     if kind not in LOSSES:
         raise errors.UserError(f"loss kind {kind!r}: use one of {sorted(LOSSES)}")
+    cfg = ml_collections.ConfigDict(dict(LOSSES[kind], weight=weight))
     unknown = set(settings) - set(LOSSES[kind])
     if unknown:
         raise errors.UserError(f"loss {kind!r}: unknown settings {sorted(unknown)}; "
-                         f"it has {sorted(LOSSES[kind])}")
-    return ml_collections.ConfigDict(dict(LOSSES[kind], weight=weight, **settings))
+                               f"it has {sorted(LOSSES[kind])}")
+    cfg.update(settings)
+    return cfg
 
 
 def domain(source: str, role: str = "target", losses: dict = None, **fields):
@@ -144,6 +153,8 @@ def default_config() -> ml_collections.ConfigDict:
         eval_k=20,
         select_by="all",        # keep-best by val mAP@k of 'in-domain', 'out-of-domain',
                                 # their mean 'all', or 'last' (no keep-best)
+        eval_ema=True,          # with optim.ema_decay: validate, keep, test and export
+                                # the EMA weights (False: the raw weights)
         fsdp=False,             # shard params / optimiser state / reference over devices
         progress=True))
     c.eval = ml_collections.ConfigDict(dict(
@@ -171,138 +182,184 @@ def ordered_domains(cfg) -> list:
     return sorted(cfg.domains.keys(), key=lambda n: (ROLES.index(cfg.domains[n].role), n))
 
 
+SOURCE_KINDS = ("tfds", "folder", "uned", "captions")  # data/sources.py
+DTYPES = ("float32", "bfloat16")
+
+
+def _remat_policy(name) -> bool:
+    return name == "none" or (isinstance(name, str) and not name.startswith("_")
+                              and callable(getattr(jax.checkpoint_policies, name, None)))
+
+
+def _variant(name) -> bool:
+    if not isinstance(name, str):
+        return False
+    family, _, patch = name.partition("/")
+    return family in transformer.VARIANTS and (not patch or patch.isdigit() and int(patch) > 0)
+
+
+def _source(*kinds) -> fields.Rule:
+    return fields.Rule(lambda x: isinstance(x, str) and x.partition(":")[0] in kinds
+                       and bool(x.partition(":")[2]),
+                       " or ".join(f"'{k}:...'" for k in kinds) + " (a data spec, e.g. "
+                       "'tfds:cars196', 'uned:/data/sop', 'folder:/photos')")
+
+
+MODEL = dict(
+    checkpoint=fields.text(), family=fields.one_of("siglip", "clip"),
+    variant=fields.Rule(_variant, f"a variant such as 'B/16' (one of {sorted(transformer.VARIANTS)}"
+                                  ", '/' and the patch size)"),
+    image_size=fields.integer(1), act=fields.one_of("", *sorted(transformer.ACTIVATIONS)),
+    scan=fields.boolean(),
+    remat_policy=fields.Rule(_remat_policy, "'none' or a jax.checkpoint_policies name, e.g. "
+                                            "'nothing_saveable'"),
+    dtype=fields.one_of(*DTYPES), param_dtype=fields.one_of(*DTYPES))
+DATA = dict(
+    data_dir=fields.text(), batch_size=fields.integer(1), mix=fields.one_of(*MIXES),
+    one_domain_per_batch=fields.boolean(), shuffle_buffer=fields.integer(1),
+    resize=fields.integer(0), num_shards=fields.integer(0))
+DOMAIN = dict(
+    source=_source(*SOURCE_KINDS[:3]), role=fields.one_of(*ROLES), data_dir=fields.text(),
+    train_split=fields.text(nonempty=True), val_split=fields.text(),
+    val_classes_fraction=fields.fraction(), holdout_fraction=fields.fraction(),
+    val_seed=fields.integer(0), weight=fields.number(at_least=0),
+    teacher_descriptors=fields.text(), losses=fields.anything())
+LOSS_SETTINGS = dict(
+    weight=fields.number(at_least=0), scale=fields.number(above=0),
+    trainable_scale=fields.boolean(), margin=fields.number(at_least=0),
+    fallback=fields.one_of(*classification.ARCFACE_FALLBACKS),
+    temperature=fields.number(above=0), alpha=fields.number(above=0),
+    beta=fields.number(above=0), base=fields.number(),
+    epsilon=fields.optional(fields.number(at_least=0)), delta=fields.number(),
+    teacher=fields.one_of(*TEACHERS), student_temperature=fields.number(above=0),
+    teacher_temperature=fields.number(above=0), scale_by_t2=fields.boolean(),
+    reduction=fields.one_of("mean_per_tensor", "sum"), exclude=fields.strings(),
+    fisher_batches=fields.integer(1))
+TRAIN = dict(
+    num_steps=fields.integer(0), num_epochs=fields.number(at_least=0),
+    log_every=fields.integer(1), checkpoint_every=fields.integer(1),
+    keep_checkpoints=fields.integer(1), async_checkpoints=fields.boolean(),
+    eval_every=fields.integer(0), eval_batch_size=fields.integer(1), eval_k=fields.integer(1),
+    select_by=fields.one_of(*SELECT_BY), eval_ema=fields.boolean(), fsdp=fields.boolean(),
+    progress=fields.boolean())
+EVAL = dict(
+    batch_size=fields.integer(1), k=fields.integer(1), tokenizer=fields.text(),
+    text_checkpoint=fields.text(), validate_text=fields.boolean(),
+    retrieval=fields.anything(), text_retrieval=fields.anything(), zero_shot=fields.anything())
+TEMPLATES = fields.Rule(lambda t: isinstance(t, (tuple, list)) and all(
+    isinstance(s, str) and s.count("{}") == 1 for s in t),
+    "a tuple of prompt templates, each with one '{}' for the class name ((): the dataset's)")
+TESTS = dict(
+    retrieval=dict(source=_source(*SOURCE_KINDS), role=fields.one_of(*ROLES),
+                   query_split=fields.text(), index_split=fields.text(), data_dir=fields.text()),
+    text_retrieval=dict(source=_source("captions"), text_embeddings=fields.text(),
+                        data_dir=fields.text()),
+    zero_shot=dict(source=_source(*SOURCE_KINDS), split=fields.text(nonempty=True),
+                   class_names=fields.text(), templates=TEMPLATES, data_dir=fields.text()))
+
+
 def _err(field: str, msg: str):
-    raise errors.UserError(f"config.{field}: {msg}")
+    fields.fail(f"config.{field}", msg)
 
 
-def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_fields(cfg, known, where: str):
-    for k in cfg.keys():
-        if k not in known:
-            _err(f"{where}.{k}", f"unknown field (known: {', '.join(sorted(known))})")
-
-
-def _validate_loss(cfg, kind: str, where: str, one_domain_per_batch: bool):
+def _validate_loss(losses, kind: str, where: str):
     if kind not in LOSSES:
         _err(where, f"unknown loss kind; use one of {sorted(LOSSES)}")
-    l = cfg.losses[kind]
-    _check_fields(l, set(LOSSES[kind]) | {"weight"}, where)
-    if not _num(l.get("weight")) or l.weight < 0:
-        _err(f"{where}.weight", f"must be a number >= 0, got {l.get('weight')!r}")
-    if kind in DISTILLATION and l.teacher not in TEACHERS:
-        _err(f"{where}.teacher", f"must be one of {TEACHERS}, got {l.teacher!r}")
-    if kind in METRIC and not one_domain_per_batch:
-        _err(where, "metric losses need whole-domain batches: set "
-             "data.one_domain_per_batch=True")
-    if kind == "logit_kl" and not set(CLASSIFIERS) & set(cfg.losses.keys()):
-        _err(where, "logit_kl distils the logits of the domain's classifier; add a "
-             f"classifier loss ({', '.join(CLASSIFIERS)}) to the domain")
-    if kind in CLASSIFIERS and (not _num(l.scale) or l.scale <= 0):
-        _err(f"{where}.scale", f"must be a number > 0, got {l.scale!r}")
-    if kind == "anchoring" and l.reduction not in ("mean_per_tensor", "sum"):
-        _err(f"{where}.reduction", f"must be 'mean_per_tensor' or 'sum', got {l.reduction!r}")
-    if kind == "ewc" and (not _int(l.fisher_batches) or l.fisher_batches < 1):
-        _err(f"{where}.fisher_batches", f"must be an int >= 1, got {l.fisher_batches!r}")
-    if "exclude" in l and not all(isinstance(p, str) for p in l.exclude):
-        _err(f"{where}.exclude", f"must be a tuple of path prefixes, got {l.exclude!r}")
+    rules = {k: LOSS_SETTINGS[k] for k in ("weight", *LOSSES[kind])}
+    fields.check(losses[kind], f"config.{where}", rules)
+    s = losses[kind]
+    if kind == "arcface" and not s.margin < math.pi / 2:
+        _err(f"{where}.margin", f"must be < pi/2 for arcface, got {s.margin!r}")
+    classifiers = [k for k in losses.keys() if k in CLASSIFIERS]
+    if kind == "logit_kl" and len(classifiers) != 1:
+        _err(where, "logit_kl distils the logits of the domain's classifier; give the domain "
+             f"exactly one classifier loss ({', '.join(CLASSIFIERS)}), it has {classifiers}")
 
 
-def _validate_domain(cfg, name: str, one_domain_per_batch: bool):
+def _validate_domain(cfg, name: str):
     where = f"domains.{name}"
     d = cfg.domains[name]
-    known = set(domain("x").keys())
-    _check_fields(d, known, where)
-    if not isinstance(d.get("source"), str) or ":" not in d.source:
-        _err(f"{where}.source", f"must be a data spec such as 'tfds:cars196' or "
-             f"'uned:/data/sop', got {d.get('source')!r}")
-    if d.role not in ROLES:
-        _err(f"{where}.role", f"must be one of {ROLES}, got {d.role!r}")
-    for k in ("val_classes_fraction", "holdout_fraction"):
-        if not _num(d[k]) or not 0 <= d[k] < 1:
-            _err(f"{where}.{k}", f"must be in [0, 1), got {d[k]!r}")
-    if not _num(d.weight) or d.weight < 0:
-        _err(f"{where}.weight", f"must be a number >= 0, got {d.weight!r}")
+    fields.check(d, f"config.{where}", DOMAIN)
+    carved = [k for k in ("val_split", "val_classes_fraction", "holdout_fraction") if d[k]]
+    if len(carved) > 1:
+        _err(where, f"{' and '.join(carved)} each choose the validation split; keep one")
     if not d.losses.keys():
         _err(f"{where}.losses", "no loss configured; add e.g. losses=dict(normface=dict())")
     for kind in d.losses.keys():
-        _validate_loss(d, kind, f"{where}.losses.{kind}", one_domain_per_batch)
+        _validate_loss(d.losses, kind, f"{where}.losses.{kind}")
+    if (cfg.loss_aggregation == "weighted_average"
+            and not sum(d.losses[k].weight for k in d.losses.keys())):
+        _err(f"{where}.losses", "all weights are 0, and loss_aggregation 'weighted_average' "
+             "divides by their sum; give one a weight > 0")
+
+
+def uses_ema(cfg) -> bool:
+    """Whether the EMA weights (optim.ema_decay) are the ones validated, kept as best,
+    tested and exported (train.eval_ema); else the raw weights are."""
+    return cfg.optim.ema_decay is not None and cfg.train.eval_ema
+
+
+def validated_by(cfg, role: str) -> bool:
+    """Whether a domain of `role` has a validation split (val_split or a carved one)."""
+    return any(cfg.domains[n].role == role and (cfg.domains[n].val_split or
+                                                cfg.domains[n].val_classes_fraction or
+                                                cfg.domains[n].holdout_fraction)
+               for n in cfg.domains.keys())
 
 
 def validate(cfg) -> None:
-    """One-line ValueError naming the first bad field (`config.<path>: ...`)."""
-    _check_fields(cfg, set(default_config().keys()), "")
-    for group in ("model", "data", "train"):
-        _check_fields(cfg[group], set(default_config()[group].keys()), group)
+    """One-line errors.UserError naming the first bad field (`config.<path>: ...`)."""
+    top = dict(seed=fields.integer(0), model=fields.anything(), data=fields.anything(),
+               domains=fields.anything(), loss_aggregation=fields.one_of(*AGGREGATIONS),
+               optim=fields.anything(), train=fields.anything(), eval=fields.anything())
+    fields.check(cfg, "config", top)
+    fields.check(cfg.model, "config.model", MODEL)
     m = cfg.model
-    if not isinstance(m.checkpoint, str):
-        _err("model.checkpoint", f"must be a path or '', got {m.checkpoint!r}")
-    if m.family not in ("siglip", "clip"):
-        _err("model.family", f"must be 'siglip' or 'clip', got {m.family!r}")
-    if not _int(m.image_size) or m.image_size < 1:
-        _err("model.image_size", f"must be an int > 0, got {m.image_size!r}")
-    if m.act and m.act not in transformer.ACTIVATIONS:
-        _err("model.act", f"must be '' or one of {sorted(transformer.ACTIVATIONS)}")
-    for k in ("dtype", "param_dtype"):
-        if m[k] not in ("float32", "bfloat16"):
-            _err(f"model.{k}", f"must be 'float32' or 'bfloat16', got {m[k]!r}")
+    if not m.checkpoint:
+        patch = transformer.decode_variant(m.variant).get("patch_size")
+        if patch and m.image_size % patch:
+            _err("model.image_size", f"{m.image_size} is not a multiple of the patch size "
+                 f"{patch} of model.variant {m.variant!r}")
+    fields.check(cfg.data, "config.data", DATA)
     d = cfg.data
-    if not _int(d.batch_size) or d.batch_size < 1:
-        _err("data.batch_size", f"must be an int > 0, got {d.batch_size!r}")
-    if d.mix not in MIXES:
-        _err("data.mix", f"must be one of {MIXES}, got {d.mix!r}")
-    if not _int(d.resize) or d.resize < 0:
-        _err("data.resize", f"must be an int >= 0 (0 = image_size * 256 / 224), got {d.resize!r}")
-    if not _int(d.num_shards) or d.num_shards < 0:
-        _err("data.num_shards", f"must be an int >= 0 (0 = one per process), got {d.num_shards!r}")
+    if d.resize and d.resize < m.image_size:
+        _err("data.resize", f"{d.resize} is smaller than the random crop, model.image_size "
+             f"{m.image_size}; give a size >= {m.image_size}, or 0 for image_size * 256 / 224")
+    if d.num_shards and d.batch_size % d.num_shards:
+        _err("data.num_shards", f"{d.num_shards} does not divide data.batch_size "
+             f"{d.batch_size}")
     if not cfg.domains.keys():
         _err("domains", "no domain configured; a configs/ file adds them with config.domain(...)")
     for name in cfg.domains.keys():
-        _validate_domain(cfg, name, d.one_domain_per_batch)
-    if cfg.loss_aggregation not in AGGREGATIONS:
-        _err("loss_aggregation", f"must be one of {AGGREGATIONS}, got {cfg.loss_aggregation!r}")
+        _validate_domain(cfg, name)
     try:
         optim.validate(cfg.optim)
-    except ValueError as e:
+    except errors.UserError as e:
         raise errors.UserError(f"config.{e}") from None
+    fields.check(cfg.train, "config.train", TRAIN)
     t = cfg.train
-    if not _int(t.num_steps) or t.num_steps < 0:
-        _err("train.num_steps", f"must be an int >= 0, got {t.num_steps!r}")
-    if t.num_steps == 0 and (not _num(t.num_epochs) or t.num_epochs <= 0):
+    if t.num_steps == 0 and t.num_epochs <= 0:
         _err("train.num_epochs", f"must be > 0 when train.num_steps is 0, got {t.num_epochs!r}")
-    for k in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size", "eval_k"):
-        if not _int(t[k]) or t[k] < 1:
-            _err(f"train.{k}", f"must be an int >= 1, got {t[k]!r}")
-    if not _int(t.eval_every) or t.eval_every < 0:
-        _err("train.eval_every", f"must be an int >= 0 (0 = at the end), got {t.eval_every!r}")
-    if t.select_by not in SELECT_BY:
-        _err("train.select_by", f"must be one of {SELECT_BY}, got {t.select_by!r}")
+    if t.select_by != "last":
+        needs = {"in-domain": ("target",), "out-of-domain": ("generic",),
+                 "all": ("target", "generic")}[t.select_by]
+        if not any(validated_by(cfg, role) for role in needs):
+            _err("train.select_by", f"{t.select_by!r} keeps the best checkpoint by validation, "
+                 f"but no {' or '.join(needs)} domain has a val split (val_split, "
+                 "val_classes_fraction or holdout_fraction); give one, or select_by='last'")
     _validate_eval(cfg.eval)
 
 
 def _validate_eval(e):
-    _check_fields(e, set(default_config().eval.keys()), "eval")
-    for k in ("batch_size", "k"):
-        if not _int(e[k]) or e[k] < 1:
-            _err(f"eval.{k}", f"must be an int >= 1, got {e[k]!r}")
-    kinds = dict(retrieval=retrieval_test("x:"), text_retrieval=text_test("x:"),
-                 zero_shot=zero_shot_test("x:"))
-    for kind, example in kinds.items():
+    fields.check(e, "config.eval", EVAL)
+    for kind, rules in TESTS.items():
         for name in e[kind].keys():
-            t = e[kind][name]
-            _check_fields(t, set(example.keys()), f"eval.{kind}.{name}")
-            if not isinstance(t.get("source"), str) or ":" not in t.source:
-                _err(f"eval.{kind}.{name}.source", f"must be a data spec, got {t.get('source')!r}")
-            if kind == "retrieval" and t.role not in ROLES:
-                _err(f"eval.{kind}.{name}.role", f"must be one of {ROLES}, got {t.role!r}")
+            fields.check(e[kind][name], f"config.eval.{kind}.{name}", rules)
     needs_text = (any(not e.text_retrieval[n].text_embeddings for n in e.text_retrieval.keys())
                   or e.zero_shot.keys())
     if needs_text and not e.tokenizer:
         _err("eval.tokenizer", "text retrieval and zero-shot need the checkpoint's tokenizer "
              "(SigLIP: its sentencepiece .model; CLIP: bpe_simple_vocab_16e6.txt.gz or vocab.json)")
+    if e.validate_text and not e.text_retrieval.keys():
+        _err("eval.validate_text", "no eval.text_retrieval set to validate on; add one or set "
+             "it to False")

@@ -55,7 +55,8 @@ def define_flags():
 
 
 def finetuned_backbone(cfg, workdir: str, pretrained):
-    """-> (step, image tower) of the run: best/ (as select_by kept it), else checkpoints/."""
+    """-> (step, image tower) of the run: best/ (as select_by kept it), else checkpoints/
+    (its EMA weights where config.uses_ema, as the run tested them)."""
     best, last = checkpointing.best_manager(workdir), checkpointing.manager(workdir, 1, False)
     like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pretrained)
     if cfg.train.select_by != "last" and best.best_step() is not None:
@@ -66,7 +67,11 @@ def finetuned_backbone(cfg, workdir: str, pretrained):
         raise errors.UserError(f"--workdir {workdir}: no checkpoint (neither best/ nor checkpoints/); "
                          "train first, or pass --checkpoint to evaluate a pretrained model")
     state = checkpointing.restore_item(last, step, "state")
-    return step, _restored(state["params"]["backbone"], like)
+    weights = "ema" if config_lib.uses_ema(cfg) else "params"
+    if state.get(weights) is None:
+        raise errors.UserError(f"--workdir {workdir}: the run kept no EMA weights; evaluate "
+                               "with the run's own config (or --config.train.eval_ema=False)")
+    return step, _restored(state[weights]["backbone"], like)
 
 
 def _restored(params, like):
@@ -102,6 +107,7 @@ def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
     if not run_tests:
         return {}
     results = dict(step=step, selected_by=cfg.train.select_by,
+                   weights="ema" if config_lib.uses_ema(cfg) else "raw",
                    models=suite.evaluate_models(cfg, embed, backbones))
     curve = {0.0: "pretrained", 1.0: "fine-tuned", **{a: f"wise_ft@{a:g}" for a in alphas}}
     results["wise_ft"] = [dict(alpha=a, **results["models"][name]["headline"])

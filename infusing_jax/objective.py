@@ -13,8 +13,11 @@ once per step, outside the conds, and weighted like the rest of their domain's
 terms (p_d w_i, over sum_i w_i for 'weighted_average'). The recipes list
 anchoring in every domain with the same weight, so it counts once per step.
 
-Heads (the trainable per-domain parameters): {'classifier' (E, C), 'log_scale'
-() with a trainable scale, 'proxies' (C, E) for proxy-anchor}.
+Heads (the trainable per-domain parameters): {'classifier' (E, C) shared by the
+domain's classifier losses, 'log_scale' {kind: ()} for each classifier loss with
+a trainable scale (each starts at its own `scale`), 'proxies' (C, E) for
+proxy-anchor}. Every data term sees the whole batch and its domain's mask, and
+equals the same term on the domain's examples alone.
 """
 from typing import Callable, Sequence
 
@@ -30,7 +33,8 @@ from infusing_jax.losses import retention
 
 
 def init_heads(cfg, names: Sequence[str], num_classes: dict, dim: int, rng) -> dict:
-    """{domain: {'classifier' (dim, C), 'log_scale' (), 'proxies' (C, dim)}} where its losses need them."""
+    """{domain: {'classifier' (dim, C), 'log_scale' {kind: ()}, 'proxies' (C, dim)}} where
+    its losses need them."""
     heads = {}
     for name, key in zip(names, jax.random.split(rng, len(names))):
         losses = cfg.domains[name].losses
@@ -38,8 +42,10 @@ def init_heads(cfg, names: Sequence[str], num_classes: dict, dim: int, rng) -> d
         kinds = [k for k in losses.keys() if k in config_lib.CLASSIFIERS]
         if kinds:
             head["classifier"] = classification.init_head(key, dim, num_classes[name])
-            if any(losses[k].trainable_scale for k in kinds):
-                head["log_scale"] = jnp.log(jnp.float32(losses[kinds[0]].scale))
+            trainable = {k: jnp.log(jnp.float32(losses[k].scale)) for k in kinds
+                         if losses[k].trainable_scale}
+            if trainable:
+                head["log_scale"] = trainable
         if "proxy_anchor" in losses:
             head["proxies"] = jax.random.normal(jax.random.fold_in(key, 1),
                                                 (num_classes[name], dim)) / np.sqrt(dim)
@@ -49,13 +55,15 @@ def init_heads(cfg, names: Sequence[str], num_classes: dict, dim: int, rng) -> d
 
 
 def _classifier_logits(kind, settings, head, f, labels):
-    scale = jnp.exp(head["log_scale"]) if "log_scale" in head else settings.scale
+    trainable = head.get("log_scale", {})
+    scale = jnp.exp(trainable[kind]) if kind in trainable else settings.scale
     w = head["classifier"]
     if kind == "normface":
         return classification.normface_logits(f, w, scale)
     if kind == "cosface":
         return classification.cosface_logits(f, w, labels, scale, settings.margin)
-    return classification.arcface_logits(f, w, labels, scale, settings.margin)
+    return classification.arcface_logits(f, w, labels, scale, settings.margin,
+                                         settings.fallback)
 
 
 def _masked_mean(values, mask):
@@ -80,13 +88,15 @@ def domain_terms(losses, head: dict, f, batch: dict, mask, reference, embed: Cal
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
             terms[kind] = _masked_mean(ce, mask)
         elif kind == "supcon":
-            terms[kind] = metric.supcon(f, labels, s.temperature)
+            terms[kind] = metric.supcon(f, labels, s.temperature, mask=mask)
         elif kind == "multi_similarity":
-            terms[kind] = metric.multi_similarity(f, labels, s.alpha, s.beta, s.base, s.epsilon)
+            terms[kind] = metric.multi_similarity(f, labels, s.alpha, s.beta, s.base, s.epsilon,
+                                                  mask=mask)
         elif kind == "triplet":
-            terms[kind] = metric.triplet_batch_hard(f, labels, s.margin)
+            terms[kind] = metric.triplet_batch_hard(f, labels, s.margin, mask=mask)
         elif kind == "proxy_anchor":
-            terms[kind] = metric.proxy_anchor(f, labels, head["proxies"], s.alpha, s.delta)
+            terms[kind] = metric.proxy_anchor(f, labels, head["proxies"], s.alpha, s.delta,
+                                              mask=mask)
         elif kind in config_lib.DISTILLATION:
             if s.teacher == "online":
                 if online is None:
@@ -104,7 +114,8 @@ def domain_terms(losses, head: dict, f, batch: dict, mask, reference, embed: Cal
                 classifier = next(k for k in losses.keys() if k in config_lib.CLASSIFIERS)
                 student = _classifier_logits(classifier, losses[classifier], head, f, labels)
                 teacher = _classifier_logits(classifier, losses[classifier], head, f0, labels)
-                terms[kind] = retention.logit_kl(student, teacher, s.temperature, m)
+                terms[kind] = retention.logit_kl(student, teacher, s.student_temperature,
+                                                 s.teacher_temperature, s.scale_by_t2, m)
     return {k: v.astype(jnp.float32) for k, v in terms.items()}
 
 

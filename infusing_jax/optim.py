@@ -18,7 +18,8 @@ Labels: 'heads' for every head leaf; 'backbone' for every backbone leaf, or, wit
 Learning rates (schedules from optax; `learning_rates` returns them for logging):
   * 'constant':       optax.constant_schedule(peak)
   * 'warmup_cosine':  optax.warmup_cosine_decay_schedule(0, peak, warmup_steps,
-                                                         total_steps, end_value=0)
+                                                         T, end_value=0)
+    T = total_steps, or (total_steps = 0, the default) the run's length
   with peak = lr for the heads, lr * backbone_lr_mult for the backbone, and
   lr * backbone_lr_mult * layer_decay ** (L + 1 - k) for backbone layer k.
 
@@ -55,18 +56,16 @@ import ml_collections
 import optax
 
 from infusing_jax import errors
+from infusing_jax import fields
 
 SCHEDULES = ("constant", "warmup_cosine")
-_FIELDS = ("lr", "backbone_lr_mult", "b1", "b2", "weight_decay", "schedule",
-           "warmup_steps", "total_steps", "grad_clip_norm", "freeze_backbone_epochs",
-           "layer_decay", "ema_decay")
 _INPUT_SIDE = ("embedding", "pos_embedding", "cls", "pre_norm")
 _BLOCK = re.compile(r"encoderblock_(\d+)$")
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """METHOD.md: AdamW(0.9, 0.999), wd 1e-6, constant LR 1e-3 (heads) / 1e-5
-    (backbone, multiplier 1e-2), no warm-up, no clipping, no freezing."""
+    """The paper's settings (docs/method.md): AdamW(0.9, 0.999), wd 1e-6, constant LR
+    1e-3 (heads) / 1e-5 (backbone, multiplier 1e-2), no warm-up, clipping or freezing."""
     cfg = ml_collections.ConfigDict()
     cfg.lr = 1e-3
     cfg.backbone_lr_mult = 1e-2
@@ -83,56 +82,36 @@ def default_config() -> ml_collections.ConfigDict:
     return cfg
 
 
-def _err(field: str, msg: str):
-    raise errors.UserError(f"optim.{field}: {msg}")
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+RULES = dict(
+    lr=fields.number(above=0), backbone_lr_mult=fields.number(at_least=0),
+    b1=fields.fraction(), b2=fields.fraction(), weight_decay=fields.number(at_least=0),
+    schedule=fields.one_of(*SCHEDULES), warmup_steps=fields.integer(0),
+    total_steps=fields.integer(0), grad_clip_norm=fields.number(at_least=0),
+    freeze_backbone_epochs=fields.integer(-1),
+    layer_decay=fields.optional(fields.Rule(lambda x: fields.is_number(x) and 0 < x <= 1,
+                                            "a number in (0, 1]")),
+    ema_decay=fields.optional(fields.Rule(lambda x: fields.is_number(x) and 0 < x < 1,
+                                          "a number in (0, 1)")))
 
 
 def validate(cfg) -> None:
-    """Raises a one-line ValueError naming the first bad field (`optim.<field>`)."""
-    for k in cfg.keys():
-        if k not in _FIELDS:
-            _err(k, f"unknown field (known: {', '.join(_FIELDS)})")
-    for k in _FIELDS:
-        if k not in cfg:
-            _err(k, "missing")
-    if not _is_num(cfg.lr) or cfg.lr <= 0:
-        _err("lr", f"must be a number > 0, got {cfg.lr!r}")
-    if not _is_num(cfg.backbone_lr_mult) or cfg.backbone_lr_mult < 0:
-        _err("backbone_lr_mult", f"must be a number >= 0, got {cfg.backbone_lr_mult!r}")
-    for k in ("b1", "b2"):
-        if not _is_num(cfg[k]) or not 0 <= cfg[k] < 1:
-            _err(k, f"must be in [0, 1), got {cfg[k]!r}")
-    if not _is_num(cfg.weight_decay) or cfg.weight_decay < 0:
-        _err("weight_decay", f"must be a number >= 0, got {cfg.weight_decay!r}")
-    if cfg.schedule not in SCHEDULES:
-        _err("schedule", f"must be one of {SCHEDULES}, got {cfg.schedule!r}")
-    for k in ("warmup_steps", "total_steps"):
-        if not _is_int(cfg[k]) or cfg[k] < 0:
-            _err(k, f"must be an int >= 0, got {cfg[k]!r}")
+    """Raises a one-line errors.UserError naming the first bad field (`optim.<field>`)."""
+    fields.check(cfg, "optim", RULES)
     if cfg.schedule == "constant" and cfg.warmup_steps != 0:
-        _err("warmup_steps", "must be 0 with schedule 'constant' (use 'warmup_cosine')")
-    if cfg.schedule == "warmup_cosine" and cfg.total_steps <= cfg.warmup_steps:
-        _err("total_steps", f"must be > warmup_steps ({cfg.warmup_steps}) with "
-             f"schedule 'warmup_cosine', got {cfg.total_steps!r}")
-    if not _is_num(cfg.grad_clip_norm) or cfg.grad_clip_norm < 0:
-        _err("grad_clip_norm", f"must be a number >= 0 (0 = off), got {cfg.grad_clip_norm!r}")
-    if not _is_int(cfg.freeze_backbone_epochs) or cfg.freeze_backbone_epochs < -1:
-        _err("freeze_backbone_epochs",
-             f"must be an int >= -1 (-1 = always frozen), got {cfg.freeze_backbone_epochs!r}")
-    if cfg.layer_decay is not None and (not _is_num(cfg.layer_decay)
-                                        or not 0 < cfg.layer_decay <= 1):
-        _err("layer_decay", f"must be None or in (0, 1], got {cfg.layer_decay!r}")
-    if cfg.ema_decay is not None and (not _is_num(cfg.ema_decay)
-                                      or not 0 < cfg.ema_decay < 1):
-        _err("ema_decay", f"must be None or in (0, 1), got {cfg.ema_decay!r}")
+        fields.fail("optim.warmup_steps", "must be 0 with schedule 'constant' (use "
+                    "'warmup_cosine')")
+    if cfg.schedule == "warmup_cosine" and cfg.total_steps and cfg.total_steps <= cfg.warmup_steps:
+        fields.fail("optim.total_steps", f"must be > warmup_steps ({cfg.warmup_steps}) with "
+                    f"schedule 'warmup_cosine', or 0 for the run's length; got {cfg.total_steps!r}")
+
+
+def schedule_steps(cfg, num_steps: int) -> int:
+    """The cosine's length: optim.total_steps, or (0) the run's `num_steps`."""
+    total = cfg.total_steps or num_steps
+    if cfg.schedule == "warmup_cosine" and total <= cfg.warmup_steps:
+        fields.fail("optim.warmup_steps", f"{cfg.warmup_steps} warm-up steps leave nothing of "
+                    f"the run's {total} steps to decay over; lower it or lengthen the run")
+    return total
 
 
 def _key_name(k) -> str:
@@ -174,28 +153,29 @@ def param_labels(params, layer_decay: bool = False, depth: Optional[int] = None)
     return labels
 
 
-def _base_schedule(cfg, peak: float) -> optax.Schedule:
+def _base_schedule(cfg, peak: float, num_steps: int) -> optax.Schedule:
     if cfg.schedule == "constant":
         return optax.constant_schedule(peak)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=cfg.warmup_steps,
-        decay_steps=cfg.total_steps, end_value=0.0)
+        decay_steps=schedule_steps(cfg, num_steps), end_value=0.0)
 
 
-def learning_rates(cfg, steps_per_epoch: int,
-                   depth: Optional[int] = None) -> Dict[str, optax.Schedule]:
-    """label -> LR schedule (step -> LR) for every trainable group.
+def learning_rates(cfg, steps_per_epoch: int, depth: Optional[int] = None,
+                   num_steps: int = 0) -> Dict[str, optax.Schedule]:
+    """label -> LR schedule (step -> LR) for every trainable group; num_steps: the run's
+    length, the cosine's unless optim.total_steps is set.
 
     Always-frozen backbone groups are absent (they get optax.set_to_zero())."""
     validate(cfg)
-    out = {"heads": _base_schedule(cfg, cfg.lr)}
+    out = {"heads": _base_schedule(cfg, cfg.lr, num_steps)}
     if cfg.freeze_backbone_epochs == -1:
         return out
     peak = cfg.lr * cfg.backbone_lr_mult
     if cfg.layer_decay is None:
         peaks = {"backbone": peak}
     else:
-        if not _is_int(depth) or depth < 0:
+        if not fields.is_int(depth) or depth < 0:
             raise errors.UserError(f"optim.layer_decay: make_optimizer needs depth=<number of "
                              f"encoder blocks>, got {depth!r}")
         peaks = {f"backbone_{k}": peak * cfg.layer_decay ** (depth + 1 - k)
@@ -205,7 +185,7 @@ def learning_rates(cfg, steps_per_epoch: int,
         gate = optax.join_schedules(
             [optax.constant_schedule(0.0), optax.constant_schedule(1.0)], [freeze])
     for label, p in peaks.items():
-        base = _base_schedule(cfg, p)
+        base = _base_schedule(cfg, p, num_steps)
         if freeze > 0:
             out[label] = (lambda b: lambda step: gate(step) * b(step))(base)
         else:
@@ -213,17 +193,18 @@ def learning_rates(cfg, steps_per_epoch: int,
     return out
 
 
-def make_optimizer(cfg, steps_per_epoch: int,
-                   depth: Optional[int] = None) -> optax.GradientTransformation:
+def make_optimizer(cfg, steps_per_epoch: int, depth: Optional[int] = None,
+                   num_steps: int = 0) -> optax.GradientTransformation:
     """The optax transformation for {'backbone': ..., 'heads': {...}} (module doc).
 
     `steps_per_epoch` turns freeze_backbone_epochs into steps; `depth` (the image
-    tower's number of encoder blocks) is needed only with layer_decay."""
+    tower's number of encoder blocks) is needed only with layer_decay; `num_steps`
+    (the run's length) is the cosine's length unless optim.total_steps is set."""
     validate(cfg)
-    if cfg.freeze_backbone_epochs > 0 and (not _is_int(steps_per_epoch) or steps_per_epoch < 1):
+    if cfg.freeze_backbone_epochs > 0 and (not fields.is_int(steps_per_epoch) or steps_per_epoch < 1):
         raise errors.UserError(f"optim.freeze_backbone_epochs: needs steps_per_epoch >= 1, "
                          f"got {steps_per_epoch!r}")
-    scheds = learning_rates(cfg, steps_per_epoch, depth)
+    scheds = learning_rates(cfg, steps_per_epoch, depth, num_steps)
     txs = {label: optax.adamw(s, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
            for label, s in scheds.items()}
     # Always frozen: one 'backbone' label whatever layer_decay says.

@@ -25,6 +25,7 @@ import tensorflow as tf
 import tqdm
 
 from infusing_jax import errors
+from infusing_jax import fields
 from infusing_jax import checkpointing
 from infusing_jax import checkpoints
 from infusing_jax import models
@@ -53,19 +54,44 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+_TOWER = dict(width=fields.integer(1), depth=fields.integer(1), mlp_dim=fields.integer(1),
+              num_heads=fields.integer(1))
+RULES = {
+    "": dict(seed=fields.integer(0), pretrain=fields.anything(), model=fields.anything(),
+             data=fields.anything(), optim=fields.anything(), train=fields.anything()),
+    "pretrain": dict(captions=fields.Rule(lambda x: isinstance(x, str) and
+                                          x.startswith("captions:"), "'captions:FILE.json'"),
+                     data_dir=fields.text(), tokenizer=fields.text(nonempty=True),
+                     output=fields.text(nonempty=True)),
+    "model": dict(family=fields.one_of("siglip"), image_size=fields.integer(1),
+                  image=fields.anything(), text=fields.anything()),
+    "model.image": dict(patch_size=fields.integer(1), **_TOWER),
+    "model.text": dict(seq_len=fields.integer(2), **_TOWER),
+    "data": dict(batch_size=fields.integer(2)),
+    "optim": dict(lr=fields.number(above=0), warmup_steps=fields.integer(0),
+                  weight_decay=fields.number(at_least=0), grad_clip_norm=fields.number(above=0)),
+    "train": dict(num_steps=fields.integer(1), log_every=fields.integer(1),
+                  progress=fields.boolean()),
+}
+
+
 def validate(cfg) -> None:
-    """Raises ValueError('config.<field>: ...') for what cannot work."""
-    p = cfg.pretrain
-    if not p.captions.startswith("captions:"):
-        raise errors.UserError(f"config.pretrain.captions: {p.captions!r} is not 'captions:FILE.json'")
-    if not os.path.isfile(p.tokenizer):
-        raise errors.UserError(f"config.pretrain.tokenizer: no such file {p.tokenizer!r}")
-    if cfg.model.family != "siglip":
-        raise errors.UserError("config.model.family: pretraining trains SigLIP (sigmoid loss) only")
-    for field in ("data.batch_size", "train.num_steps"):
-        group, name = field.split(".")
-        if not isinstance(cfg[group][name], int) or cfg[group][name] < 1:
-            raise errors.UserError(f"config.{field}: want a positive integer")
+    """Raises errors.UserError('config.<field>: ...') for what cannot work."""
+    for group, rules in RULES.items():
+        node = cfg
+        for name in filter(None, group.split(".")):
+            node = node[name]
+        fields.check(node, "config" + (f".{group}" if group else ""), rules)
+    if not os.path.isfile(cfg.pretrain.tokenizer):
+        fields.fail("config.pretrain.tokenizer", f"no such file {cfg.pretrain.tokenizer!r}")
+    m = cfg.model
+    if m.image_size % m.image.patch_size:
+        fields.fail("config.model.image_size", f"{m.image_size} is not a multiple of "
+                    f"model.image.patch_size {m.image.patch_size}")
+    for tower in ("image", "text"):
+        if m[tower].width % m[tower].num_heads:
+            fields.fail(f"config.model.{tower}.num_heads", f"{m[tower].num_heads} does not "
+                        f"divide the width {m[tower].width}")
 
 
 def model_config(cfg, vocab_size: int) -> ml_collections.ConfigDict:
@@ -89,9 +115,14 @@ def load_pairs(cfg, tokenizer):
     ds = split.dataset(0, 1).map(lambda ex: (view(ex["image"]), ex["captions"]),
                                  num_parallel_calls=tf.data.AUTOTUNE)
     images, captions = [], []
-    for image, caps in ds.as_numpy_iterator():
-        images.append(image)
-        captions.append([c.decode() for c in caps])
+    try:
+        for image, caps in ds.as_numpy_iterator():
+            images.append(image)
+            captions.append([c.decode() for c in caps])
+    except tf.errors.OpError as e:
+        raise errors.UserError(f"config.pretrain.captions: image {len(images) + 1} of "
+                               f"{p.captions} cannot be decoded ({e.message.splitlines()[0]})"
+                               ) from None
     if not images:
         raise errors.UserError(f"config.pretrain.captions: {p.captions} has no images")
     width = max(len(c) for c in captions)
@@ -159,8 +190,8 @@ def pretrain(cfg, workdir: str) -> str:
             if step % cfg.train.log_every == 0 or step == steps:
                 mean = float(np.mean(jax.device_get(window)))
                 if not np.isfinite(mean):
-                    raise FloatingPointError(f"pretraining loss {mean} at step {step}; lower "
-                                             "config.optim.lr")
+                    raise errors.UserError(f"config.optim.lr: the pretraining loss is {mean} "
+                                           f"at step {step}; lower the learning rate")
                 log.write(json.dumps(dict(step=step, loss=mean, lr=float(schedule(step - 1))))
                           + "\n")
                 log.flush()

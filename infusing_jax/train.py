@@ -202,8 +202,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                    for n in names if _precomputed(cfg, n)}
 
     steps_per_epoch, num_steps = schedule_length(cfg, splits)
-    tx = optim.make_optimizer(cfg.optim, steps_per_epoch, model_cfg.image.depth)
-    lrs = optim.learning_rates(cfg.optim, steps_per_epoch, model_cfg.image.depth)
+    tx = optim.make_optimizer(cfg.optim, steps_per_epoch, model_cfg.image.depth, num_steps)
+    lrs = optim.learning_rates(cfg.optim, steps_per_epoch, model_cfg.image.depth, num_steps)
     num_classes = {n: splits[n].train.num_classes for n in names}
     dim = jax.eval_shape(embed, backbone, np.zeros((1, cfg.model.image_size,
                                                     cfg.model.image_size, 3))).shape[-1]
@@ -286,10 +286,11 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
             break
         eval_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
         if validator.active and (eval_now or step == num_steps):
-            val = validator.run(state.params["backbone"])
+            params = evaluated_params(cfg, state)
+            val = validator.run(params["backbone"])
             _write_scalars(writer, workdir, step, {f"val/{k}": v for k, v in val.items()})
             if cfg.train.select_by != "last" and "score" in val:
-                checkpointing.save_best(best, step, state.params, val)
+                checkpointing.save_best(best, step, params, val)
     bar.close()
     mngr.wait_until_finished()
     best.wait_until_finished()
@@ -307,13 +308,19 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     return summary
 
 
+def evaluated_params(cfg, state):
+    """The weights a run validates, keeps, tests and exports: the EMA's where
+    config_lib.uses_ema, else the raw ones ({'backbone', 'heads'})."""
+    return state.ema if config_lib.uses_ema(cfg) else state.params
+
+
 def selected_backbone(cfg, state, best):
     """-> (step, image tower params on this host): the best checkpoint's where one was
-    kept (train.select_by), else the state's."""
+    kept (train.select_by), else the state's (its EMA with config_lib.uses_ema)."""
     step = best.best_step()
     if cfg.train.select_by == "last" or step is None:
-        return int(state.step), multihost_utils.process_allgather(state.params["backbone"],
-                                                                  tiled=True)
+        return int(state.step), multihost_utils.process_allgather(
+            evaluated_params(cfg, state)["backbone"], tiled=True)
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local),
                             state.params)
@@ -330,7 +337,8 @@ def test(cfg, workdir: str, embed, pretrained, state, best, writer) -> None:
         curve = [dict(alpha=a, **models[m]["headline"])
                  for a, m in ((0.0, "pretrained"), (1.0, "fine-tuned"))]
         checkpointing.write_json(os.path.join(workdir, "results.json"), dict(
-            step=step, selected_by=cfg.train.select_by, models=models, wise_ft=curve))
+            step=step, selected_by=cfg.train.select_by, models=models, wise_ft=curve,
+            weights="ema" if config_lib.uses_ema(cfg) else "raw"))
         _write_scalars(writer, workdir, int(state.step), {
             f"test/{name}/{k}": v for name, r in models.items()
             for k, v in r["headline"].items() if v is not None})

@@ -132,3 +132,43 @@ def test_compare_tabulates_and_plots_the_change_from_pretrained(trained, tmp_pat
     missing = subprocess.run([sys.executable, "-m", "infusing_jax.compare", str(tmp_path),
                               f"--output={out}"], cwd=REPO, capture_output=True, text=True)
     assert missing.returncode == 1 and "no results" in missing.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("select_by, eval_ema", [("in-domain", True), ("last", True),
+                                                 ("last", False)])
+def test_with_ema_the_ema_weights_are_validated_kept_tested_and_exported(
+        world, tmp_path, select_by, eval_ema):
+    import orbax.checkpoint as ocp
+    c = train_world.world_config(world, "naive")
+    c.optim.ema_decay = 0.5
+    c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = 4, 0, 4
+    c.train.select_by, c.train.eval_ema = select_by, eval_ema
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(c, workdir)
+    state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "4", "state"))
+    ema = checkpoints.to_flat({"img": state["ema"]["backbone"]})
+    raw = checkpoints.to_flat({"img": state["params"]["backbone"]})
+    assert any(not np.array_equal(ema[k], raw[k]) for k in ema)
+    expected = ema if eval_ema else raw
+    export = str(tmp_path / "export.npz")
+    evaluate.evaluate(c, workdir, export=export, run_tests=False)
+    flat = checkpoints.to_flat(checkpoints.load(export)[0])
+    for k in expected:
+        np.testing.assert_array_equal(flat[k], expected[k], err_msg=k)
+    if select_by != "last":  # the kept best checkpoint holds the EMA weights too
+        best = ocp.StandardCheckpointer().restore(os.path.join(workdir, "best", "4", "params"))
+        kept = checkpoints.to_flat({"img": best["backbone"]})
+        assert all(np.array_equal(kept[k], ema[k]) for k in ema)
+    # The final validation scored the same weights: R@1 of the target val recomputed.
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        val = [json.loads(line) for line in f if "val/target/recall@1" in line][-1]
+    from infusing_jax import step as step_lib
+    from infusing_jax import validation
+    from infusing_jax import sharding
+    from infusing_jax.data import domains as domains_lib
+    model, _, _ = step_lib.load_image_tower(c.model)
+    splits = {"target": domains_lib.load(c, "target")}
+    validator = validation.Validator(c, ["target"], splits, step_lib.embed_fn(model),
+                                     sharding.make_mesh())
+    weights = state["ema" if eval_ema else "params"]["backbone"]
+    assert validator.run(weights)["target/recall@1"] == pytest.approx(val["val/target/recall@1"])

@@ -87,7 +87,7 @@ def ref_proxy_anchor(x, y, proxies, alpha, delta):
     return pos_total / with_pos + neg_total / len(proxies)
 
 
-def ref_logits(x, w, y, kind, scale, margin, easy_margin=False):
+def ref_logits(x, w, y, kind, scale, margin, fallback="linear"):
     """Per entry: the angle theta between x_b and w_c, then the margin at the target."""
     out = np.zeros((len(x), w.shape[1]))
     for b in range(len(x)):
@@ -98,8 +98,10 @@ def ref_logits(x, w, y, kind, scale, margin, easy_margin=False):
                 logit = cos - margin
             if c == y[b] and kind == "arcface":
                 theta = math.acos(min(1.0, max(-1.0, cos)))
-                if easy_margin:
+                if fallback == "easy_margin":
                     logit = math.cos(theta + margin) if theta < math.pi / 2 else cos
+                elif fallback == "none":  # the authors' code: cos(theta + m) as it is
+                    logit = math.cos(theta + margin)
                 else:
                     logit = (math.cos(theta + margin) if theta < math.pi - margin
                              else cos - margin * math.sin(margin))
@@ -166,6 +168,37 @@ def test_metric_gradient_matches_central_differences(name, fn, ref, x, y):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+MASKED = [
+    ("supcon", lambda x, y, m: metric.supcon(x, y, 0.5, mask=m)),
+    ("ms_mined", lambda x, y, m: metric.multi_similarity(x, y, 2.0, 10.0, 0.5, 0.1, mask=m)),
+    ("ms_all", lambda x, y, m: metric.multi_similarity(x, y, 2.0, 10.0, 0.5, None, mask=m)),
+    ("triplet", lambda x, y, m: metric.triplet_batch_hard(x, y, 0.2, mask=m)),
+    ("proxy_anchor", lambda x, y, m: metric.proxy_anchor(
+        x, y, np.eye(3, 6)[:, :x.shape[1]] + 0.1, 4.0, 0.1, mask=m)),
+]
+
+
+@pytest.mark.parametrize("name,fn", MASKED, ids=[m[0] for m in MASKED])
+def test_metric_terms_on_a_mixed_batch_equal_the_domain_alone(name, fn):
+    # Rows 0-6 are this domain's (classes 0-2, with positives); rows 7-11 another
+    # domain's, whose labels the objective sets to 0 (class 0 of this domain).
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(12, 6)).astype(np.float32)
+    labels = np.array([0, 0, 1, 1, 2, 2, 1, 0, 0, 0, 0, 0])
+    mask = np.arange(12) < 7
+    alone = float(fn(jnp.asarray(x[:7]), jnp.asarray(labels[:7]), None))
+    mixed = float(jax.jit(fn)(jnp.asarray(x), jnp.asarray(labels), jnp.asarray(mask)))
+    np.testing.assert_allclose(mixed, alone, rtol=1e-5, atol=1e-6)
+    unmasked = float(fn(jnp.asarray(x), jnp.asarray(labels), None))
+    assert abs(unmasked - alone) > 1e-3  # the other domain's rows would count as class 0
+    grad = jax.grad(lambda v: fn(v, jnp.asarray(labels), jnp.asarray(mask)))(jnp.asarray(x))
+    assert np.all(np.asarray(grad)[7:] == 0) and np.any(np.asarray(grad)[:7] != 0)
+    np.testing.assert_allclose(
+        np.asarray(grad)[:7],
+        np.asarray(jax.grad(lambda v: fn(v, jnp.asarray(labels[:7]), None))(jnp.asarray(x[:7]))),
+        rtol=1e-4, atol=1e-6)
+
+
 def test_multi_similarity_mining_drops_pairs_on_the_tiny_input():
     # Otherwise ms_mined above would not test the mining.
     mined = ref_multi_similarity(X4, Y4, 2.0, 10.0, 0.5, 0.1)
@@ -212,26 +245,35 @@ XC, WC, YC = RNG.normal(size=(6, 3)), RNG.normal(size=(3, 4)), np.array([0, 1, 2
 XC[5] = -WC[:, 2] + 0.05 * RNG.normal(size=3)  # target angle > pi - m: ArcFace's fallback
 
 
-def _logits(kind, x, w, y, scale, margin, easy_margin=False):
+def _logits(kind, x, w, y, scale, margin, fallback="linear"):
     if kind == "normface":
         return cls.normface_logits(x, w, scale)
     if kind == "cosface":
         return cls.cosface_logits(x, w, y, scale, margin)
-    return cls.arcface_logits(x, w, y, scale, margin, easy_margin)
+    return cls.arcface_logits(x, w, y, scale, margin, fallback)
 
 
-@pytest.mark.parametrize("kind,easy", [("normface", False), ("cosface", False),
-                                       ("arcface", False), ("arcface", True)])
-def test_classifier_logits_match_numpy_formula(kind, easy):
+@pytest.mark.parametrize("kind,fallback", [("normface", "linear"), ("cosface", "linear"),
+                                           ("arcface", "linear"), ("arcface", "none"),
+                                           ("arcface", "easy_margin")])
+def test_classifier_logits_match_numpy_formula(kind, fallback):
     args = (jnp.asarray(XC, jnp.float32), jnp.asarray(WC, jnp.float32), jnp.asarray(YC))
-    got = jax.jit(lambda x, w, y: _logits(kind, x, w, y, 16.0, 0.5, easy))(*args)
-    np.testing.assert_allclose(got, ref_logits(XC, WC, YC, kind, 16.0, 0.5, easy), rtol=1e-5,
-                               atol=1e-5)
+    got = jax.jit(lambda x, w, y: _logits(kind, x, w, y, 16.0, 0.5, fallback))(*args)
+    np.testing.assert_allclose(got, ref_logits(XC, WC, YC, kind, 16.0, 0.5, fallback),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_arcface_fallback_branch_is_exercised():
     cos = float(unit(XC[5]) @ unit(WC[:, 2]))
     assert cos < math.cos(math.pi - 0.5)
+    # Past pi - m the three settings differ at that row's target logit.
+    args = (jnp.asarray(XC, jnp.float32), jnp.asarray(WC, jnp.float32), jnp.asarray(YC), 1.0, 0.5)
+    target = {f: float(cls.arcface_logits(*args, fallback=f)[5, 2]) for f in cls.ARCFACE_FALLBACKS}
+    theta = math.acos(cos)
+    assert target["none"] == pytest.approx(math.cos(theta + 0.5), abs=1e-5)
+    assert target["none"] > math.cos(math.pi)  # rises again past pi: a worse match scores more
+    assert target["linear"] == pytest.approx(cos - 0.5 * math.sin(0.5), abs=1e-5)
+    assert target["easy_margin"] == pytest.approx(cos, abs=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["cosface", "arcface"])

@@ -234,15 +234,16 @@ def np_relational(f, f0, mask):
     return tot / max(cnt, 1)
 
 
-def np_logit_kl(s, t, temp, mask):
+def np_logit_kl(s, t, temp, mask, teacher_temp=None, t2=True):
+    teacher_temp = temp if teacher_temp is None else teacher_temp
     tot, cnt = 0.0, 0
     for b in range(s.shape[0]):
         if mask[b]:
-            p = np.exp(t[b] / temp) / np.exp(t[b] / temp).sum()
+            p = np.exp(t[b] / teacher_temp) / np.exp(t[b] / teacher_temp).sum()
             q = np.exp(s[b] / temp) / np.exp(s[b] / temp).sum()
             tot += sum(p[c] * (np.log(p[c]) - np.log(q[c])) for c in range(len(p)))
             cnt += 1
-    return temp ** 2 * tot / max(cnt, 1)
+    return (temp * teacher_temp if t2 else 1.0) * tot / max(cnt, 1)
 
 
 ALL = np.ones(4, bool)
@@ -250,9 +251,14 @@ CASES = [
     (R.feature_mse, np_feature_mse, {}),
     (R.feature_cosine, np_feature_cosine, {}),
     (R.relational, np_relational, {}),
-    (R.logit_kl, lambda s, t, m: np_logit_kl(s, t, 2.0, m), {"temperature": 2.0}),
+    (R.logit_kl, lambda s, t, m: np_logit_kl(s, t, 2.0, m),
+     {"student_temperature": 2.0, "teacher_temperature": 2.0}),
+    (R.logit_kl, lambda s, t, m: np_logit_kl(s, t, 2.0, m, teacher_temp=0.5, t2=False),
+     {"student_temperature": 2.0, "teacher_temperature": 0.5, "scale_by_t2": False}),
+    (R.logit_kl, lambda s, t, m: np_logit_kl(s, t, 1.5, m, teacher_temp=4.0),
+     {"student_temperature": 1.5, "teacher_temperature": 4.0}),
 ]
-IDS = ["mse", "cosine", "relational", "logit_kl"]
+IDS = ["mse", "cosine", "relational", "logit_kl", "logit_kl_authors", "logit_kl_two_t"]
 
 
 @pytest.mark.parametrize("fn,ref,kw", CASES, ids=IDS)
@@ -265,6 +271,8 @@ def test_feature_losses_match_numpy_with_and_without_mask(fn, ref, kw):
 
 @pytest.mark.parametrize("fn,ref,kw", CASES, ids=IDS)
 def test_feature_losses_zero_at_teacher(fn, ref, kw):
+    if kw.get("student_temperature") != kw.get("teacher_temperature"):
+        pytest.skip("two temperatures: the student's softmax differs from the teacher's")
     f = F.astype(np.float32)
     assert abs(float(fn(f, f, **kw))) < 1e-6
     if fn is R.feature_mse:

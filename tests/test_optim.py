@@ -117,10 +117,25 @@ def test_schedules_equal_optax():
         np.testing.assert_allclose(c["backbone"](step), optax.constant_schedule(1e-5)(step))
 
 
+def test_warmup_cosine_takes_its_length_from_the_run():
+    cfg = cfg_with(schedule="warmup_cosine", warmup_steps=10)  # total_steps 0: the run's
+    optim.validate(cfg)
+    s = optim.learning_rates(cfg, steps_per_epoch=7, num_steps=250)
+    ref = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 10, 250, 0.0)
+    for step in [0, 5, 10, 100, 249, 250]:
+        np.testing.assert_allclose(s["heads"](step), ref(step), rtol=1e-6)
+    assert float(s["heads"](250)) == 0.0 and float(s["heads"](125)) > 0
+    given = optim.learning_rates(cfg_with(schedule="warmup_cosine", warmup_steps=10,
+                                          total_steps=100), 7, num_steps=250)
+    np.testing.assert_allclose(given["heads"](100), 0.0, atol=1e-12)  # total_steps wins
+    with pytest.raises(ValueError, match=r"^optim\.warmup_steps: 10 warm-up steps leave "):
+        optim.make_optimizer(cfg, 7, num_steps=10)
+
+
 def test_schedule_reaches_the_update(backbone):
     # SGD-like check: with wd 0 the first Adam step is -lr(0) * ~sign(g); lr(0) = 0.
     cfg = cfg_with(schedule="warmup_cosine", warmup_steps=4, total_steps=10, weight_decay=0.0)
-    tx = optim.make_optimizer(cfg, 1)
+    tx = optim.make_optimizer(cfg, 1, num_steps=10)
     params = tree(backbone, value=1.0)
     hist = run(tx, params, ones_like(params), 2)
     np.testing.assert_array_equal(hist[0]["heads"]["target"], params["heads"]["target"])

@@ -53,13 +53,59 @@ def test_validate_names_the_bad_field(edit, message):
         config_lib.validate(c)
 
 
-def test_metric_losses_need_whole_domain_batches():
-    c = train_world.world_config("/nowhere")
-    c.domains.target.losses.supcon = config_lib.loss("supcon")
+def test_every_data_term_on_a_mixed_batch_equals_the_term_on_its_domain_alone():
+    c, names, embed, backbone, heads, batch = _tiny_setup("full", "precomputed")
+    with c.unlocked():
+        c.data.one_domain_per_batch = False  # metric losses on mixed batches: allowed now
+        for kind in ("supcon", "multi_similarity", "triplet", "proxy_anchor", "cosface",
+                     "arcface"):
+            c.domains.target.losses[kind] = config_lib.loss(kind)
+        c.domains.generic.losses.relational = config_lib.loss("relational")
+        c.domains.generic.losses.feature_cosine = config_lib.loss("feature_cosine")
     config_lib.validate(c)
-    c.data.one_domain_per_batch = False
-    with pytest.raises(ValueError, match="losses.supcon: metric losses need whole-domain"):
-        config_lib.validate(c)
+    heads = objective.init_heads(c, names, {"target": 8, "generic": 4}, 32, jax.random.PRNGKey(0))
+    batch = dict(batch, label=np.array([1, 1, 2, 3, 0, 2]), domain=np.array([0, 1, 0, 0, 1, 0]))
+    params = jax.tree.map(lambda p: p * 1.01, backbone)
+    f = embed(params, batch["image"])
+    for i, name in enumerate(names):
+        mask = batch["domain"] == i
+        alone = {k: v[mask] for k, v in batch.items()}
+        terms = objective.domain_terms(c.domains[name].losses, heads.get(name, {}), f, batch,
+                                       jnp.asarray(mask), backbone, embed)
+        own = objective.domain_terms(c.domains[name].losses, heads.get(name, {}), f[mask],
+                                     alone, jnp.ones(mask.sum(), bool), backbone, embed)
+        assert terms.keys() == own.keys() and len(terms) >= 2
+        for kind in terms:
+            np.testing.assert_allclose(float(terms[kind]), float(own[kind]), rtol=1e-5,
+                                       atol=1e-6, err_msg=f"{name}/{kind}")
+
+
+def test_each_classifier_loss_keeps_its_own_trainable_scale():
+    c, names, embed, backbone, heads, batch = _tiny_setup("full", "precomputed")
+    with c.unlocked():
+        c.domains.target.losses.normface = config_lib.loss("normface", scale=16.0,
+                                                           trainable_scale=True)
+        c.domains.target.losses.arcface = config_lib.loss("arcface", scale=30.0, margin=0.2,
+                                                          trainable_scale=True)
+        c.domains.target.losses.cosface = config_lib.loss("cosface", scale=8.0)
+    heads = objective.init_heads(c, names, {"target": 8, "generic": 4}, 32, jax.random.PRNGKey(0))
+    scales = {k: float(np.exp(v)) for k, v in heads["target"]["log_scale"].items()}
+    assert scales == pytest.approx({"normface": 16.0, "arcface": 30.0})
+    from infusing_jax.losses import classification
+    f = embed(backbone, batch["image"])
+    labels = jnp.asarray(batch["label"])
+    terms = objective.domain_terms(c.domains.target.losses, heads["target"], f, batch,
+                                   jnp.ones(6, bool), backbone, embed)
+    w = heads["target"]["classifier"]
+    for kind, scale, margin in (("normface", 16.0, 0.0), ("arcface", 30.0, 0.2),
+                                ("cosface", 8.0, 0.1)):
+        expected = classification.cosine_classifier_loss(f, w, labels, kind, scale, margin)
+        np.testing.assert_allclose(float(terms[kind]), float(expected), rtol=1e-5)
+    # Each scale gets the gradient of its own loss only.
+    grads = jax.grad(lambda h: objective.domain_terms(
+        c.domains.target.losses, h, f, batch, jnp.ones(6, bool), backbone, embed)["arcface"])(
+        heads["target"])
+    assert float(grads["log_scale"]["normface"]) == 0.0 != float(grads["log_scale"]["arcface"])
 
 
 def test_missing_data_and_checkpoint_name_the_field(world, tmp_path):

@@ -259,16 +259,20 @@ def relational(f: jnp.ndarray, f0: jnp.ndarray, mask: Optional[jnp.ndarray] = No
     return jnp.sum(jnp.where(pair, sq, 0.0)) / jnp.maximum(jnp.sum(pair), 1).astype(sq.dtype)
 
 
-def logit_kl(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray, temperature: float = 1.0,
-             mask: Optional[jnp.ndarray] = None) -> jnp.ndarray:
-    """Logit distillation: T^2 * mean_b KL( softmax(t_b / T) || softmax(s_b / T) ).
+def logit_kl(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray,
+             student_temperature: float = 1.0, teacher_temperature: float = 1.0,
+             scale_by_t2: bool = True, mask: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """Logit distillation: c * mean_b KL( softmax(t_b / T_t) || softmax(s_b / T_s) ).
 
     student_logits, teacher_logits: (B, C); KL(p || q) = sum_c p_c (log p_c - log q_c).
-    The T^2 factor (Hinton et al.) keeps gradient sizes comparable across T.
+    T_s, T_t: the student's and the teacher's temperatures (the authors' code takes
+    them apart). c = T_s * T_t with scale_by_t2 (Hinton et al.'s T^2 when they are
+    equal: it keeps gradient sizes comparable across T), else 1 (the authors').
     mask: optional (B,) bool as in feature_mse. No gradient into the teacher.
     """
     teacher_logits = _teacher(teacher_logits, mask)
-    log_q = jax.nn.log_softmax(student_logits / temperature, axis=-1)
-    p = jax.nn.softmax(teacher_logits / temperature, axis=-1)
+    log_q = jax.nn.log_softmax(student_logits / student_temperature, axis=-1)
+    p = jax.nn.softmax(teacher_logits / teacher_temperature, axis=-1)
     kl = optax.losses.kl_divergence(log_q, p)
-    return temperature ** 2 * _masked_mean(kl, mask)
+    scale = student_temperature * teacher_temperature if scale_by_t2 else 1.0
+    return scale * _masked_mean(kl, mask)
