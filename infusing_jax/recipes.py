@@ -1,4 +1,4 @@
-"""The paper's recipes (METHOD.md), shared by the configs/ files.
+"""The paper's recipes (docs/method.md), shared by the configs/ files.
 
     paper_config("sop", method="full", family="siglip", data="/data", checkpoints="/ckpt")
 
@@ -33,7 +33,7 @@ from infusing_jax import errors
 from infusing_jax import config as config_lib
 
 # name -> (source spec relative to DATA, domain fields, train examples); the UnED
-# sizes of METHOD.md. Food101 (TFDS) has no class-disjoint val: 10% of its classes.
+# sizes the authors used. Food101 (TFDS) has no class-disjoint val: 10% of its classes.
 TARGETS = {
     "sop": ("uned:{data}/uned/sop", dict(val_split="val"), 48_942),
     "cars196": ("uned:{data}/uned/cars", dict(val_split="val"), 6_346),

@@ -69,6 +69,13 @@ def load_image_tower(model_cfg, abstract: bool = False):
             raise errors.UserError(f"config.model.checkpoint: {e}") from None
         if "img" not in params:
             raise errors.UserError(f"config.model.checkpoint: {m.checkpoint} has no image tower")
+        if cfg.family != m.family:
+            raise errors.UserError(f"config.model.family: {m.family!r}, but {m.checkpoint} is a "
+                                   f"{cfg.family} model (its preprocessing differs); set "
+                                   f"model.family={cfg.family!r}")
+        if m.image_size % cfg.image.patch_size:
+            raise errors.UserError(f"config.model.image_size: {m.image_size} is not a multiple "
+                                   f"of {m.checkpoint}'s patch size {cfg.image.patch_size}")
         backbone = params["img"]
     else:
         cfg = models.model_config(m.family, m.variant, m.image_size, None, scan=m.scan,

@@ -181,6 +181,21 @@ def _host_batch(batch) -> dict:
     return {k: v.numpy() for k, v in batch.items()}
 
 
+def _next_batch(iterator, splits, view):
+    """The next batch; a domain whose images fail to decode is one UserError naming it and
+    the first failing image (pipeline.stream_failure); other errors are bugs."""
+    try:
+        return next(iterator)
+    except tf.errors.InvalidArgumentError as e:
+        failure = pipeline.stream_failure(e)
+        if failure is None:
+            raise
+        name, reason = failure
+        first = pipeline.first_decode_error(splits[name].train, view.decode)
+        detail = f"; the first, {first[0]}: {first[1]}" if first else ""
+        raise errors.UserError(f"config.domains.{name}.source: {reason}{detail}") from None
+
+
 def train_and_evaluate(cfg, workdir: str) -> dict:
     """Train (or resume) the run in `workdir`; -> the run summary (also train_summary.json)."""
     config_lib.validate(cfg)
@@ -193,9 +208,16 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         raise errors.UserError(f"config.data.batch_size: {cfg.data.batch_size} is not divisible by "
                          f"the {mesh.size} devices")
 
+    if cfg.train.eval_batch_size % mesh.size:
+        raise errors.UserError(f"config.train.eval_batch_size: {cfg.train.eval_batch_size} is "
+                               f"not divisible by the {mesh.size} devices")
     model, backbone, model_cfg = step_lib.load_image_tower(cfg.model)
     embed = step_lib.embed_fn(model)
     splits = {n: domains_lib.load(cfg, n) for n in names}
+    train_fn = preprocess.train_fn(cfg.model.family, cfg.model.image_size, cfg.data.resize or None)
+    inputs = [pipeline.Domain(n, splits[n].train, cfg.domains[n].weight) for n in names]
+    pipeline.check_views(inputs, train_fn)
+    pipeline.mix_weights(inputs, cfg.data.mix)  # a mix that cannot work fails before any work
     fingerprint = teacher_lib.fingerprint(checkpoints.to_flat({"img": backbone}), model_cfg)
     encode = jax.jit(lambda images: embed(backbone, images))
     descriptors = {n: teacher_descriptors(cfg, splits[n].train, n, encode, fingerprint, workdir)
@@ -209,7 +231,6 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                                                     cfg.model.image_size, 3))).shape[-1]
     heads = jax.device_get(objective.init_heads(cfg, names, num_classes, dim,
                                                 jax.random.PRNGKey(cfg.seed)))
-    train_fn = preprocess.train_fn(cfg.model.family, cfg.model.image_size, cfg.data.resize or None)
     ewc_domains = [n for n in names if "ewc" in cfg.domains[n].losses]
     reference = backbone if _needs_reference(cfg, names) else None
 
@@ -255,7 +276,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", unit="step", file=sys.stderr,
                     disable=not (cfg.train.progress and is_main), dynamic_ncols=True)
     while step < num_steps:
-        host = _host_batch(next(iterator))
+        host = _host_batch(_next_batch(iterator, splits, train_fn))
         counter.update(host)
         batch = device_put.global_batch({k: v for k, v in host.items() if k in DEVICE_FIELDS},
                                         mesh)

@@ -1,5 +1,5 @@
 """Validation during training: kNN retrieval on each domain's val split, and the
-model-selection score of METHOD.md.
+model-selection score of docs/method.md.
 
 Each val split is its own index (every query left out); mAP@k, R@1 etc. come
 from `evaluation.metrics.retrieval_metrics`. Scores (k = train.eval_k):
@@ -27,7 +27,8 @@ from infusing_jax.evaluation import suite
 
 def embed_split(encode, params, split, preprocess_fn, batch_size: int, mesh, desc: str):
     """-> (embeddings (N, E) float32, labels (N,) int64) of the whole split, every
-    process's shard gathered; undecodable images skipped. encode(params, images)."""
+    process's shard gathered; undecodable images skipped (Validator reports how many
+    as '<domain>/skipped'). encode(params, images)."""
     sharding = NamedSharding(mesh, PartitionSpec(device_put.DATA_AXIS))
     local = batch_size // jax.process_count()
     ds = split.dataset(jax.process_index(), jax.process_count()).map(
@@ -96,6 +97,8 @@ class Validator:
             m = metrics_lib.retrieval_metrics(emb, labels, k=k)
             out.update({f"{name}/{key}": float(v) for key, v in m.items()
                         if np.isscalar(v)})
+            if split.num_examples is not None:  # undecodable val images, counted
+                out[f"{name}/skipped"] = float(split.num_examples - len(labels))
             by_role[role].append(m[f"map@{k}"])
         if by_role["target"]:
             out["in-domain"] = float(np.mean(by_role["target"]))

@@ -1,4 +1,4 @@
-"""The configs/ files: each loads, validates, and follows METHOD.md's recipe."""
+"""The configs/ files: each loads, validates, and follows the paper's recipe (docs/method.md)."""
 import glob
 import os
 import subprocess

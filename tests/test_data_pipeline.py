@@ -7,7 +7,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from infusing_jax import errors
 from infusing_jax.data import pipeline
+from infusing_jax.data import preprocess as preprocess_lib
 from infusing_jax.data import schema
 
 SIZE = 8
@@ -35,11 +37,16 @@ def fake_split(name, num, num_classes, broken=()):
                             num_coarse_classes=0, dataset=dataset)
 
 
-def preprocess(image_bytes, seed):
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+def _augment(image, seed, crop=SIZE):
     image = tf.image.resize(tf.cast(image, tf.float32), (SIZE + 2, SIZE + 2))
-    image = tf.image.stateless_random_crop(image, (SIZE, SIZE, 3), seed=seed)
+    image = tf.image.stateless_random_crop(image, (crop, crop, 3), seed=seed)
     return tf.image.stateless_random_flip_left_right(image, seed=seed)
+
+
+preprocess = preprocess_lib.View(
+    augment=_augment,
+    decode=lambda image_bytes: tf.io.decode_image(image_bytes, channels=3,
+                                                  expand_animations=False))
 
 
 def _domains(broken=()):
@@ -111,7 +118,7 @@ def test_processes_read_disjoint_shards_of_their_share():
             assert batch["image"].shape[0] == 4  # the global batch of 8 over 2 processes
             ids[i] |= {x.decode() for x in batch["id"]}
     assert ids[0] and ids[1] and not ids[0] & ids[1]
-    with pytest.raises(ValueError, match="data.batch_size 9 is not divisible by the 2"):
+    with pytest.raises(ValueError, match="data.batch_size: 9 is not divisible by the 2"):
         pipeline.train_dataset(_domains(), preprocess, 9, seed=0, process_count=2)
     unsized = [pipeline.Domain("t", dataclasses.replace(_domains()[0].split, num_examples=None))]
     with pytest.raises(ValueError, match=r"the sizes of \['t'\] are unknown"):
@@ -138,3 +145,51 @@ def test_resume_gives_the_batches_an_uninterrupted_run_sees(tmp_path):
     assert counter2.skipped() == counter.skipped()
     rest = [{k: v.numpy() for k, v in next(resumed).items()} for _ in range(13)]
     _assert_same(uninterrupted[17:], rest)
+
+
+def _first_batches(ds, n=3):
+    """n batches, or the error the stream raised (it must raise, never hang)."""
+    try:
+        return _take(ds, n)
+    except tf.errors.InvalidArgumentError as e:
+        return e
+
+
+def test_a_domain_whose_images_all_fail_stops_with_its_name_not_a_hang():
+    domains = [pipeline.Domain("target", fake_split("target", 6, 2, broken=set(range(6)))),
+               pipeline.Domain("generic", fake_split("generic", 20, 4))]
+    out = _first_batches(pipeline.train_dataset(domains, preprocess, 4, seed=0))
+    assert isinstance(out, tf.errors.InvalidArgumentError)
+    assert pipeline.stream_failure(out) == (
+        "target", "no image of a whole pass over its train split could be decoded")
+    assert pipeline.first_decode_error(domains[0].split, preprocess.decode)[0] == "target/0"
+    assert pipeline.first_decode_error(domains[1].split, preprocess.decode) is None
+    with pytest.raises(errors.UserError, match=r"^config\.domains\.target\.source: none of its "
+                       r"first 64 train images can be decoded; the first, target/0: "):
+        pipeline.check_views(domains, preprocess)
+    pipeline.check_views(domains[1:], preprocess)
+
+
+def test_too_many_undecodable_images_in_a_row_stop_the_stream(monkeypatch):
+    monkeypatch.setattr(pipeline, "MAX_FAILURES_IN_A_ROW", 4)
+    split = fake_split("target", 40, 4, broken={10, 11, 12, 13})
+    ok = pipeline.train_dataset([pipeline.Domain("target", fake_split("target", 40, 4,
+                                                                      broken={10, 11, 12}))],
+                                preprocess, 4, seed=0, shuffle_buffer=1)
+    assert len(_take(ok, 20)) == 20  # three in a row: dropped, counted, and on it goes
+    out = _first_batches(pipeline.train_dataset([pipeline.Domain("target", split)], preprocess,
+                                                4, seed=0, shuffle_buffer=1), 20)
+    assert isinstance(out, tf.errors.InvalidArgumentError)
+    assert pipeline.stream_failure(out) == ("target", "4 images in a row could not be decoded")
+
+
+def test_a_failing_augmentation_stops_the_run_and_is_not_counted_as_undecodable():
+    too_big = preprocess_lib.View(augment=lambda image, seed: _augment(image, seed, SIZE + 5),
+                                  decode=preprocess.decode)
+    domains = [pipeline.Domain("target", fake_split("target", 8, 2))]
+    out = _first_batches(pipeline.train_dataset(domains, too_big, 4, seed=0))
+    assert isinstance(out, tf.errors.InvalidArgumentError)
+    assert pipeline.stream_failure(out) is None  # the augmentation's own error
+    with pytest.raises(errors.UserError, match=r"^config\.domains\.target: its train "
+                       r"augmentation fails on target/0, a 12x10 image: "):
+        pipeline.check_views(domains, too_big)

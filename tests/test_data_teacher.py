@@ -7,15 +7,16 @@ import tensorflow as tf
 
 from infusing_jax import errors
 from infusing_jax.data import pipeline
+from infusing_jax.data import preprocess
 from infusing_jax.data import teacher
 
 from test_data_pipeline import SIZE, fake_split
 
 
-def eval_view(image_bytes, seed):
-    del seed
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    return tf.image.resize(tf.cast(image, tf.float32), (SIZE, SIZE))
+eval_view = preprocess.View(
+    augment=lambda image, seed=None: tf.image.resize(tf.cast(image, tf.float32), (SIZE, SIZE)),
+    decode=lambda image_bytes: tf.io.decode_image(image_bytes, channels=3,
+                                                  expand_animations=False))
 
 
 @jax.jit

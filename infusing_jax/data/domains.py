@@ -1,6 +1,6 @@
 """A run's domains from its config: each domain's train split and validation split.
 
-Validation follows METHOD.md: a split the dataset has (`val_split`), else
+Validation follows docs/method.md: a split the dataset has (`val_split`), else
 classes carved from train (`val_classes_fraction`, class-disjoint), else
 examples held out of train (`holdout_fraction`, the generic 80/20). A domain
 with none of these is not validated.

@@ -8,7 +8,9 @@ schedule that is a deterministic function of the seed and the step.
 
 Undecodable images are dropped by `Dataset.ignore_errors` and counted: each example
 carries its position in its stream, and the gaps are the dropped ones
-(`SkipCounter`). The iterator (shuffle buffers, positions) is saved with
+(`SkipCounter`). A domain that drops a whole pass, or MAX_FAILURES_IN_A_ROW images
+in a row, stops the stream with an error (`stream_failure` reads it) instead of
+spinning for ever; augmentation runs after the drop, so its errors stop the run. The iterator (shuffle buffers, positions) is saved with
 `tf.train.Checkpoint`, so a resumed run sees the batches an uninterrupted one
 would have.
 """
@@ -36,37 +38,104 @@ class Domain:
     descriptors: Optional[object] = None
 
 
+MAX_FAILURES_IN_A_ROW = 1000  # consecutive undecodable images that stop a domain's stream
+_FAILED = "input pipeline: domain "  # how a stream's own failure starts its message
+
+
 def _example_seed(seed: int, domain: int, position):
     """A stateless-op seed (2,) int64 unique to (run seed, domain, stream position)."""
     return tf.stack([tf.cast(seed * 1000 + domain, tf.int64), tf.cast(position, tf.int64)])
 
 
-def domain_stream(split: schema.SplitData, domain: int, preprocess: Callable, seed: int,
+def _blank(spec):
+    """A zero element of `spec` (unknown dimensions 0): the end-of-pass record."""
+    return tf.nest.map_structure(
+        lambda s: tf.zeros([d or 0 for d in s.shape.as_list()], s.dtype), spec)
+
+
+def _decoded_passes(split: schema.SplitData, domain: int, name: str, decode: Callable,
+                    seed: int, process_index: int, process_count: int,
+                    shuffle_buffer: int) -> tf.data.Dataset:
+    """Infinite stream of (position, decoded uint8 image, record) over reshuffled passes of
+    this process's shard; undecodable images dropped, failing the stream (an
+    InvalidArgumentError whose message starts with _FAILED) when a whole pass or
+    MAX_FAILURES_IN_A_ROW images in a row are dropped.
+
+    Each pass ends with a marker record, so a pass never comes out empty (repeat()
+    of an empty pass would end the stream, and ignore_errors over an endless
+    stream of failures would spin for ever). Positions count records across
+    passes, dropped ones included: 0, 1, 2, ... as SkipCounter expects.
+    """
+    records = split.dataset(process_index, process_count).shuffle(
+        shuffle_buffer, seed=seed * 1000 + domain, reshuffle_each_iteration=True)
+    marker = tf.data.Dataset.from_tensors((True, _blank(records.element_spec)))
+    one_pass = records.map(lambda ex: (False, ex)).concatenate(marker).enumerate()
+
+    def decoded(index, item):
+        is_end, ex = item
+        image = tf.cond(is_end, lambda: tf.zeros([0, 0, 3], tf.uint8),
+                        lambda: decode(ex["image"]))
+        return index, is_end, image, ex
+
+    passes = one_pass.map(decoded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    passes = passes.ignore_errors().repeat()
+
+    def count(state, element):
+        """state: (records before this pass, kept in this pass, last kept index, drops
+        since the last kept image) -> the element's position; fails as the doc says."""
+        offset, kept, last, run = state
+        index, is_end, image, ex = element
+        run = run + index - last - 1
+        check = [
+            tf.debugging.Assert(tf.logical_not(is_end & tf.equal(index, 0)), [
+                f"{_FAILED}{name}: this process's shard of its train split is empty (fewer "
+                "examples than data shards)"]),
+            tf.debugging.Assert(tf.logical_not(is_end & tf.equal(kept, 0)), [
+                f"{_FAILED}{name}: no image of a whole pass over its train split could be "
+                "decoded"]),
+            tf.debugging.Assert(run < MAX_FAILURES_IN_A_ROW, [
+                f"{_FAILED}{name}: {MAX_FAILURES_IN_A_ROW} images in a row could not be "
+                "decoded"])]
+        with tf.control_dependencies(check):
+            position = offset + index
+        state = tf.cond(is_end, lambda: (offset + index, tf.constant(0, tf.int64),
+                                         tf.constant(-1, tf.int64), run),
+                        lambda: (offset, kept + 1, index, tf.constant(0, tf.int64)))
+        return state, (position, is_end, image, ex)
+
+    zero = tf.constant(0, tf.int64)
+    passes = passes.scan((zero, zero, tf.constant(-1, tf.int64), zero), count)
+    return passes.filter(lambda position, is_end, image, ex: tf.logical_not(is_end)).map(
+        lambda position, is_end, image, ex: (position, image, ex))
+
+
+def domain_stream(split: schema.SplitData, domain: int, view, seed: int,
                   process_index: int = 0, process_count: int = 1,
                   shuffle_buffer: int = 2048, descriptors=None,
-                  teacher_dim: int = 0) -> tf.data.Dataset:
+                  teacher_dim: int = 0, name: str = "") -> tf.data.Dataset:
     """Infinite stream of {'image' (S, S, 3) float32, 'label', 'coarse_label', 'domain',
     'id', 'position'} for this process's shard; undecodable images dropped.
 
-    preprocess: (image bytes, seed (2,) int64) -> float32 (S, S, 3).
+    view: a preprocess.View: decode(image bytes) -> uint8 image, then augment(image,
+    seed (2,) int64) -> float32 (S, S, 3). A broken file is dropped (and counted by
+    its position); an augmentation that fails stops the stream, as does a domain
+    whose images all fail to decode (_decoded_passes).
     position: the example's index in this stream before dropping (see SkipCounter).
     With teacher_dim > 0, also 'teacher' (teacher_dim,) and 'has_teacher': the
     example's descriptor, or zeros and False for a domain without descriptors.
     """
-    ds = split.dataset(process_index, process_count)
-    ds = ds.shuffle(shuffle_buffer, seed=seed * 1000 + domain, reshuffle_each_iteration=True)
-    ds = ds.repeat().enumerate()
+    ds = _decoded_passes(split, domain, name or f"#{domain}", view.decode, seed,
+                         process_index, process_count, shuffle_buffer)
 
-    def prepare(position, ex):
-        image = preprocess(ex["image"], _example_seed(seed, domain, position))
+    def prepare(position, image, ex):
+        image = view.augment(image, _example_seed(seed, domain, position))
         return dict(image=image, label=ex["label"], coarse_label=ex["coarse_label"],
                     domain=tf.constant(domain, tf.int64), id=ex["id"], position=position)
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.ignore_errors()
     if not teacher_dim:
         return ds
-    # After ignore_errors: an id without a descriptor must fail, not vanish.
+    # An id without a descriptor must fail, not vanish.
     lookup = teacher.lookup_fn(descriptors) if descriptors is not None else None
 
     def add_teacher(ex):
@@ -77,6 +146,57 @@ def domain_stream(split: schema.SplitData, domain: int, preprocess: Callable, se
     return ds.map(add_teacher, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
+def stream_failure(error: Exception) -> Optional[tuple]:
+    """-> (domain name, one-line reason) of a domain stream's own failure (see
+    _decoded_passes), or None for any other error."""
+    message = getattr(error, "message", str(error))
+    if _FAILED not in message:
+        return None
+    line = message[message.index(_FAILED) + len(_FAILED):].splitlines()[0].rstrip("]\" ")
+    name, _, reason = line.partition(": ")
+    return name, reason
+
+
+def first_decode_error(split: schema.SplitData, decode: Callable, limit: int = 64):
+    """-> (record id, the first line of its error) of the first of `limit` records of the
+    split that do not decode (eagerly, in order), or None if they all decode."""
+    for ex in split.dataset(0, 1).take(limit):
+        try:
+            decode(ex["image"])
+        except (tf.errors.OpError, ValueError) as e:
+            return ex["id"].numpy().decode(), str(getattr(e, "message", e)).splitlines()[0]
+    return None
+
+
+def check_views(domains: Sequence["Domain"], view, limit: int = 64) -> None:
+    """Before training: each domain's first decodable image (of its first `limit`) goes
+    through `view.augment`; one UserError names the domain whose images cannot be read,
+    or whose augmentation fails (a setting that cannot work, e.g. a crop larger than
+    the image)."""
+    seed = tf.zeros([2], tf.int64)
+    for d in domains:
+        image, error = None, None
+        for ex in d.split.dataset(0, 1).take(limit):
+            try:
+                image = view.decode(ex["image"])
+                break
+            except (tf.errors.OpError, ValueError) as e:
+                error = error or (ex["id"].numpy().decode(), str(getattr(e, "message", e)))
+        if image is None:
+            where, why = error or ("", "the split is empty")
+            raise errors.UserError(f"config.domains.{d.name}.source: none of its first "
+                                   f"{limit} train images can be decoded; the first, "
+                                   f"{where}: {why.splitlines()[0]}")
+        try:
+            view.augment(image, seed)
+        except (tf.errors.OpError, ValueError) as e:
+            raise errors.UserError(f"config.domains.{d.name}: its train augmentation fails on "
+                                   f"{ex['id'].numpy().decode()}, a {image.shape[1]}x"
+                                   f"{image.shape[0]} image: "
+                                   f"{str(getattr(e, 'message', e)).splitlines()[0]}; check "
+                                   "data.resize and model.image_size") from None
+
+
 def mix_weights(domains: Sequence[Domain], mix: str) -> np.ndarray:
     """Sampling probabilities per domain for a mix (round_robin has none: it alternates)."""
     if mix == "balanced" or mix == "round_robin":
@@ -84,15 +204,18 @@ def mix_weights(domains: Sequence[Domain], mix: str) -> np.ndarray:
     elif mix == "dataset_size":
         unknown = [d.name for d in domains if d.split.num_examples is None]
         if unknown:
-            raise errors.UserError(f"data.mix 'dataset_size': the sizes of {unknown} are unknown "
-                             "(filtered TFDS splits); use mix 'weights'")
+            raise errors.UserError(f"config.data.mix: 'dataset_size' weighs domains by their "
+                                   f"sizes, and the sizes of {unknown} are unknown (filtered "
+                                   "TFDS splits); use mix 'weights' with domain weights")
         w = np.array([d.split.num_examples for d in domains], np.float64)
     elif mix == "weights":
         w = np.array([d.weight for d in domains], np.float64)
     else:
-        raise errors.UserError(f"data.mix: unknown mix {mix!r}; use one of {config_lib.MIXES}")
+        raise errors.UserError(f"config.data.mix: unknown mix {mix!r}; use one of "
+                               f"{config_lib.MIXES}")
     if np.any(w < 0) or w.sum() <= 0:
-        raise errors.UserError(f"data.mix {mix!r}: domain weights {w.tolist()} must be >= 0 and not all 0")
+        raise errors.UserError(f"config.data.mix: {mix!r} with domain weights {w.tolist()}; "
+                               "give weights >= 0, not all 0")
     return w / w.sum()
 
 
@@ -121,14 +244,14 @@ def train_dataset(domains: Sequence[Domain], preprocess: Callable, global_batch_
     how many processes share the work.
     """
     if not domains:
-        raise errors.UserError("data.domains: no training domain configured")
+        raise errors.UserError("config.domains: no training domain configured")
     num_shards = num_shards or process_count
     if num_shards % process_count:
-        raise errors.UserError(f"data.num_shards {num_shards} is not a multiple of the "
-                         f"{process_count} processes")
+        raise errors.UserError(f"config.data.num_shards: {num_shards} is not a multiple of "
+                               f"the {process_count} processes")
     if global_batch_size % num_shards:
-        raise errors.UserError(f"data.batch_size {global_batch_size} is not divisible by the "
-                         f"{num_shards} data shards (processes)")
+        raise errors.UserError(f"config.data.batch_size: {global_batch_size} is not divisible "
+                               f"by the {num_shards} data shards (processes)")
     per_process = num_shards // process_count
     shards = [_shard_dataset(domains, preprocess, global_batch_size // num_shards, seed, mix,
                              one_domain_per_batch, s, num_shards, shuffle_buffer)
@@ -147,10 +270,11 @@ def _shard_dataset(domains, preprocess, batch: int, seed: int, mix: str,
     probs = mix_weights(domains, mix)
     dims = {d.descriptors.embeddings.shape[1] for d in domains if d.descriptors is not None}
     if len(dims) > 1:
-        raise errors.UserError(f"data.domains: teacher descriptors of different widths {sorted(dims)}")
+        raise errors.UserError(f"config.domains: teacher descriptors of different widths "
+                               f"{sorted(dims)}; make them with one model")
     teacher_dim = next(iter(dims), 0)
     streams = [domain_stream(d.split, i, preprocess, seed, shard, num_shards,
-                             shuffle_buffer, d.descriptors, teacher_dim)
+                             shuffle_buffer, d.descriptors, teacher_dim, d.name)
                for i, d in enumerate(domains)]
     if one_domain_per_batch:
         streams = [s.batch(batch, drop_remainder=True) for s in streams]

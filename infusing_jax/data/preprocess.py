@@ -14,9 +14,15 @@ train_view: squash-resize to (resize, resize), random crop (size, size), random
 eval_view: shorter side to `size`, centre crop (size, size): the paper's eval
   protocol for every family.
 Views are float32 in [0, 255]; `normalize` maps them to each family's input range.
+train_fn / eval_fn return a `View`: decode, then augment (view + normalise), two
+stages the training pipeline runs apart (a broken file is dropped and counted;
+an augmentation that fails is a bug or a bad setting, and stops the run).
 Resizing is bilinear with antialiasing (a triangle filter widened when
 downscaling, like PIL's BILINEAR).
 """
+import dataclasses
+from typing import Callable
+
 import tensorflow as tf
 
 from infusing_jax.preprocessing import CLIP_MEAN, CLIP_STD
@@ -100,24 +106,28 @@ def normalize(x, family: str):
     return (x - tf.constant(CLIP_MEAN)) / tf.constant(CLIP_STD)
 
 
-def train_fn(family: str, size: int, resize: int = None):
-    """-> fn(image_bytes, seed int (2,)) -> float32 (size, size, 3).
+@dataclasses.dataclass(frozen=True)
+class View:
+    """decode: image bytes -> uint8 (H, W, 3), raises on a broken file; augment:
+    (uint8 image, seed int (2,) or None) -> float32 (S, S, 3). Calling it runs both."""
+    augment: Callable
+    decode: Callable = decode
+
+    def __call__(self, image_bytes, seed=None):
+        return self.augment(self.decode(image_bytes), seed)
+
+
+def train_fn(family: str, size: int, resize: int = None) -> View:
+    """-> View(augment(image, seed int (2,)) -> float32 (size, size, 3)).
 
     resize defaults to round(size * 256 / 224): 256 for 224, as the authors.
     """
     _check(family)
     resize = resize or round(size * 256 / 224)
-
-    def fn(image_bytes, seed):
-        return normalize(train_view(decode(image_bytes), size, resize, seed), family)
-    return fn
+    return View(lambda image, seed: normalize(train_view(image, size, resize, seed), family))
 
 
-def eval_fn(family: str, size: int):
-    """-> fn(image_bytes, seed=None) -> float32 (size, size, 3); the seed is ignored."""
+def eval_fn(family: str, size: int) -> View:
+    """-> View(augment(image, seed ignored) -> float32 (size, size, 3))."""
     _check(family)
-
-    def fn(image_bytes, seed=None):
-        del seed
-        return normalize(eval_view(decode(image_bytes), size), family)
-    return fn
+    return View(lambda image, seed=None: normalize(eval_view(image, size), family))
