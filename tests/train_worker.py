@@ -6,6 +6,7 @@ import sys
 
 import jax
 
+from infusing_jax import cli
 from infusing_jax import main
 
 if __name__ == "__main__":
@@ -14,4 +15,4 @@ if __name__ == "__main__":
     sys.argv = [sys.argv[0], f"--config=tests/world_config.py:{root}", f"--workdir={workdir}",
                 "--distributed", f"--coordinator_address=127.0.0.1:{port}",
                 f"--num_processes={num_processes}", f"--process_id={process_id}"] + sys.argv[6:]
-    main.app.run(main.main)
+    cli.run(main.main)

@@ -175,8 +175,9 @@ def check_views(domains: Sequence["Domain"], view, limit: int = 64) -> None:
     the image)."""
     seed = tf.zeros([2], tf.int64)
     for d in domains:
-        image, error = None, None
+        image, error, tried = None, None, 0
         for ex in d.split.dataset(0, 1).take(limit):
+            tried += 1
             try:
                 image = view.decode(ex["image"])
                 break
@@ -184,9 +185,9 @@ def check_views(domains: Sequence["Domain"], view, limit: int = 64) -> None:
                 error = error or (ex["id"].numpy().decode(), str(getattr(e, "message", e)))
         if image is None:
             where, why = error or ("", "the split is empty")
-            raise errors.UserError(f"config.domains.{d.name}.source: none of its first "
-                                   f"{limit} train images can be decoded; the first, "
-                                   f"{where}: {why.splitlines()[0]}")
+            raise errors.UserError(f"config.domains.{d.name}.source: none of the {tried} train "
+                                   f"images tried can be decoded; the first, {where}: "
+                                   f"{why.splitlines()[0]}")
         try:
             view.augment(image, seed)
         except (tf.errors.OpError, ValueError) as e:
