@@ -200,8 +200,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     """Train (or resume) the run in `workdir`; -> the run summary (also train_summary.json)."""
     config_lib.validate(cfg)
     tf.io.gfile.makedirs(workdir)
-    checkpointing.write_json(os.path.join(workdir, "config.json"),
-                             json.loads(cfg.to_json_best_effort()))
+    config_json = json.loads(cfg.to_json_best_effort())
+    previous = _read_json(os.path.join(workdir, "config.json"))
     names = config_lib.ordered_domains(cfg)
     mesh = sharding.make_mesh()
     if cfg.data.batch_size % mesh.size:
@@ -258,7 +258,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                                abstract, state_sh)
 
     if mngr.latest_step() is not None:
-        state = checkpointing.restore(mngr, abstract_sh, iterator, counter)
+        try:
+            state = checkpointing.restore(mngr, abstract_sh, iterator, counter)
+        except (ValueError, KeyError, TypeError, tf.errors.OpError) as e:
+            raise errors.UserError(_resume_mismatch(workdir, previous, config_json, e)) from None
         _forget_logs_after(workdir, int(state.step))
         logging.info("resumed from step %d in %s", int(state.step), workdir)
     else:
@@ -269,6 +272,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                                      backbone, heads, train_fn, descriptors, cfg.seed)
         state = jax.jit(init, out_shardings=state_sh)(backbone, heads, fisher=fisher)
 
+    checkpointing.write_json(os.path.join(workdir, "config.json"), config_json)
     validator = validation.Validator(cfg, names, splits, embed, mesh)
     is_main = jax.process_index() == 0
     writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
@@ -364,6 +368,48 @@ def test(cfg, workdir: str, embed, pretrained, state, best, writer) -> None:
             f"test/{name}/{k}": v for name, r in models.items()
             for k, v in r["headline"].items() if v is not None})
     _barrier("test")
+
+
+def _read_json(path: str):
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return json.loads(f.read())
+
+
+def _flat(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def _resume_mismatch(workdir: str, previous, current, error) -> str:
+    """The one line for a workdir whose checkpoint this config cannot resume."""
+    where = f"--workdir={workdir}"
+    why = str(getattr(error, "message", error)).strip().splitlines()[0][:200]
+    if previous is None:
+        return (f"{where}: its checkpoints/ do not fit this config ({why}); resume with the "
+                "run's own config, or give a new --workdir")
+    old, new = _flat(previous), _flat(current)
+    changed = []
+    for key in sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)):
+        parts = key.split(".")
+        for depth in range(1, len(parts) + 1):  # a domain or loss only one side has: once
+            group = ".".join(parts[:depth])
+            on_both = [any(k == group or k.startswith(group + ".") for k in side)
+                       for side in (old, new)]
+            if not all(on_both):
+                key = group + (" (new)" if on_both[1] else " (gone)")
+                break
+        if key not in changed:
+            changed.append(key)
+    return (f"{where}: its checkpoints/ were written with another config (changed: "
+            f"{', '.join('config.' + k for k in changed[:6]) or 'none'}"
+            f"{', ...' if len(changed) > 6 else ''}); resume with the run's own config "
+            f"(WORKDIR/config.json), or give a new --workdir")
 
 
 def _forget_logs_after(workdir: str, step: int):

@@ -12,6 +12,7 @@ import pytest
 import conftest
 import train_world
 from infusing_jax import config as config_lib
+from infusing_jax import errors
 from infusing_jax import objective
 from infusing_jax import step as step_lib
 from infusing_jax import train
@@ -349,3 +350,17 @@ def test_workdir_files_work_on_non_local_filesystems():
     np.testing.assert_array_equal(back.embeddings, d.embeddings)
     assert checkpointing.absolute("gs://bucket/run") == "gs://bucket/run"
 
+
+
+def test_resuming_with_another_config_is_one_line_naming_what_changed(world, tmp_path):
+    c = train_world.world_config(world)
+    c.train.num_steps, c.train.eval_every = 2, 0
+    train.train_and_evaluate(c, str(tmp_path))
+    other = train_world.world_config(world, "naive")
+    other.train.num_steps = 4
+    with pytest.raises(errors.UserError, match=r"were written with another config \(changed: "
+                       r"config\.domains\.generic \(gone\), config\.domains\.target\.losses\."
+                       r"anchoring \(gone\)"):
+        train.train_and_evaluate(other, str(tmp_path))
+    with open(tmp_path / "config.json") as f:  # the run's own config is kept
+        assert "generic" in json.load(f)["domains"]
