@@ -24,7 +24,7 @@ from PIL import Image
 
 from infusing_jax import models
 from infusing_jax.data import pipeline
-from infusing_jax.data import preprocess
+from infusing_jax.data import tf_views
 from infusing_jax.data import sources
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 256, "Generated JPEGs (8 classes).")
@@ -49,7 +49,7 @@ def write_jpegs(root: str, n: int, seed: int = 0):
 def pipeline_images_per_s(root: str, batch: int) -> float:
     split = sources.load_source(f"folder:{root}").split("train")
     ds = pipeline.train_dataset([pipeline.Domain("bench", split)],
-                                preprocess.train_fn("siglip", 224), batch, seed=0,
+                                tf_views.train_fn("siglip", 224), global_batch_size=batch, seed=0,
                                 shuffle_buffer=256)
     it = ds.as_numpy_iterator()
     for _ in range(4):  # warm-up: tracing, thread pools, file cache

@@ -229,7 +229,7 @@ def run_config(kind: str, scan: bool, variant: str, dtype: str = "float32"):
     """The trainer's run config: 'plain' (target NormFace only) or the method with a
     'precomputed' / 'online' teacher for the generic domain's feature_mse; `dtype` is
     the compute dtype (parameters stay float32)."""
-    from infusing_jax import config as config_lib
+    from infusing_jax.training import config as config_lib
     cfg = config_lib.default_config()
     cfg.model.variant, cfg.model.image_size, cfg.model.scan = variant, IMAGE_SIZE, scan
     cfg.model.dtype = dtype
@@ -291,12 +291,12 @@ def build_step(kind: str, batch: int, num_classes: int, scan: bool, backbone_cac
                variant: str, dtype: str = "float32"):
     """Our train step for a config, as train.train_and_evaluate builds it."""
     import jax
-    from infusing_jax import config as config_lib
-    from infusing_jax import objective
-    from infusing_jax import optim
+    from infusing_jax.training import config as config_lib
+    from infusing_jax.training import objective
+    from infusing_jax.training import optim
     from infusing_jax import sharding
-    from infusing_jax import step as step_lib
-    from infusing_jax.data import device_put
+    from infusing_jax.training import step as step_lib
+    from infusing_jax import sharding
 
     cfg = run_config(kind, scan, variant, dtype)
     config_lib.validate(cfg)
@@ -329,7 +329,7 @@ def build_step(kind: str, batch: int, num_classes: int, scan: bool, backbone_cac
     # The fields the input pipeline yields: teacher descriptors only for a precomputed teacher.
     fields = ("image", "label", "domain") + (("teacher", "has_teacher")
                                              if kind == "precomputed" else ())
-    batches = [device_put.global_batch({k: v for k, v in b.items() if k in fields}, mesh)
+    batches = [sharding.global_batch({k: v for k, v in b.items() if k in fields}, mesh)
                for b in host_batches(kind, batch, dim, num_classes)]
     start = time.perf_counter()
     compiled = step.lower(state, batches[0], reference).compile()
@@ -491,11 +491,11 @@ def fsdp_child(variant: str, batch: int, num_classes: int, scan: bool) -> dict:
     carrying their shardings; the step is lowered and compiled, never run.
     """
     import jax
-    from infusing_jax import config as config_lib
-    from infusing_jax import objective
-    from infusing_jax import optim
+    from infusing_jax.training import config as config_lib
+    from infusing_jax.training import objective
+    from infusing_jax.training import optim
     from infusing_jax import sharding
-    from infusing_jax import step as step_lib
+    from infusing_jax.training import step as step_lib
 
     cfg = run_config("precomputed", scan=scan, variant=variant)
     config_lib.validate(cfg)

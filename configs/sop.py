@@ -10,7 +10,7 @@ expected under data= and checkpoints=; tests=target+imagenet+flickr30k+coco+zero
 (the default) or a subset picks the test sets; any field can be overridden with
 --config.F=V.
 """
-from infusing_jax import recipes
+from infusing_jax.training import recipes
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ Tests at the end: the glyph classes never seen in training (in-domain), generic
 image retrieval by colour + shape, caption retrieval both ways and zero-shot
 colour + shape classification with the frozen text tower.
 """
-from infusing_jax import recipes
+from infusing_jax.training import recipes
 
 
 def get_config(arg=None):

@@ -1,13 +1,13 @@
-"""SigLIP pretraining of the toy world's VLM (infusing_jax/pretrain.py).
+"""SigLIP pretraining of the toy world's VLM (infusing_jax/toy/pretrain.py).
 
-  python -m infusing_jax.toy_world --root=WORLD          # the images and captions
-  python -m infusing_jax.main --config=configs/toy_pretrain.py:world=WORLD \
+  python -m infusing_jax.toy.world --root=WORLD          # the images and captions
+  python -m infusing_jax.toy.pretrain --config=configs/toy_pretrain.py:world=WORLD \
       --workdir=WORLD/vlm                                # -> WORLD/vlm/pretrained.npz
 
 steps= sets the length (the quickstart's default; the CI test uses fewer).
 """
-from infusing_jax import pretrain
-from infusing_jax import recipes
+from infusing_jax.toy import pretrain
+from infusing_jax.training import recipes
 
 
 def get_config(arg=None):

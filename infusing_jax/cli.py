@@ -1,8 +1,17 @@
-"""What every command shares: flags parsed with one-line errors, and the typed user
-error (errors.UserError) printed as `error: <field or file>: <what to do>`, exit 1.
+"""What every command shares: flags defined the same way and parsed with one-line
+errors, the processes' set-up, and the typed user error (errors.UserError) printed as
+`error: <field or file>: <what to do>`, exit 1.
+
+    def define_flags():
+        cli.define_config_flag("The run's configs/*.py file (and :ARG).")
+        cli.define_workdir_flag("Checkpoints, logs and results go here.")
 
     if __name__ == "__main__":
         cli.run(main, define_flags)
+
+Commands define their flags when they run, not on import: absl keeps one global flag
+namespace, and the commands share names (--config, --workdir, --checkpoint, ...). To
+run a command's `main` from Python: `define_flags(); app.run(main, argv)`.
 
 A mistake in the flags, in a --config file or its :ARG, or in a --config.FIELD
 override is one line too; an exception of any other kind is a bug and keeps its
@@ -14,6 +23,7 @@ from typing import Callable, Optional
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections.config_flags import config_flags
 
 from infusing_jax import errors
@@ -71,6 +81,39 @@ def parse_flags(argv):
 def _config_argument(argv) -> str:
     """The --config=... argument as given (for a message)."""
     return next((a for a in argv if a.startswith("--config=")), "--config")
+
+
+def define_config_flag(help_text: str, lock: bool = True) -> None:
+    """--config: a configs/*.py file, its :ARG, and --config.FIELD=VALUE overrides."""
+    config_flags.DEFINE_config_file("config", None, help_text, lock_config=lock)
+    flags.mark_flag_as_required("config")
+
+
+def define_workdir_flag(help_text: str) -> None:
+    flags.DEFINE_string("workdir", None, help_text)
+    flags.mark_flag_as_required("workdir")
+
+
+def define_distributed_flags() -> None:
+    """--distributed and, where jax.distributed cannot find them (TPU and SLURM it can),
+    --coordinator_address, --num_processes, --process_id."""
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize (multi-host).")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
+    flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
+
+
+def start_processes() -> None:
+    """tf.data keeps off the accelerators (they are JAX's); with --distributed, joins
+    the other processes (jax.distributed.initialize)."""
+    import jax
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+    if FLAGS.distributed:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
+    logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
+                 jax.device_count())
 
 
 def check_folder(flag: str, path: str) -> None:

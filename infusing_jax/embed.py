@@ -16,7 +16,6 @@ import sys
 
 import jax
 import numpy as np
-import tqdm
 from absl import flags
 
 from infusing_jax import checkpoints
@@ -24,7 +23,8 @@ from infusing_jax import cli
 from infusing_jax import errors
 from infusing_jax.models import transformer
 from infusing_jax import models
-from infusing_jax import preprocessing
+from infusing_jax.data import pil_views
+from infusing_jax.evaluation import embedding
 from infusing_jax import tokenizers
 
 FLAGS = flags.FLAGS
@@ -57,7 +57,7 @@ def find_images(root: str):
         for name in sorted(files):
             if name.startswith("."):
                 continue
-            if name.lower().endswith(preprocessing.IMAGE_EXTENSIONS):
+            if name.lower().endswith(pil_views.IMAGE_EXTENSIONS):
                 found.append(os.path.relpath(os.path.join(directory, name), root))
             else:
                 others += 1
@@ -66,31 +66,30 @@ def find_images(root: str):
 
 def _decode(path, size, family):
     try:
-        return preprocessing.eval_view(preprocessing.load_rgb(path), size, family)
+        return pil_views.eval_view(pil_views.load_rgb(path), size, family)
     except Exception:  # pylint: disable=broad-except  # any undecodable file is skipped
         return None
 
 
 def embed_images(encode, root, paths, size, family, batch_size):
-    """-> (list of (n_i, E) embedding arrays, embedded paths, skipped paths).
+    """-> (embeddings (N, E), embedded paths, skipped paths): the files decoded with PIL
+    by a thread pool, a batch at a time, through embedding.embed_batches."""
+    skipped = []
 
-    Every batch is padded to `batch_size` so that `encode` compiles once.
-    """
-    embeddings, kept, skipped = [], [], []
-    with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool, \
-            tqdm.tqdm(total=len(paths), desc="images", unit="img", file=sys.stderr) as bar:
+    def batches(pool):
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
             views = list(pool.map(lambda p: _decode(os.path.join(root, p), size, family), chunk))
-            batch = [v for v in views if v is not None]
-            skipped += [p for p, v in zip(chunk, views) if v is None]
-            kept += [p for p, v in zip(chunk, views) if v is not None]
-            if batch:
-                x = np.zeros((batch_size, size, size, 3), np.float32)
-                x[:len(batch)] = batch
-                embeddings.append(np.asarray(encode(x))[:len(batch)])
-            bar.update(len(chunk))
-    return embeddings, kept, skipped
+            skipped.extend(p for p, v in zip(chunk, views) if v is None)
+            kept = [(p, v) for p, v in zip(chunk, views) if v is not None]
+            if kept:
+                yield dict(image=np.stack([v for _, v in kept]),
+                           path=np.asarray([p for p, _ in kept], dtype=str))
+
+    with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
+        out = embedding.embed_batches(encode, batches(pool), batch_size=batch_size,
+                                      desc="images", total=len(paths))
+    return out.embeddings, [str(p) for p in out.columns.get("path", [])], skipped
 
 
 def _texts_and_tokenizer(cfg):
@@ -138,9 +137,8 @@ def main(argv):
               file=sys.stderr)
     embeddings, kept, skipped = embed_images(encode, FLAGS.images, paths, cfg.image_size,
                                              cfg.family, FLAGS.batch_size)
-    out = dict(image_embeddings=(np.concatenate(embeddings) if embeddings else
-                                 np.zeros((0, 0), np.float32)),
-               image_paths=np.asarray(kept, dtype=str), skipped_paths=np.asarray(skipped, dtype=str))
+    out = dict(image_embeddings=embeddings, image_paths=np.asarray(kept, dtype=str),
+               skipped_paths=np.asarray(skipped, dtype=str))
     if skipped:
         print(f"skipped {len(skipped)} of {len(paths)} images that could not be decoded "
               f"(listed in skipped_paths), e.g. {skipped[:3]}", file=sys.stderr)

@@ -26,13 +26,13 @@ import tensorflow as tf
 from absl import flags
 from ml_collections import config_flags
 
-from infusing_jax import checkpointing
+from infusing_jax.training import run_checkpoints
 from infusing_jax import cli
 from infusing_jax import checkpoints
-from infusing_jax import config as config_lib
+from infusing_jax.training import config as config_lib
 from infusing_jax import errors
-from infusing_jax import step as step_lib
-from infusing_jax.evaluation import suite
+from infusing_jax.training import backbone as backbone_lib
+from infusing_jax.training import suite
 from infusing_jax.evaluation import wise_ft
 
 FLAGS = flags.FLAGS
@@ -57,16 +57,16 @@ def define_flags():
 def finetuned_backbone(cfg, workdir: str, pretrained):
     """-> (step, image tower) of the run: best/ (as select_by kept it), else checkpoints/
     (its EMA weights where config.uses_ema, as the run tested them)."""
-    best, last = checkpointing.best_manager(workdir), checkpointing.manager(workdir, 1, False)
+    best, last = run_checkpoints.best_manager(workdir), run_checkpoints.manager(workdir, 1, False)
     like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pretrained)
     if cfg.train.select_by != "last" and best.best_step() is not None:
         step = best.best_step()
-        return step, _restored(checkpointing.restore_item(best, step, "params")["backbone"], like)
+        return step, _restored(run_checkpoints.restore_item(best, step, "params")["backbone"], like)
     step = last.latest_step()
     if step is None:
         raise errors.UserError(f"--workdir {workdir}: no checkpoint (neither best/ nor checkpoints/); "
                          "train first, or pass --checkpoint to evaluate a pretrained model")
-    state = checkpointing.restore_item(last, step, "state")
+    state = run_checkpoints.restore_item(last, step, "state")
     weights = "ema" if config_lib.uses_ema(cfg) else "params"
     if state.get(weights) is None:
         raise errors.UserError(f"--workdir {workdir}: the run kept no EMA weights; evaluate "
@@ -90,8 +90,8 @@ def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
     if checkpoint:
         cfg.model.checkpoint = checkpoint
     config_lib.validate(cfg)
-    model, pretrained, model_cfg = step_lib.load_image_tower(cfg.model)
-    embed = step_lib.embed_fn(model)
+    model, pretrained, model_cfg = backbone_lib.load_image_tower(cfg.model)
+    embed = backbone_lib.embed_fn(model)
     backbones, step = {"pretrained": pretrained}, 0
     finetuned = None
     if not checkpoint:
@@ -113,7 +113,7 @@ def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
     results["wise_ft"] = [dict(alpha=a, **results["models"][name]["headline"])
                           for a, name in sorted(curve.items()) if name in results["models"]]
     tf.io.gfile.makedirs(workdir)
-    checkpointing.write_json(os.path.join(workdir, "results.json"), results)
+    run_checkpoints.write_json(os.path.join(workdir, "results.json"), results)
     return results
 
 

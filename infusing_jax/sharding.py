@@ -1,22 +1,48 @@
 """Where arrays live: one 1-D 'data' mesh over every device of every process.
 
-Batches are split over 'data' (data parallelism). With FSDP, every parameter-
-sized array (parameters, optimiser moments, EMA, the frozen reference) is also
-split over 'data', along its largest axis that the device count divides; the
-compiler all-gathers it for the forward pass and reduce-scatters its gradient
-(ZeRO-3). Without FSDP they are replicated.
+Batches are split over 'data' (data parallelism): each process passes its own
+share of the global batch (`global_batch`). With FSDP, every parameter-sized
+array (parameters, optimiser moments, EMA, the frozen reference) is also split
+over 'data', along its largest axis that the device count divides; the compiler
+all-gathers it for the forward pass and reduce-scatters its gradient (ZeRO-3).
+Without FSDP they are replicated.
 """
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from infusing_jax.data import device_put
-
-DATA_AXIS = device_put.DATA_AXIS
+DATA_AXIS = "data"
 
 
 def make_mesh(devices=None) -> Mesh:
-    return device_put.data_mesh(devices)
+    """A 1-D mesh over `devices` (default: all devices of every process), axis 'data'."""
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Split the leading (example) axis over 'data'."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(batch: dict, mesh: Mesh) -> dict:
+    """This process's numpy/tf batch -> global arrays sharded on their leading axis.
+
+    Each process passes its own share (global batch / process count); string
+    fields (ids) stay on the host and are returned as numpy arrays.
+    """
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if value.dtype.kind in "SUO":
+            out[key] = value
+        else:
+            out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh), value)
+    return out
 
 
 def fsdp_spec(shape, num_devices: int) -> PartitionSpec:
@@ -36,11 +62,3 @@ def state_shardings(abstract_state, mesh: Mesh, fsdp: bool):
         spec = fsdp_spec(shape, mesh.size) if fsdp and len(shape) else PartitionSpec()
         return NamedSharding(mesh, spec)
     return jax.tree.map(one, abstract_state)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())

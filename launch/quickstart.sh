@@ -2,14 +2,14 @@
 # The embedded default: the paper's claim on a toy world, end to end on a CPU, nothing
 # to download. Usage: bash launch/quickstart.sh [WORKDIR]   (default: ./quickstart_out)
 #
-#  1. writes the toy world (infusing_jax/toy_world.py) to WORKDIR/world
+#  1. writes the toy world (infusing_jax/toy/world.py) to WORKDIR/world
 #  2. pretrains a tiny SigLIP on its captions -> WORKDIR/world/vlm/pretrained.npz
 #     (skipped when WORKDIR already has it)
 #  3. fine-tunes it on the fine-grained domain naively and with the full method
 #     (teacher descriptors extracted first), each run testing itself at the end
 #  4. WORKDIR/summary.json, WORKDIR/comparison.md and WORKDIR/tradeoff.png
 # Knobs (environment): PYTHON, the interpreter that makes the venv; WORLD_FLAGS, flags
-# for infusing_jax.toy_world (e.g. "--generic_train=8000"); PRETRAIN_STEPS (1000) and
+# for infusing_jax.toy.world (e.g. "--generic_train=8000"); PRETRAIN_STEPS (1000) and
 # FINETUNE_STEPS (400); RUN_FLAGS, flags after every run's --config (e.g. "--config.train.progress=false").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,10 +24,10 @@ QUIET=(--verbosity=-1)  # absl: warnings and errors only
 WORLD="$WORKDIR/world"
 start=$SECONDS
 # shellcheck disable=SC2086  # the *_FLAGS are word lists
-"${RUN[@]}" infusing_jax.toy_world --root="$WORLD" ${WORLD_FLAGS:-}
+"${RUN[@]}" infusing_jax.toy.world --root="$WORLD" ${WORLD_FLAGS:-}
 if [ ! -f "$WORLD/vlm/pretrained.npz" ]; then
   # shellcheck disable=SC2086
-  "${RUN[@]}" infusing_jax.main "${QUIET[@]}" --workdir="$WORLD/vlm" \
+  "${RUN[@]}" infusing_jax.toy.pretrain "${QUIET[@]}" --workdir="$WORLD/vlm" \
     --config="configs/toy_pretrain.py:world=$WORLD,steps=${PRETRAIN_STEPS:-1000}" ${RUN_FLAGS:-}
 fi
 for method in naive full; do

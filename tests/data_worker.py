@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from test_data_pipeline import _domains, preprocess  # noqa: E402
 
-from infusing_jax.data import device_put  # noqa: E402
+from infusing_jax import sharding  # noqa: E402
 from infusing_jax.data import pipeline  # noqa: E402
 
 SHARES = 2  # the run being reproduced has two processes
@@ -27,17 +27,17 @@ def main(process_id, num_processes, port, steps):
     if num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
-    mesh = device_put.data_mesh()
+    mesh = sharding.make_mesh()
     reduce = jax.jit(lambda b: (jnp.sum(b["image"]), jnp.sum(b["label"])))
     shares = [process_id] if num_processes > 1 else list(range(SHARES))
-    iters = [iter(pipeline.train_dataset(_domains(), preprocess, 8, seed=5,
+    iters = [iter(pipeline.train_dataset(_domains(), preprocess, global_batch_size=8, seed=5,
                                          process_index=s, process_count=SHARES,
                                          shuffle_buffer=32)) for s in shares]
     out = []
     for _ in range(steps):
         parts = [{k: v.numpy() for k, v in next(it).items()} for it in iters]
         local = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        batch = device_put.global_batch(local, mesh)
+        batch = sharding.global_batch(local, mesh)
         image_sum, label_sum = reduce({k: batch[k] for k in ("image", "label")})
         out.append(dict(image_sum=float(image_sum), label_sum=int(label_sum),
                         ids=sorted(x.decode() for x in local["id"]),

@@ -1,14 +1,15 @@
-"""The command lines (convert, embed, demo) end to end, and image decoding."""
-import json
+"""The command lines (convert, embed) end to end, and image decoding."""
 import os
 import subprocess
 import sys
 
 import numpy as np
-from PIL import Image
+import sentencepiece
+from PIL import Image, ImageDraw
 
 from infusing_jax import checkpoints
-from infusing_jax import preprocessing
+from infusing_jax import models
+from infusing_jax.data import pil_views
 
 from conftest import random_params, tiny_config
 
@@ -17,20 +18,74 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
 
 
-def test_demo_runs_every_format_end_to_end(tmp_path):
-    result = _run("infusing_jax.demo", f"--workdir={tmp_path}", "--num_images=12")
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["images_embedded"] == 12
-    assert summary["images_skipped"] == ["broken.jpg"]
-    assert summary["texts_embedded"] > 0
-    assert summary["max_abs_diff_vs_big_vision"]["hf"] <= 1e-6
-    # open_clip's SigLIP runs timm's exact GELU instead of the tanh form.
-    assert 0 < summary["max_abs_diff_vs_big_vision"]["open_clip"] < 1e-2
-    out = np.load(tmp_path / "embeddings_hf.npz")
-    np.testing.assert_allclose(np.linalg.norm(out["image_embeddings"], axis=1), 1, atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(out["text_embeddings"], axis=1), 1, atol=1e-5)
-    assert "skipped 1 of 13 images" not in result.stdout  # progress and counts go to stderr
+def _draw_images(folder, n: int, seed: int = 0) -> list:
+    """n images of a coloured shape in several modes (RGB JPEG, grayscale, RGBA and 16-bit
+    PNG) and one broken file; -> their captions."""
+    colours = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220),
+               "yellow": (230, 210, 40)}
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    captions = []
+    for i in range(n):
+        shape, colour = ("circle", "square")[i % 2], list(colours)[(i // 2) % len(colours)]
+        size = int(rng.integers(48, 96))
+        image = Image.new("RGB", (size + 16, size), tuple(int(v) for v in rng.integers(200, 255, 3)))
+        r = size // 4
+        box = (size // 2 - r, size // 2 - r, size // 2 + r, size // 2 + r)
+        (ImageDraw.Draw(image).ellipse if shape == "circle" else
+         ImageDraw.Draw(image).rectangle)(box, fill=colours[colour])
+        name = os.path.join(folder, f"{i:03d}_{colour}_{shape}")
+        if i % 4 == 1:
+            image.convert("L").save(name + ".png")
+        elif i % 4 == 2:
+            image.convert("RGBA").save(name + ".png")
+        elif i % 4 == 3:
+            Image.fromarray(np.asarray(image.convert("L"), np.uint16) * 257).save(name + ".png")
+        else:
+            image.save(name + ".jpg", quality=90)
+        captions.append(f"a photo of a {colour} {shape}")
+    with open(os.path.join(folder, "broken.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    return sorted(set(captions))
+
+
+def test_every_format_embeds_a_folder_alike_end_to_end(tmp_path):
+    """A random tiny SigLIP in big_vision's format, converted to HF and open_clip by
+    `convert`; `embed` of a folder (every colour mode, one broken file) and of captions
+    gives the same embeddings from each."""
+    captions = _draw_images(tmp_path / "images", 12)
+    (tmp_path / "texts.txt").write_text("\n".join(captions) + "\n")
+    (tmp_path / "corpus.txt").write_text("\n".join(captions * 4) + "\n")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spm"), vocab_size=32,
+        hard_vocab_limit=False, model_type="unigram", pad_id=-1, unk_id=2, bos_id=-1, eos_id=1,
+        minloglevel=2)
+    cfg = models.model_config("siglip", "mu/8", 64, "mu", vocab_size=64, seq_len=16)
+    copies = {"big_vision": tmp_path / "m.npz", "hf": tmp_path / "m_hf",
+              "open_clip": tmp_path / "m.safetensors"}
+    checkpoints.save(random_params(cfg), cfg, str(copies["big_vision"]), "big_vision")
+    for fmt in ("hf", "open_clip"):
+        result = _run("infusing_jax.convert", str(copies["big_vision"]), str(copies[fmt]),
+                      f"--to={fmt}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    out = {}
+    for fmt, path in copies.items():
+        result = _run("infusing_jax.embed", f"--checkpoint={path}", f"--images={tmp_path}/images",
+                      f"--texts={tmp_path}/texts.txt", f"--tokenizer={tmp_path}/spm.model",
+                      f"--output={tmp_path}/{fmt}.npz")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "skipped 1 of 13 images" in result.stderr  # counts go to stderr
+        out[fmt] = dict(np.load(tmp_path / f"{fmt}.npz"))
+    ref = out["big_vision"]
+    assert len(ref["image_paths"]) == 12 and ref["skipped_paths"].tolist() == ["broken.jpg"]
+    assert len(ref["texts"]) == len(captions)
+    np.testing.assert_allclose(np.linalg.norm(ref["image_embeddings"], axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(ref["text_embeddings"], axis=1), 1, atol=1e-5)
+    for fmt, tol in (("hf", 1e-6), ("open_clip", 1e-2)):  # open_clip's SigLIP: exact GELU
+        diff = max(np.abs(out[fmt][k] - ref[k]).max()
+                   for k in ("image_embeddings", "text_embeddings"))
+        assert diff <= tol, (fmt, diff)
+    assert np.abs(out["open_clip"]["image_embeddings"] - ref["image_embeddings"]).max() > 0
 
 
 def test_embed_fails_when_nothing_decodes(tmp_path):
@@ -71,28 +126,28 @@ def test_convert_between_formats_is_lossless(tmp_path):
 
 def test_images_of_every_mode_become_rgb():
     gray16 = Image.fromarray(np.full((4, 4), 65535, np.uint16))
-    assert np.asarray(preprocessing.to_rgb(gray16)).min() == 255
+    assert np.asarray(pil_views.to_rgb(gray16)).min() == 255
     half16 = Image.fromarray(np.full((4, 4), 32896, np.uint16))  # 128 * 257
-    assert np.all(np.asarray(preprocessing.to_rgb(half16)) == 128)
+    assert np.all(np.asarray(pil_views.to_rgb(half16)) == 128)
     transparent = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
-    assert np.all(np.asarray(preprocessing.to_rgb(transparent)) == 255)  # onto white
+    assert np.all(np.asarray(pil_views.to_rgb(transparent)) == 255)  # onto white
     cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # pure red
-    assert tuple(np.asarray(preprocessing.to_rgb(cmyk))[0, 0]) == (255, 0, 0)
+    assert tuple(np.asarray(pil_views.to_rgb(cmyk))[0, 0]) == (255, 0, 0)
     for mode in ("L", "P", "LA", "1", "I", "F"):
-        img = preprocessing.to_rgb(Image.new(mode, (3, 5)))
+        img = pil_views.to_rgb(Image.new(mode, (3, 5)))
         assert img.mode == "RGB" and img.size == (3, 5)
 
 
 def test_eval_view_shapes_and_ranges():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 80, 3), np.uint8))
-    siglip = preprocessing.eval_view(image, 32, "siglip")
-    clip = preprocessing.eval_view(image, 32, "clip")
+    siglip = pil_views.eval_view(image, 32, "siglip")
+    clip = pil_views.eval_view(image, 32, "clip")
     assert siglip.shape == clip.shape == (32, 32, 3)
     assert siglip.min() >= -1 and siglip.max() <= 1
-    white = preprocessing.eval_view(Image.new("RGB", (40, 30), (255, 255, 255)), 16, "clip")
-    np.testing.assert_allclose(white[0, 0], (1 - np.array(preprocessing.CLIP_MEAN))
-                               / np.array(preprocessing.CLIP_STD), rtol=1e-5)
-    assert os.path.splitext("x.JPG")[1].lower() in preprocessing.IMAGE_EXTENSIONS
+    white = pil_views.eval_view(Image.new("RGB", (40, 30), (255, 255, 255)), 16, "clip")
+    np.testing.assert_allclose(white[0, 0], (1 - np.array(pil_views.CLIP_MEAN))
+                               / np.array(pil_views.CLIP_STD), rtol=1e-5)
+    assert os.path.splitext("x.JPG")[1].lower() in pil_views.IMAGE_EXTENSIONS
 
 
 def test_embed_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path):
@@ -114,9 +169,9 @@ def test_embed_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path):
     assert not (tmp_path / "o.npz").exists()
 
 
-COMMANDS = {"main": "--workdir", "evaluate": "--checkpoint", "embed": "--checkpoint",
-            "retrieval": "--queries", "demo": "--num_images", "compare": "--names",
-            "convert": "--image_size", "toy_world": "--target_per_class"}
+COMMANDS = {"main": "--distributed", "evaluate": "--checkpoint", "embed": "--checkpoint",
+            "retrieval": "--queries", "compare": "--names", "convert": "--image_size",
+            "toy.world": "--target_per_class", "toy.pretrain": "--workdir"}
 
 
 def test_commands_import_side_by_side_and_keep_their_flags():

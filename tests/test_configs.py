@@ -8,7 +8,7 @@ import importlib.util
 
 import pytest
 
-from infusing_jax import config as config_lib
+from infusing_jax.training import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))

@@ -8,8 +8,9 @@ import tensorflow as tf
 from PIL import Image
 
 from infusing_jax import errors
+from infusing_jax.data import mixing
 from infusing_jax.data import pipeline
-from infusing_jax.data import preprocess as preprocess_lib
+from infusing_jax.data import tf_views as preprocess_lib
 from infusing_jax.data import schema
 
 SIZE = 8
@@ -67,7 +68,7 @@ def _assert_same(a, b):
 
 
 def test_deterministic_by_seed_and_round_robin_one_domain_per_batch():
-    make = lambda seed: pipeline.train_dataset(_domains(), preprocess, 4, seed=seed,
+    make = lambda seed: pipeline.train_dataset(_domains(), preprocess, global_batch_size=4, seed=seed,
                                                shuffle_buffer=16)
     a, b = _take(make(0), 6), _take(make(0), 6)
     _assert_same(a, b)
@@ -80,12 +81,12 @@ def test_deterministic_by_seed_and_round_robin_one_domain_per_batch():
 
 def test_weighted_mixes_follow_their_probabilities():
     domains = _domains()
-    np.testing.assert_allclose(pipeline.mix_weights(domains, "dataset_size"), [30 / 80, 50 / 80])
-    np.testing.assert_allclose(pipeline.mix_weights(domains, "weights"), [0.75, 0.25])
-    ds = pipeline.train_dataset(domains, preprocess, 2, seed=3, mix="weights", shuffle_buffer=8)
+    np.testing.assert_allclose(mixing.weights(domains, "dataset_size"), [30 / 80, 50 / 80])
+    np.testing.assert_allclose(mixing.weights(domains, "weights"), [0.75, 0.25])
+    ds = pipeline.train_dataset(domains, preprocess, global_batch_size=2, seed=3, mix="weights", shuffle_buffer=8)
     first = [int(b["domain"][0]) for b in _take(ds, 400)]
     assert 0.68 < first.count(0) / 400 < 0.82
-    mixed = pipeline.train_dataset(domains, preprocess, 16, seed=3, mix="balanced",
+    mixed = pipeline.train_dataset(domains, preprocess, global_batch_size=16, seed=3, mix="balanced",
                                    one_domain_per_batch=False, shuffle_buffer=8)
     domains_in_batches = np.concatenate([b["domain"] for b in _take(mixed, 25)])
     assert 0.4 < domains_in_batches.mean() < 0.6
@@ -94,7 +95,7 @@ def test_weighted_mixes_follow_their_probabilities():
 
 def test_undecodable_images_are_dropped_and_counted():
     broken = {3, 11, 17}
-    ds = pipeline.train_dataset(_domains(broken), preprocess, 4, seed=0, shuffle_buffer=64)
+    ds = pipeline.train_dataset(_domains(broken), preprocess, global_batch_size=4, seed=0, shuffle_buffer=64)
     counter = pipeline.SkipCounter(["target", "generic"])
     seen_ids = []
     for batch in _take(ds, 40):  # 20 target batches of 4: 80 examples, > 2 epochs of 30
@@ -110,7 +111,7 @@ def test_undecodable_images_are_dropped_and_counted():
 
 
 def test_processes_read_disjoint_shards_of_their_share():
-    shards = [pipeline.train_dataset(_domains(), preprocess, 8, seed=0, process_index=i,
+    shards = [pipeline.train_dataset(_domains(), preprocess, global_batch_size=8, seed=0, process_index=i,
                                      process_count=2, shuffle_buffer=64) for i in range(2)]
     ids = [set() for _ in shards]
     for i, ds in enumerate(shards):
@@ -119,16 +120,16 @@ def test_processes_read_disjoint_shards_of_their_share():
             ids[i] |= {x.decode() for x in batch["id"]}
     assert ids[0] and ids[1] and not ids[0] & ids[1]
     with pytest.raises(ValueError, match="data.batch_size: 9 is not divisible by the 2"):
-        pipeline.train_dataset(_domains(), preprocess, 9, seed=0, process_count=2)
+        pipeline.train_dataset(_domains(), preprocess, global_batch_size=9, seed=0, process_count=2)
     unsized = [pipeline.Domain("t", dataclasses.replace(_domains()[0].split, num_examples=None))]
     with pytest.raises(ValueError, match=r"the sizes of \['t'\] are unknown"):
-        pipeline.mix_weights(unsized, "dataset_size")
+        mixing.weights(unsized, "dataset_size")
     with pytest.raises(ValueError, match="data.mix: unknown mix 'zipf'"):
-        pipeline.train_dataset(_domains(), preprocess, 8, seed=0, mix="zipf")
+        pipeline.train_dataset(_domains(), preprocess, global_batch_size=8, seed=0, mix="zipf")
 
 
 def test_resume_gives_the_batches_an_uninterrupted_run_sees(tmp_path):
-    make = lambda: pipeline.train_dataset(_domains({5}), preprocess, 4, seed=7, mix="balanced",
+    make = lambda: pipeline.train_dataset(_domains({5}), preprocess, global_batch_size=4, seed=7, mix="balanced",
                                           shuffle_buffer=16)
     uninterrupted = _take(make(), 30)
 
@@ -158,12 +159,12 @@ def _first_batches(ds, n=3):
 def test_a_domain_whose_images_all_fail_stops_with_its_name_not_a_hang():
     domains = [pipeline.Domain("target", fake_split("target", 6, 2, broken=set(range(6)))),
                pipeline.Domain("generic", fake_split("generic", 20, 4))]
-    out = _first_batches(pipeline.train_dataset(domains, preprocess, 4, seed=0))
+    out = _first_batches(pipeline.train_dataset(domains, preprocess, global_batch_size=4, seed=0))
     assert isinstance(out, tf.errors.InvalidArgumentError)
     assert pipeline.stream_failure(out) == (
         "target", "no image of a whole pass over its train split could be decoded")
-    assert pipeline.first_decode_error(domains[0].split, preprocess.decode)[0] == "target/0"
-    assert pipeline.first_decode_error(domains[1].split, preprocess.decode) is None
+    assert pipeline.first_decode_error(domains[0].split, tf_views.decode)[0] == "target/0"
+    assert pipeline.first_decode_error(domains[1].split, tf_views.decode) is None
     with pytest.raises(errors.UserError, match=r"^config\.domains\.target\.source: none of the 6 "
                        r"train images tried can be decoded; the first, target/0: "):
         pipeline.check_views(domains, preprocess)
@@ -175,19 +176,19 @@ def test_too_many_undecodable_images_in_a_row_stop_the_stream(monkeypatch):
     split = fake_split("target", 40, 4, broken={10, 11, 12, 13})
     ok = pipeline.train_dataset([pipeline.Domain("target", fake_split("target", 40, 4,
                                                                       broken={10, 11, 12}))],
-                                preprocess, 4, seed=0, shuffle_buffer=1)
+                                preprocess, global_batch_size=4, seed=0, shuffle_buffer=1)
     assert len(_take(ok, 20)) == 20  # three in a row: dropped, counted, and on it goes
     out = _first_batches(pipeline.train_dataset([pipeline.Domain("target", split)], preprocess,
-                                                4, seed=0, shuffle_buffer=1), 20)
+                                                global_batch_size=4, seed=0, shuffle_buffer=1), 20)
     assert isinstance(out, tf.errors.InvalidArgumentError)
     assert pipeline.stream_failure(out) == ("target", "4 images in a row could not be decoded")
 
 
 def test_a_failing_augmentation_stops_the_run_and_is_not_counted_as_undecodable():
     too_big = preprocess_lib.View(augment=lambda image, seed: _augment(image, seed, SIZE + 5),
-                                  decode=preprocess.decode)
+                                  decode=tf_views.decode)
     domains = [pipeline.Domain("target", fake_split("target", 8, 2))]
-    out = _first_batches(pipeline.train_dataset(domains, too_big, 4, seed=0))
+    out = _first_batches(pipeline.train_dataset(domains, too_big, global_batch_size=4, seed=0))
     assert isinstance(out, tf.errors.InvalidArgumentError)
     assert pipeline.stream_failure(out) is None  # the augmentation's own error
     with pytest.raises(errors.UserError, match=r"^config\.domains\.target: its train "

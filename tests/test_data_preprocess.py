@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from infusing_jax.data import preprocess
+from infusing_jax.data import tf_views
 from infusing_jax.preprocessing import NORMALIZATION, load_rgb
 
 H, W = 45, 61  # odd sizes reach JPEG's partial blocks and chroma subsampling edges
@@ -16,7 +16,7 @@ ALPHA = _rng.integers(0, 256, (H, W, 1), dtype=np.uint8)
 RGB16 = _rng.integers(0, 65536, (H, W, 3), dtype=np.uint16)
 ALPHA16 = _rng.integers(0, 65536, (H, W, 1), dtype=np.uint16)
 
-decode = tf.function(preprocess.decode)  # graph mode, as inside tf.data
+decode = tf.function(tf_views.decode)  # graph mode, as inside tf.data
 
 
 def _pil(image, fmt, **kwargs):
@@ -117,7 +117,7 @@ def test_ignore_errors_drops_exactly_the_broken_files():
     broken = [good[0][:len(good[0]) // 2], good[1][:-20], good[4][:100],
               b"not an image at all", _animated_webp("RGB")]
     files = [f for pair in zip(good, broken) for f in pair] + [b""]
-    ds = tf.data.Dataset.from_tensor_slices(files).map(preprocess.decode, num_parallel_calls=4)
+    ds = tf.data.Dataset.from_tensor_slices(files).map(tf_views.decode, num_parallel_calls=4)
     kept = list(ds.ignore_errors().as_numpy_iterator())
     assert len(kept) == len(good)
     for image, data in zip(kept, good):
@@ -130,11 +130,11 @@ def _image(h=375, w=500, seed=1):
 
 def test_train_view_shape_range_and_seeds():
     image = _image()
-    views = [preprocess.train_view(image, 224, 256, tf.constant([s, 7])) for s in range(6)]
+    views = [tf_views.train_view(image, 224, 256, tf.constant([s, 7])) for s in range(6)]
     for v in views:
         assert v.dtype == tf.float32 and v.shape == (224, 224, 3)
         assert 0.0 <= v.numpy().min() and v.numpy().max() <= 255.0
-    again = preprocess.train_view(image, 224, 256, tf.constant([0, 7]))
+    again = tf_views.train_view(image, 224, 256, tf.constant([0, 7]))
     np.testing.assert_array_equal(views[0].numpy(), again.numpy())
     for i in range(len(views)):
         for j in range(i):
@@ -147,14 +147,14 @@ def test_train_view_crops_the_squashed_image():
     windows = [squashed[t:t + 32, l:l + 32] for t in range(17) for l in range(17)]
     windows += [w[:, ::-1] for w in windows]
     for s in range(5):
-        view = preprocess.train_view(image, 32, 48, tf.constant([s, 0], tf.int64)).numpy()
+        view = tf_views.train_view(image, 32, 48, tf.constant([s, 0], tf.int64)).numpy()
         assert any(np.array_equal(view, w) for w in windows)
 
 
 def test_train_view_flips():
     image = np.zeros((40, 40, 3), np.uint8)
     image[5:15, 2:10] = 255  # asymmetric: a block at the left
-    views = [preprocess.train_view(tf.constant(image), 40, 40, tf.constant([s, 0])).numpy()
+    views = [tf_views.train_view(tf.constant(image), 40, 40, tf.constant([s, 0])).numpy()
              for s in range(16)]
     flipped = [np.array_equal(v, image[:, ::-1]) for v in views]
     unflipped = [np.array_equal(v, image) for v in views]
@@ -166,7 +166,7 @@ def test_train_view_flips():
 def test_eval_view_matches_pil(size):
     """TF's antialiased bilinear vs PIL's BILINEAR (8-bit output): within 1 level."""
     image = _image()  # 500 x 375
-    got = preprocess.eval_view(image, size)
+    got = tf_views.eval_view(image, size)
     assert got.dtype == tf.float32 and got.shape == (size, size, 3)
     pil = Image.fromarray(image.numpy())
     new_w = round(500 * size / 375)
@@ -177,36 +177,36 @@ def test_eval_view_matches_pil(size):
 
 
 def test_eval_view_portrait():
-    assert preprocess.eval_view(_image(500, 375), 224).shape == (224, 224, 3)
+    assert tf_views.eval_view(_image(500, 375), 224).shape == (224, 224, 3)
 
 
 def test_normalize(family):
     x = tf.constant(np.random.default_rng(0).uniform(0, 255, (4, 4, 3)), tf.float32)
     mean, std = NORMALIZATION[family]
     want = (x.numpy() / 255.0 - np.array(mean)) / np.array(std)
-    np.testing.assert_allclose(preprocess.normalize(x, family).numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(tf_views.normalize(x, family).numpy(), want, atol=1e-5)
     lo = (0.0 - np.array(mean)) / np.array(std)
     hi = (1.0 - np.array(mean)) / np.array(std)
     if family == "siglip":
         np.testing.assert_allclose([lo, hi], [[-1] * 3, [1] * 3])
-    for fn in (preprocess.train_fn(family, 224), preprocess.eval_fn(family, 224)):
+    for fn in (tf_views.train_fn(family, 224), tf_views.eval_fn(family, 224)):
         out = fn(tf.constant(CASES["jpeg"][0]()), tf.constant([0, 0])).numpy()
         assert out.dtype == np.float32 and out.shape == (224, 224, 3)
         assert (out >= lo - 1e-5).all() and (out <= hi + 1e-5).all()
 
 
 def test_unknown_family():
-    for call in (lambda: preprocess.normalize(tf.zeros(3), "tips"),
-                 lambda: preprocess.train_fn("tips", 224), lambda: preprocess.eval_fn("tips", 224)):
+    for call in (lambda: tf_views.normalize(tf.zeros(3), "tips"),
+                 lambda: tf_views.train_fn("tips", 224), lambda: tf_views.eval_fn("tips", 224)):
         with pytest.raises(ValueError, match="unknown family"):
             call()
 
 
 def test_train_fn_default_resize():
     data, seed = tf.constant(CASES["png"][0]()), tf.constant([3, 4])
-    want = preprocess.normalize(
-        preprocess.train_view(preprocess.decode(data), 224, 256, seed), "siglip")
-    np.testing.assert_array_equal(preprocess.train_fn("siglip", 224)(data, seed).numpy(),
+    want = tf_views.normalize(
+        tf_views.train_view(tf_views.decode(data), 224, 256, seed), "siglip")
+    np.testing.assert_array_equal(tf_views.train_fn("siglip", 224)(data, seed).numpy(),
                                   want.numpy())
 
 
@@ -214,7 +214,7 @@ def test_deterministic_in_parallel_tf_data():
     names = list(CASES)[:12]
     files = [CASES[k][0]() for k in names]
     seeds = [[i, 1] for i in range(len(files))]
-    fn = preprocess.train_fn("clip", 32, 40)
+    fn = tf_views.train_fn("clip", 32, 40)
 
     def run():
         ds = tf.data.Dataset.from_tensor_slices((files, seeds)).map(fn, num_parallel_calls=4)

@@ -7,13 +7,13 @@ import tensorflow as tf
 
 from infusing_jax import errors
 from infusing_jax.data import pipeline
-from infusing_jax.data import preprocess
+from infusing_jax.data import tf_views
 from infusing_jax.data import teacher
 
 from test_data_pipeline import SIZE, fake_split
 
 
-eval_view = preprocess.View(
+eval_view = tf_views.View(
     augment=lambda image, seed=None: tf.image.resize(tf.cast(image, tf.float32), (SIZE, SIZE)),
     decode=lambda image_bytes: tf.io.decode_image(image_bytes, channels=3,
                                                   expand_animations=False))
@@ -54,7 +54,7 @@ def test_extract_save_load_and_lookup_by_id(tmp_path):
 
     domains = [pipeline.Domain("target", split, descriptors=merged),
                pipeline.Domain("generic", fake_split("generic", 20, 4))]
-    ds = pipeline.train_dataset(domains, eval_view, 4, seed=0, shuffle_buffer=8)
+    ds = pipeline.train_dataset(domains, eval_view, global_batch_size=4, seed=0, shuffle_buffer=8)
     for batch in ds.take(6).as_numpy_iterator():
         for i, t, has, d in zip(batch["id"], batch["teacher"], batch["has_teacher"],
                                 batch["domain"]):
@@ -78,7 +78,7 @@ def test_descriptors_from_another_model_or_missing_ids_are_errors(tmp_path):
         teacher.check(partial, ids, "m1", "cars")
     # In the pipeline an id without a descriptor fails loudly, it is not dropped.
     ds = pipeline.train_dataset([pipeline.Domain("target", split, descriptors=partial)],
-                                eval_view, 12, seed=0, shuffle_buffer=2)
+                                eval_view, global_batch_size=12, seed=0, shuffle_buffer=2)
     with pytest.raises(tf.errors.InvalidArgumentError, match="without a teacher descriptor"):
         list(ds.take(2).as_numpy_iterator())
     with pytest.raises(errors.UserError, match=r"nothing.npz: no teacher descriptors"):

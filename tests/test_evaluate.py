@@ -10,7 +10,7 @@ import pytest
 import train_world
 from infusing_jax import checkpoints
 from infusing_jax import evaluate
-from infusing_jax import train
+from infusing_jax.training import loop
 from infusing_jax.evaluation import wise_ft
 from test_train import REPO, world  # noqa: F401 (fixture)
 
@@ -38,7 +38,7 @@ def trained(world, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     c = train_world.world_config(world, "full", "precomputed", "yes")
     c.eval.validate_text = True
-    train.train_and_evaluate(c, workdir)
+    loop.train_and_evaluate(c, workdir)
     return workdir
 
 
@@ -144,7 +144,7 @@ def test_with_ema_the_ema_weights_are_validated_kept_tested_and_exported(
     c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = 4, 0, 4
     c.train.select_by, c.train.eval_ema = select_by, eval_ema
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(c, workdir)
+    loop.train_and_evaluate(c, workdir)
     state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "4", "state"))
     ema = checkpoints.to_flat({"img": state["ema"]["backbone"]})
     raw = checkpoints.to_flat({"img": state["params"]["backbone"]})
@@ -162,13 +162,13 @@ def test_with_ema_the_ema_weights_are_validated_kept_tested_and_exported(
     # The final validation scored the same weights: R@1 of the target val recomputed.
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         val = [json.loads(line) for line in f if "val/target/recall@1" in line][-1]
-    from infusing_jax import step as step_lib
-    from infusing_jax import validation
     from infusing_jax import sharding
-    from infusing_jax.data import domains as domains_lib
-    model, _, _ = step_lib.load_image_tower(c.model)
+    from infusing_jax.training import backbone as backbone_lib
+    from infusing_jax.training import domains as domains_lib
+    from infusing_jax.training import validation
+    model, _, _ = backbone_lib.load_image_tower(c.model)
     splits = {"target": domains_lib.load(c, "target")}
-    validator = validation.Validator(c, ["target"], splits, step_lib.embed_fn(model),
+    validator = validation.Validator(c, ["target"], splits, backbone_lib.embed_fn(model),
                                      sharding.make_mesh())
     weights = state["ema" if eval_ema else "params"]["backbone"]
     assert validator.run(weights)["target/recall@1"] == pytest.approx(val["val/target/recall@1"])

@@ -95,7 +95,15 @@ def test_knn_equals_dense_ranking(k, block_size, tile, monkeypatch):
                                      block_size=block_size)
     ref_scores, order = _dense_ranking(d["x"], d["x"], d["ids"], d["ids"])
     assert scores.dtype == np.float32 and neighbours.dtype == np.int64
-    np.testing.assert_array_equal(neighbours, order[:, :k])
+    # The dense float64 order, but for rows whose float64 cosines are within float32's
+    # rounding of each other (near-ties may swap): each neighbour's exact cosine is the
+    # reference's at its rank, and the neighbours are distinct.
+    same = neighbours == order[:, :k]
+    assert same.mean() > 0.999
+    q = d["x"] / np.linalg.norm(d["x"], axis=1, keepdims=True)
+    cos = np.einsum("qd,qkd->qk", q.astype(np.float64), q[neighbours].astype(np.float64))
+    np.testing.assert_allclose(cos, ref_scores[:, :k], atol=1e-6)
+    assert all(len(set(row)) == k for row in neighbours)
     np.testing.assert_allclose(scores, ref_scores[:, :k], atol=1e-6)
 
 

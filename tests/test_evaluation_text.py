@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import TEXT_LEN, one_line_error, random_params, tiny_config
 from infusing_jax import models
 from infusing_jax import tokenizers
-from infusing_jax.data import preprocess
+from infusing_jax.data import tf_views
 from infusing_jax.data.sources import load_source
 from infusing_jax.evaluation import prompts
 from infusing_jax.evaluation import text_retrieval as tr
@@ -286,7 +286,7 @@ def tiny():
 
 def _image_embeddings(tiny, files):
     """The model's embeddings of image files, preprocessed one by one (eager TF)."""
-    view = preprocess.eval_fn("siglip", tiny["cfg"].image_size)
+    view = tf_views.eval_fn("siglip", tiny["cfg"].image_size)
     x = np.stack([view(tf.constant(open(f, "rb").read())).numpy() for f in files])
     return np.asarray(tiny["encode_images"](tiny["params"], x))
 
@@ -332,7 +332,7 @@ def test_text_retrieval_end_to_end(tiny, sp_model, caption_set, tmp_path):
     owner = np.repeat(np.arange(6), [len(r["captions"]) for r in good])
     images = _image_embeddings(tiny, [root / r["image"] for r in good])
     split = load_source(f"captions:{root / 'set.json'}").split("test")
-    view = preprocess.eval_fn("siglip", tiny["cfg"].image_size)
+    view = tf_views.eval_fn("siglip", tiny["cfg"].image_size)
 
     matched = _matched_head(tiny, tokenize(captions), images[owner])
     for params in (tiny["params"], matched):
@@ -384,7 +384,7 @@ def test_zero_shot_end_to_end_with_a_class_names_file(tiny, sp_model, tmp_path):
     # Every prompt of class c lands on the embedding of class c's first image.
     prompts_ = [t.replace("{}", n) for n in names for t in templates]
     matched = _matched_head(tiny, tokenize(prompts_), np.repeat(images[::2], 2, axis=0))
-    view = preprocess.eval_fn("siglip", tiny["cfg"].image_size)
+    view = tf_views.eval_fn("siglip", tiny["cfg"].image_size)
 
     for params in (tiny["params"], matched):
         got = zs.evaluate_split(
@@ -402,7 +402,7 @@ def test_zero_shot_on_tfds_pets_both_granularities(tiny, sp_model):
     tokenize = tokenizers.SigLIPTokenizer(sp_model, TEXT_LEN)
     names = prompts.tfds_class_names("oxford_iiit_pet")
     templates = prompts.templates("oxford_iiit_pet")
-    view = preprocess.eval_fn("siglip", tiny["cfg"].image_size)
+    view = tf_views.eval_fn("siglip", tiny["cfg"].image_size)
     params = tiny["params"]
     with tfds.testing.mock_data(num_examples=12):
         split = load_source("tfds:oxford_iiit_pet").split("test")

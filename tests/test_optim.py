@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from infusing_jax import models
-from infusing_jax import optim
+from infusing_jax.training import optim
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from infusing_jax import checkpoints
-from infusing_jax import pretrain
-from infusing_jax import toy_world
+from infusing_jax.toy import pretrain
+from infusing_jax.toy import world as toy_world
 from infusing_jax.losses import contrastive
 
 SMALL = dict(generic_train=96, generic_test=48, target_classes=(4, 2, 3),

@@ -11,11 +11,12 @@ import pytest
 
 import conftest
 import train_world
-from infusing_jax import config as config_lib
+from infusing_jax.training import config as config_lib
 from infusing_jax import errors
-from infusing_jax import objective
-from infusing_jax import step as step_lib
-from infusing_jax import train
+from infusing_jax.training import objective
+from infusing_jax.training import backbone as backbone_lib
+from infusing_jax.training import step as step_lib
+from infusing_jax.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +65,7 @@ def test_every_data_term_on_a_mixed_batch_equals_the_term_on_its_domain_alone():
         c.domains.generic.losses.relational = config_lib.loss("relational")
         c.domains.generic.losses.feature_cosine = config_lib.loss("feature_cosine")
     config_lib.validate(c)
-    heads = objective.init_heads(c, names, {"target": 8, "generic": 4}, 32, jax.random.PRNGKey(0))
+    heads = objective.init_heads(c.domains, names, {"target": 8, "generic": 4}, 32, jax.random.PRNGKey(0))
     batch = dict(batch, label=np.array([1, 1, 2, 3, 0, 2]), domain=np.array([0, 1, 0, 0, 1, 0]))
     params = jax.tree.map(lambda p: p * 1.01, backbone)
     f = embed(params, batch["image"])
@@ -89,7 +90,7 @@ def test_each_classifier_loss_keeps_its_own_trainable_scale():
         c.domains.target.losses.arcface = config_lib.loss("arcface", scale=30.0, margin=0.2,
                                                           trainable_scale=True)
         c.domains.target.losses.cosface = config_lib.loss("cosface", scale=8.0)
-    heads = objective.init_heads(c, names, {"target": 8, "generic": 4}, 32, jax.random.PRNGKey(0))
+    heads = objective.init_heads(c.domains, names, {"target": 8, "generic": 4}, 32, jax.random.PRNGKey(0))
     scales = {k: float(np.exp(v)) for k, v in heads["target"]["log_scale"].items()}
     assert scales == pytest.approx({"normface": 16.0, "arcface": 30.0})
     from infusing_jax.losses import classification
@@ -113,11 +114,11 @@ def test_missing_data_and_checkpoint_name_the_field(world, tmp_path):
     c = train_world.world_config(world)
     c.domains.target.source = f"folder:{tmp_path}/none"
     with pytest.raises(ValueError, match=r"config\.domains\.target\.source: folder:.*no such"):
-        train.train_and_evaluate(c, str(tmp_path / "a"))
+        loop.train_and_evaluate(c, str(tmp_path / "a"))
     c = train_world.world_config(world)
     c.model.checkpoint = str(tmp_path / "none.npz")
     with pytest.raises(ValueError, match=r"config\.model\.checkpoint: .*none\.npz"):
-        train.train_and_evaluate(c, str(tmp_path / "b"))
+        loop.train_and_evaluate(c, str(tmp_path / "b"))
 
 
 @pytest.mark.parametrize("from_checkpoint", [False, True])
@@ -129,8 +130,8 @@ def test_load_image_tower_abstract_gives_the_materialised_shapes(tmp_path, from_
         c.model.checkpoint = str(tmp_path / "tiny.npz")
         from infusing_jax import checkpoints
         checkpoints.save(conftest.random_params(model_cfg), model_cfg, c.model.checkpoint)
-    _, real, real_cfg = step_lib.load_image_tower(c.model)
-    _, abstract, abstract_cfg = step_lib.load_image_tower(c.model, abstract=True)
+    _, real, real_cfg = backbone_lib.load_image_tower(c.model)
+    _, abstract, abstract_cfg = backbone_lib.load_image_tower(c.model, abstract=True)
     assert abstract_cfg.to_dict() == real_cfg.to_dict()
     assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(abstract))
     assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == jax.tree.map(
@@ -148,8 +149,8 @@ def _tiny_setup(method="full", teacher="online", aggregation="weighted_sum"):
     from infusing_jax import models
     model = models.build(model_cfg)
     backbone = conftest.random_params(model_cfg)["img"]
-    embed = step_lib.embed_fn(model)
-    heads = objective.init_heads(c, names, {"target": 8, "generic": 4}, 32, jax.random.PRNGKey(0))
+    embed = backbone_lib.embed_fn(model)
+    heads = objective.init_heads(c.domains, names, {"target": 8, "generic": 4}, 32, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     batch = dict(image=conftest.random_images(6), label=rng.integers(0, 4, 6),
                  domain=np.array([0, 0, 0, 1, 1, 1]),
@@ -160,7 +161,7 @@ def _tiny_setup(method="full", teacher="online", aggregation="weighted_sum"):
 
 def test_online_distillation_and_anchoring_are_zero_at_the_pretrained_weights():
     c, names, embed, backbone, heads, batch = _tiny_setup()
-    loss_fn = objective.make_loss_fn(c, names, embed)
+    loss_fn = objective.make_loss_fn(c.domains, names, c.loss_aggregation, embed)
     params = {"backbone": backbone, "heads": heads}
     _, terms = loss_fn(params, backbone, None, batch)
     assert float(terms["generic/feature_mse"]) < 1e-12  # two compiled forwards: rounding only
@@ -176,7 +177,7 @@ def test_online_distillation_and_anchoring_are_zero_at_the_pretrained_weights():
 @pytest.mark.parametrize("aggregation", ["weighted_sum", "weighted_average"])
 def test_domains_count_by_their_share_of_the_batch(aggregation):
     c, names, embed, backbone, heads, batch = _tiny_setup("full", "precomputed", aggregation)
-    loss_fn = objective.make_loss_fn(c, names, embed)
+    loss_fn = objective.make_loss_fn(c.domains, names, c.loss_aggregation, embed)
     params = {"backbone": jax.tree.map(lambda p: p * 1.01, backbone), "heads": heads}
     loss, t = loss_fn(params, backbone, None, batch)
     w = {name: {k: c.domains[name].losses[k].weight for k in c.domains[name].losses.keys()}
@@ -208,7 +209,7 @@ def test_a_run_learns_the_target_and_reports_skipped_images(world, tmp_path):
     c.train.num_steps = 40
     c.train.log_every = 10
     c.train.eval_every = 0
-    summary = train.train_and_evaluate(c, str(tmp_path))
+    summary = loop.train_and_evaluate(c, str(tmp_path))
     losses = [m["target/normface"] for m in _metrics(str(tmp_path)) if "target/normface" in m]
     assert losses[-1] < 0.7 * losses[0], losses
     # 2 broken files in 48 target examples, over 40 * 8 / 46 ~ 7 passes: each pass counts them.
@@ -234,8 +235,8 @@ def test_an_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(world,
 
     monkeypatch.setattr(step_lib, "train_step", nan_from_step_7)
     c = train_world.world_config(world)
-    with pytest.raises(train.NonFiniteLoss, match="at step 7; .*last good checkpoint is step 4"):
-        train.train_and_evaluate(c, str(tmp_path))
+    with pytest.raises(loop.NonFiniteLoss, match="at step 7; .*last good checkpoint is step 4"):
+        loop.train_and_evaluate(c, str(tmp_path))
     monkeypatch.setattr(step_lib, "train_step", real_step)
     import orbax.checkpoint as ocp
     state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "4" / "state")
@@ -314,7 +315,7 @@ def test_ewc_ema_bfloat16_and_remat_run_together(world, tmp_path):
     c.model.remat_policy = "nothing_saveable"
     c.train.num_steps = 4
     c.train.eval_every = 0
-    train.train_and_evaluate(c, str(tmp_path))
+    loop.train_and_evaluate(c, str(tmp_path))
     import orbax.checkpoint as ocp
     state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "4" / "state")
     fisher = jax.tree.leaves(state["fisher"])
@@ -331,16 +332,16 @@ def test_ewc_refuses_a_zero_fisher(world, tmp_path):
     c.domains.generic.losses.ewc = config_lib.loss("ewc", fisher_batches=1)
     c.domains.generic.losses.__delattr__("anchoring")
     with pytest.raises(ValueError, match="losses.ewc: the Fisher is zero"):
-        train.train_and_evaluate(c, str(tmp_path))
+        loop.train_and_evaluate(c, str(tmp_path))
 
 
 def test_workdir_files_work_on_non_local_filesystems():
     """gs:// workdirs: everything but Orbax goes through tf.io.gfile; TF's ram:// stands in."""
     import tensorflow as tf
-    from infusing_jax import checkpointing
+    from infusing_jax.training import run_checkpoints
     from infusing_jax.data import teacher
     root = "ram://workdir_test"
-    checkpointing.write_json(f"{root}/config.json", {"a": 1})
+    run_checkpoints.write_json(f"{root}/config.json", {"a": 1})
     with tf.io.gfile.GFile(f"{root}/config.json") as f:
         assert json.loads(f.read()) == {"a": 1}
     d = teacher.Descriptors(np.array(["x", "y"]), np.eye(2, dtype=np.float32), "m")
@@ -348,19 +349,19 @@ def test_workdir_files_work_on_non_local_filesystems():
     back = teacher.load(f"{root}/teacher/t.npz")
     assert back.ids.tolist() == ["x", "y"] and back.model == "m"
     np.testing.assert_array_equal(back.embeddings, d.embeddings)
-    assert checkpointing.absolute("gs://bucket/run") == "gs://bucket/run"
+    assert run_checkpoints.absolute("gs://bucket/run") == "gs://bucket/run"
 
 
 
 def test_resuming_with_another_config_is_one_line_naming_what_changed(world, tmp_path):
     c = train_world.world_config(world)
     c.train.num_steps, c.train.eval_every = 2, 0
-    train.train_and_evaluate(c, str(tmp_path))
+    loop.train_and_evaluate(c, str(tmp_path))
     other = train_world.world_config(world, "naive")
     other.train.num_steps = 4
     with pytest.raises(errors.UserError, match=r"were written with another config \(changed: "
                        r"config\.domains\.generic \(gone\), config\.domains\.target\.losses\."
                        r"anchoring \(gone\)"):
-        train.train_and_evaluate(other, str(tmp_path))
+        loop.train_and_evaluate(other, str(tmp_path))
     with open(tmp_path / "config.json") as f:  # the run's own config is kept
         assert "generic" in json.load(f)["domains"]

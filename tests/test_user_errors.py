@@ -9,10 +9,10 @@ import ml_collections
 import pytest
 
 import train_world
-from infusing_jax import config as config_lib
+from infusing_jax.training import config as config_lib
 from infusing_jax import errors
 from infusing_jax import fields
-from infusing_jax import optim
+from infusing_jax.training import optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CANDIDATES = (-7, "bogus", 1.5, None, float("nan"), 3, ("x",), True, "")

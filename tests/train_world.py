@@ -15,7 +15,7 @@ from PIL import Image
 
 import conftest
 from infusing_jax import checkpoints
-from infusing_jax import config as config_lib
+from infusing_jax.training import config as config_lib
 
 SIZE = 32
 COLOURS = [(220, 40, 40), (40, 200, 60), (40, 80, 220), (230, 200, 40), (200, 60, 200),

@@ -11,7 +11,7 @@ import numpy as np
 from safetensors import numpy as safetensors_np
 
 from infusing_jax import errors
-from infusing_jax import preprocessing
+from infusing_jax.data import pil_views
 from infusing_jax.checkpoints import mapping
 from infusing_jax.checkpoints.mapping import dense as _dense
 from infusing_jax.checkpoints.mapping import layer_norm as _ln
@@ -167,8 +167,8 @@ def preprocessor_config(cfg) -> dict:
         return dict(image_processor_type="CLIPImageProcessor", do_resize=True,
                     size={"shortest_edge": s}, do_center_crop=True,
                     crop_size={"height": s, "width": s}, resample=3, do_rescale=True,
-                    rescale_factor=1 / 255, do_normalize=True, image_mean=list(preprocessing.CLIP_MEAN),
-                    image_std=list(preprocessing.CLIP_STD), do_convert_rgb=True)
+                    rescale_factor=1 / 255, do_normalize=True, image_mean=list(pil_views.CLIP_MEAN),
+                    image_std=list(pil_views.CLIP_STD), do_convert_rgb=True)
     return dict(image_processor_type="SiglipImageProcessor", do_resize=True,
                 size={"height": s, "width": s}, resample=2, do_rescale=True,
                 rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3,

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from infusing_jax import errors
-from infusing_jax import config as config_lib
+from infusing_jax.data import mixing
 from infusing_jax.data import schema
 from infusing_jax.data import teacher
 
@@ -109,14 +109,14 @@ def _decoded_passes(split: schema.SplitData, domain: int, name: str, decode: Cal
         lambda position, is_end, image, ex: (position, image, ex))
 
 
-def domain_stream(split: schema.SplitData, domain: int, view, seed: int,
+def domain_stream(split: schema.SplitData, domain: int, view, *, seed: int,
                   process_index: int = 0, process_count: int = 1,
                   shuffle_buffer: int = 2048, descriptors=None,
                   teacher_dim: int = 0, name: str = "") -> tf.data.Dataset:
     """Infinite stream of {'image' (S, S, 3) float32, 'label', 'coarse_label', 'domain',
     'id', 'position'} for this process's shard; undecodable images dropped.
 
-    view: a preprocess.View: decode(image bytes) -> uint8 image, then augment(image,
+    view: a tf_views.View: decode(image bytes) -> uint8 image, then augment(image,
     seed (2,) int64) -> float32 (S, S, 3). A broken file is dropped (and counted by
     its position); an augmentation that fails stops the stream, as does a domain
     whose images all fail to decode (_decoded_passes).
@@ -198,28 +198,6 @@ def check_views(domains: Sequence["Domain"], view, limit: int = 64) -> None:
                                    "data.resize and model.image_size") from None
 
 
-def mix_weights(domains: Sequence[Domain], mix: str) -> np.ndarray:
-    """Sampling probabilities per domain for a mix (round_robin has none: it alternates)."""
-    if mix == "balanced" or mix == "round_robin":
-        w = np.ones(len(domains))
-    elif mix == "dataset_size":
-        unknown = [d.name for d in domains if d.split.num_examples is None]
-        if unknown:
-            raise errors.UserError(f"config.data.mix: 'dataset_size' weighs domains by their "
-                                   f"sizes, and the sizes of {unknown} are unknown (filtered "
-                                   "TFDS splits); use mix 'weights' with domain weights")
-        w = np.array([d.split.num_examples for d in domains], np.float64)
-    elif mix == "weights":
-        w = np.array([d.weight for d in domains], np.float64)
-    else:
-        raise errors.UserError(f"config.data.mix: unknown mix {mix!r}; use one of "
-                               f"{config_lib.MIXES}")
-    if np.any(w < 0) or w.sum() <= 0:
-        raise errors.UserError(f"config.data.mix: {mix!r} with domain weights {w.tolist()}; "
-                               "give weights >= 0, not all 0")
-    return w / w.sum()
-
-
 def choices(num_domains: int, mix: str, probs: np.ndarray, seed: int) -> tf.data.Dataset:
     """Infinite int64 stream: the domain of step (or example) i, a function of (seed, i)."""
     steps = tf.data.Dataset.range(2 ** 62)
@@ -230,8 +208,8 @@ def choices(num_domains: int, mix: str, probs: np.ndarray, seed: int) -> tf.data
         logits, 1, seed=tf.stack([tf.constant(seed, tf.int64), i]), dtype=tf.int64)[0, 0])
 
 
-def train_dataset(domains: Sequence[Domain], preprocess: Callable, global_batch_size: int,
-                  seed: int, mix: str = "round_robin", one_domain_per_batch: bool = True,
+def train_dataset(domains: Sequence[Domain], view, *, global_batch_size: int, seed: int,
+                  mix: str = "round_robin", one_domain_per_batch: bool = True,
                   process_index: int = 0, process_count: int = 1,
                   shuffle_buffer: int = 2048, num_shards: int = 0) -> tf.data.Dataset:
     """Batches of this process's share (global_batch_size / process_count) of each step.
@@ -254,8 +232,9 @@ def train_dataset(domains: Sequence[Domain], preprocess: Callable, global_batch_
         raise errors.UserError(f"config.data.batch_size: {global_batch_size} is not divisible "
                                f"by the {num_shards} data shards (processes)")
     per_process = num_shards // process_count
-    shards = [_shard_dataset(domains, preprocess, global_batch_size // num_shards, seed, mix,
-                             one_domain_per_batch, s, num_shards, shuffle_buffer)
+    shards = [_shard_dataset(domains, view, batch=global_batch_size // num_shards, seed=seed,
+                             mix=mix, one_domain_per_batch=one_domain_per_batch, shard=s,
+                             num_shards=num_shards, shuffle_buffer=shuffle_buffer)
               for s in range(process_index * per_process, (process_index + 1) * per_process)]
     ds = shards[0] if len(shards) == 1 else tf.data.Dataset.zip(tuple(shards)).map(
         lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
@@ -264,18 +243,19 @@ def train_dataset(domains: Sequence[Domain], preprocess: Callable, global_batch_
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def _shard_dataset(domains, preprocess, batch: int, seed: int, mix: str,
+def _shard_dataset(domains, view, *, batch: int, seed: int, mix: str,
                    one_domain_per_batch: bool, shard: int, num_shards: int,
                    shuffle_buffer: int) -> tf.data.Dataset:
     """The batches (batch, ...) of one shard; the domain schedule is the same for every shard."""
-    probs = mix_weights(domains, mix)
+    probs = mixing.weights(domains, mix)
     dims = {d.descriptors.embeddings.shape[1] for d in domains if d.descriptors is not None}
     if len(dims) > 1:
         raise errors.UserError(f"config.domains: teacher descriptors of different widths "
                                f"{sorted(dims)}; make them with one model")
     teacher_dim = next(iter(dims), 0)
-    streams = [domain_stream(d.split, i, preprocess, seed, shard, num_shards,
-                             shuffle_buffer, d.descriptors, teacher_dim, d.name)
+    streams = [domain_stream(d.split, i, view, seed=seed, process_index=shard,
+                             process_count=num_shards, shuffle_buffer=shuffle_buffer,
+                             descriptors=d.descriptors, teacher_dim=teacher_dim, name=d.name)
                for i, d in enumerate(domains)]
     if one_domain_per_batch:
         streams = [s.batch(batch, drop_remainder=True) for s in streams]

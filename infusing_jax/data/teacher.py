@@ -9,17 +9,14 @@ import dataclasses
 import hashlib
 import io
 import os
-import sys
 
 import jax
 import numpy as np
 import tensorflow as tf
-import tqdm
-from jax.sharding import NamedSharding, PartitionSpec
 
 from infusing_jax import errors
-from infusing_jax.data import device_put
 from infusing_jax.data import schema
+from infusing_jax.evaluation import embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,37 +35,26 @@ def fingerprint(flat_params: dict, cfg) -> str:
     return h.hexdigest()[:16]
 
 
-def extract(encode, split: schema.SplitData, preprocess, model: str, batch_size: int = 64,
+def extract(encode, split: schema.SplitData, view, model: str, batch_size: int = 64,
             process_index: int = 0, process_count: int = 1):
     """-> (Descriptors of this process's shard, ids that could not be decoded).
 
     encode: jitted (images (B, S, S, 3)) -> (B, E), run sharded over this process's
-    devices. preprocess: (image bytes, seed) -> (S, S, 3), the eval view.
+    devices. view: image bytes -> (S, S, 3), the eval view.
     """
-    mesh = device_put.data_mesh(jax.local_devices())
-    if batch_size % mesh.size:
-        raise errors.UserError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices")
-    sharding = NamedSharding(mesh, PartitionSpec(device_put.DATA_AXIS))
+    devices = len(jax.local_devices())
+    if batch_size % devices:
+        raise errors.UserError(f"batch_size {batch_size} is not divisible by the {devices} "
+                               "devices")
     all_ids = [x.decode() for x in split.dataset(process_index, process_count)
                .map(lambda ex: ex["id"]).as_numpy_iterator()]
-    seed = tf.zeros([2], tf.int64)
-    ds = split.dataset(process_index, process_count).map(
-        lambda ex: dict(image=preprocess(ex["image"], seed), id=ex["id"]),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    ids, embeddings = [], []
-    with tqdm.tqdm(total=len(all_ids), desc=f"teacher {split.name}", unit="img",
-                   file=sys.stderr) as bar:
-        for batch in ds.as_numpy_iterator():
-            n = len(batch["id"])
-            images = np.zeros((batch_size,) + batch["image"].shape[1:], np.float32)
-            images[:n] = batch["image"]
-            embeddings.append(np.asarray(encode(jax.device_put(images, sharding)))[:n])
-            ids += [x.decode() for x in batch["id"]]
-            bar.update(n)
+    out = embedding.embed_split(encode, split, view, batch_size=batch_size, columns=("id",),
+                                shard=(process_index, process_count),
+                                desc=f"teacher {split.name}")
+    ids = [x.decode() for x in out.columns.get("id", [])]
     skipped = sorted(set(all_ids) - set(ids))
-    emb = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32)
-    return Descriptors(np.asarray(ids, dtype=str), emb.astype(np.float32), model), skipped
+    return Descriptors(np.asarray(ids, dtype=str), out.embeddings.astype(np.float32),
+                       model), skipped
 
 
 def part_path(path: str, process_index: int, process_count: int) -> str:

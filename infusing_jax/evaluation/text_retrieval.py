@@ -29,12 +29,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
-import tqdm
 from jax import lax
 
 from infusing_jax import errors
 from infusing_jax import models
+from infusing_jax.evaluation import embedding
 
 KS = (1, 5, 10)
 SLAB_BYTES = 2 ** 28  # a (block_size, keys) float32 score slab; sets the default block_size
@@ -177,45 +176,11 @@ def load_text_embeddings(path):
     return embeddings.astype(np.float32), image_index.astype(np.int64)
 
 
-def embed_split(encode_images, split, preprocess_fn, batch_size: int = 256, fields=(),
-                desc: str = "images"):
-    """Embed every decodable image of a split, in the split's order, in this process.
-
-    encode_images: (batch_size, S, S, 3) float32 -> (batch_size, E); every batch is
-    padded to batch_size. preprocess_fn: image bytes -> (S, S, 3) float32.
-    Returns (embeddings (N, E) float32, {'position': (N,) int64, field: (N,) ...}):
-    position = the image's place in the split; undecodable images are skipped.
-    'captions' comes back as N lists of str.
-    """
-    def prepare(position, ex):
-        return dict(image=preprocess_fn(ex["image"]), position=position,
-                    **{f: ex[f] for f in fields})
-    ds = split.dataset(0, 1).enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
-                                             deterministic=True)
-    ds = ds.ignore_errors().ragged_batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    embeddings, columns = [], {f: [] for f in ("position", *fields)}
-    with tqdm.tqdm(desc=desc, unit="img", file=sys.stderr, leave=False) as bar:
-        for batch in ds.as_numpy_iterator():
-            n = len(batch["position"])
-            x = np.zeros((batch_size,) + batch["image"].shape[1:], np.float32)
-            x[:n] = batch["image"]
-            embeddings.append(np.asarray(encode_images(x), np.float32)[:n])
-            for f in columns:
-                columns[f].extend(batch[f])
-            bar.update(n)
-    if not embeddings:
-        raise errors.UserError(f"split {split.name}: no image could be decoded")
-    out = {f: np.asarray(v) for f, v in columns.items() if f != "captions"}
-    if "captions" in columns:
-        out["captions"] = [[c.decode("utf-8") for c in row] for row in columns["captions"]]
-    return np.concatenate(embeddings), out
-
-
 def evaluate_split(encode_images, split, preprocess_fn, *, embed_texts=None, text_file=None,
                    batch_size: int = 256, ks=KS, block_size: int = None):
     """I->T and T->I Recall@K on an image-text split (`captions:FILE.json`, tfds:coco_captions).
 
-    encode_images: (B, S, S, 3) -> (B, E), the model under test (see `embed_split`);
+    encode_images: (B, S, S, 3) -> (B, E), the model under test (embedding.embed_split);
     exactly one of embed_texts (texts -> (M, E), e.g. `text_embedder`) for the split's
     captions, or text_file (see the module doc). Texts of undecodable images are dropped.
     Returns `recalls`' dict.
@@ -226,7 +191,11 @@ def evaluate_split(encode_images, split, preprocess_fn, *, embed_texts=None, tex
         raise errors.UserError(f"split {split.name}: has no captions; use an image-text source "
                          "(captions:FILE.json, tfds:coco_captions) or a text_file")
     fields = () if text_file else ("captions",)
-    images, columns = embed_split(encode_images, split, preprocess_fn, batch_size, fields)
+    embedded = embedding.embed_split(encode_images, split, preprocess_fn, batch_size=batch_size,
+                                     columns=fields)
+    images, columns = embedded.embeddings, embedded.columns
+    if not len(images):
+        raise errors.UserError(f"split {split.name}: no image could be decoded")
     position = columns["position"]
     skipped = (split.num_examples or len(images)) - len(images)
     if skipped:

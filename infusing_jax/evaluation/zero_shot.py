@@ -13,6 +13,7 @@ class index (text_retrieval.first_positive_ranks). top-K accuracy = mean [rank <
 """
 import numpy as np
 
+from infusing_jax.evaluation import embedding
 from infusing_jax.evaluation import prompts as prompts_lib
 from infusing_jax.evaluation import text_retrieval
 
@@ -65,7 +66,7 @@ def evaluate_split(encode_images, embed_texts, split, preprocess_fn, class_names
                    templates, batch_size: int = 256, ks=KS) -> dict:
     """Zero-shot top-K accuracy of a labelled split, at each granularity named.
 
-    encode_images: (B, S, S, 3) -> (B, E) (text_retrieval.embed_split); embed_texts:
+    encode_images: (B, S, S, 3) -> (B, E) (embedding.embed_split); embed_texts:
     texts -> (M, E), the frozen text tower (text_retrieval.text_embedder);
     class_names: {'fine': [C names], 'coarse': [C' names]}, either or both
     (prompts.tfds_class_names, prompts.read_class_names).
@@ -81,8 +82,9 @@ def evaluate_split(encode_images, embed_texts, split, preprocess_fn, class_names
             raise ValueError(f"zero-shot class_names[{granularity!r}]: {len(names)} names, split "
                              f"{split.name} has {sizes[granularity]} classes; give one per class")
     fields = tuple(prompts_lib.GRANULARITIES[g] for g in class_names)
-    images, columns = text_retrieval.embed_split(encode_images, split, preprocess_fn, batch_size,
-                                                 fields)
+    embedded = embedding.embed_split(encode_images, split, preprocess_fn, batch_size=batch_size,
+                                     columns=fields)
+    images, columns = embedded.embeddings, embedded.columns
     out = {}
     for granularity, names in class_names.items():
         classes = class_embeddings(embed_texts, names, templates)

@@ -1,17 +1,21 @@
 """SigLIP pretraining of a small two-tower on an image-caption set (the toy world's VLM).
 
-    python -m infusing_jax.main --config=configs/toy_pretrain.py:world=DIR --workdir=DIR/vlm
+    python -m infusing_jax.toy.pretrain --config=configs/toy_pretrain.py:world=DIR \
+        --workdir=DIR/vlm
 
-A config with a `pretrain` field runs this instead of fine-tuning. The whole set
-is decoded into memory once (it is meant for small sets: the toy world's 20k
-images of 32 px take 250 MB); every step draws a batch without replacement, one
-random caption per image and a random horizontal flip, and takes an AdamW step on
-the sigmoid loss (losses/contrastive.py) over both towers and (t, b).
+The whole set is decoded into memory once (it is meant for small sets: the toy
+world's 20k images of 32 px take 250 MB); every step draws a batch without
+replacement, one random caption per image and a random horizontal flip, and takes
+an AdamW step on the sigmoid loss (losses/contrastive.py) over both towers and (t, b).
 
 Writes WORKDIR/pretrained.npz (big_vision format, loadable as
 'WORKDIR/pretrained.npz:img'), WORKDIR/metrics.jsonl and WORKDIR/config.json.
 """
-import functools
+if __name__ == "__main__":  # before the heavy imports (see infusing_jax/main.py)
+    from infusing_jax import host_memory
+    host_memory.restart_with_tunables()
+
+import functools  # noqa: E402
 import json
 import os
 import sys
@@ -23,14 +27,16 @@ import numpy as np
 import optax
 import tensorflow as tf
 import tqdm
+from absl import flags
 
+from infusing_jax import cli
 from infusing_jax import errors
 from infusing_jax import fields
-from infusing_jax import checkpointing
+from infusing_jax.training import run_checkpoints
 from infusing_jax import checkpoints
 from infusing_jax import models
 from infusing_jax import tokenizers
-from infusing_jax.data import preprocess
+from infusing_jax.data import tf_views
 from infusing_jax.data import sources
 from infusing_jax.losses import contrastive
 
@@ -111,7 +117,7 @@ def load_pairs(cfg, tokenizer):
     p = cfg.pretrain
     source = sources.load_source(p.captions, p.data_dir or None)
     split = source.split(source.splits[0])
-    view = preprocess.eval_fn(cfg.model.family, cfg.model.image_size)
+    view = tf_views.eval_fn(cfg.model.family, cfg.model.image_size)
     ds = split.dataset(0, 1).map(lambda ex: (view(ex["image"]), ex["captions"]),
                                  num_parallel_calls=tf.data.AUTOTUNE)
     images, captions = [], []
@@ -159,7 +165,7 @@ def pretrain(cfg, workdir: str) -> str:
     """Train the two-tower of config.model on config.pretrain.captions -> the .npz path."""
     validate(cfg)
     tf.io.gfile.makedirs(workdir)
-    checkpointing.write_json(os.path.join(workdir, "config.json"),
+    run_checkpoints.write_json(os.path.join(workdir, "config.json"),
                              json.loads(cfg.to_json_best_effort()))
     tokenizer = tokenizers.SigLIPTokenizer(cfg.pretrain.tokenizer, cfg.model.text.seq_len)
     model_cfg = model_config(cfg, tokenizer.vocab_size)
@@ -201,3 +207,18 @@ def pretrain(cfg, workdir: str) -> str:
     path = os.path.join(workdir, cfg.pretrain.output)
     checkpoints.save(jax.device_get(params), model_cfg, path)
     return path
+
+
+def define_flags():
+    cli.define_config_flag("configs/toy_pretrain.py (and :ARG).")
+    cli.define_workdir_flag("pretrained.npz, metrics.jsonl and config.json go here.")
+
+
+def main(argv):
+    del argv
+    cli.check_folder("--workdir", flags.FLAGS.workdir)
+    pretrain(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    cli.run(main, define_flags)

@@ -30,7 +30,7 @@ import os
 import ml_collections
 
 from infusing_jax import errors
-from infusing_jax import config as config_lib
+from infusing_jax.training import config as config_lib
 
 # name -> (source spec relative to DATA, domain fields, train examples); the UnED
 # sizes the authors used. Food101 (TFDS) has no class-disjoint val: 10% of its classes.

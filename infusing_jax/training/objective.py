@@ -26,18 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from infusing_jax import config as config_lib
+from infusing_jax.training import config as config_lib
 from infusing_jax.losses import classification
 from infusing_jax.losses import metric
 from infusing_jax.losses import retention
 
 
-def init_heads(cfg, names: Sequence[str], num_classes: dict, dim: int, rng) -> dict:
+def init_heads(domains, names: Sequence[str], num_classes: dict, dim: int, rng) -> dict:
     """{domain: {'classifier' (dim, C), 'log_scale' {kind: ()}, 'proxies' (C, dim)}} where
-    its losses need them."""
+    its losses need them; domains: config.domains."""
     heads = {}
     for name, key in zip(names, jax.random.split(rng, len(names))):
-        losses = cfg.domains[name].losses
+        losses = domains[name].losses
         head = {}
         kinds = [k for k in losses.keys() if k in config_lib.CLASSIFIERS]
         if kinds:
@@ -141,24 +141,33 @@ def aggregate(losses, terms: dict, how: str):
     return sum(losses[k].weight * terms[k] for k in terms) / normaliser(losses, how)
 
 
-def make_loss_fn(cfg, names: Sequence[str], embed: Callable) -> Callable:
+def needs_reference(domains, names: Sequence[str]) -> bool:
+    """Whether a loss needs the frozen pretrained backbone in the step: a parameter term
+    (its anchor) or an online teacher."""
+    return any(k in config_lib.PARAMETER or
+               (k in config_lib.DISTILLATION and domains[n].losses[k].teacher == "online")
+               for n in names for k in domains[n].losses.keys())
+
+
+def make_loss_fn(domains, names: Sequence[str], aggregation: str, embed: Callable) -> Callable:
     """-> loss_fn(params, reference, fisher, batch) -> (loss, {'<domain>/<kind>': term,
     '<domain>/present': 0 or 1}).
 
-    params: {'backbone', 'heads'}; embed(backbone, images (B, S, S, 3)) -> (B, E)
-    L2-normalised; batch['domain'] (B,) indexes `names`.
+    domains: config.domains; aggregation: config.loss_aggregation. params: {'backbone',
+    'heads'}; embed(backbone, images (B, S, S, 3)) -> (B, E) L2-normalised;
+    batch['domain'] (B,) indexes `names`.
     """
     def loss_fn(params, reference, fisher, batch):
         f = embed(params["backbone"], batch["image"]).astype(jnp.float32)
         total, logged, parameter_values = jnp.zeros((), jnp.float32), {}, {}
         for i, name in enumerate(names):
-            losses = cfg.domains[name].losses
+            losses = domains[name].losses
             mask = batch["domain"] == i
             head = params["heads"].get(name, {})
 
             def compute(losses=losses, head=head, mask=mask):
                 terms = domain_terms(losses, head, f, batch, mask, reference, embed)
-                return terms, aggregate(losses, terms, cfg.loss_aggregation)
+                return terms, aggregate(losses, terms, aggregation)
 
             present = jnp.any(mask)
             shapes = jax.eval_shape(compute)
@@ -174,9 +183,35 @@ def make_loss_fn(cfg, names: Sequence[str], embed: Callable) -> Callable:
                     parameter_values[key] = parameter_term(kind, s, params["backbone"],
                                                            reference, fisher)
                 value = parameter_values[key]
-                total += share * s.weight / normaliser(losses, cfg.loss_aggregation) * value
+                total += share * s.weight / normaliser(losses, aggregation) * value
                 logged[f"{name}/{kind}"] = jnp.where(present, value, 0.0)
             logged[f"{name}/present"] = present.astype(jnp.float32)
         return total, logged
 
     return loss_fn
+
+
+def data_losses(losses) -> dict:
+    """The losses of a domain that depend on its examples (all but the parameter terms)."""
+    return {k: losses[k] for k in losses.keys() if k not in config_lib.PARAMETER}
+
+
+def per_example_loss_fn(losses, head: dict, aggregation: str, embed: Callable,
+                        reference=None) -> Callable:
+    """-> loss(backbone, batch) -> (B,): a domain's data losses (`data_losses`) on each
+    example alone, for EWC's empirical Fisher (retention.estimate_fisher).
+
+    Each example is its own batch of one (vmapped), all of it the domain's; an
+    online teacher runs on `reference`.
+    """
+    losses = data_losses(losses)
+
+    def loss(backbone, batch):
+        def one(ex):
+            ex = jax.tree.map(lambda x: x[None], ex)
+            f = embed(backbone, ex["image"]).astype(jnp.float32)
+            terms = domain_terms(losses, head, f, ex, jnp.ones((1,), bool), reference, embed)
+            return aggregate(losses, terms, aggregation)
+        return jax.vmap(one)(batch)
+
+    return loss

@@ -27,10 +27,11 @@ import numpy as np
 
 from infusing_jax import errors
 from infusing_jax import checkpoints
-from infusing_jax import config as config_lib
+from infusing_jax.training import config as config_lib
 from infusing_jax import tokenizers
-from infusing_jax.data import preprocess
+from infusing_jax.data import tf_views
 from infusing_jax.data import sources
+from infusing_jax.evaluation import embedding
 from infusing_jax.evaluation import metrics as metrics_lib
 from infusing_jax.evaluation import prompts
 from infusing_jax.evaluation import text_retrieval
@@ -87,9 +88,12 @@ def _split(source, name: str, where: str):
 
 
 def _embedded(encode, split, cfg, desc):
-    view = preprocess.eval_fn(cfg.model.family, cfg.model.image_size)
-    emb, cols = text_retrieval.embed_split(encode, split, view, cfg.eval.batch_size,
-                                           ("label", "coarse_label", "id"), desc)
+    view = tf_views.eval_fn(cfg.model.family, cfg.model.image_size)
+    out = embedding.embed_split(encode, split, view, batch_size=cfg.eval.batch_size,
+                                columns=("label", "coarse_label", "id"), desc=desc)
+    if not len(out.embeddings):
+        raise errors.UserError(f"split {split.name}: no image could be decoded")
+    emb, cols = out.embeddings, out.columns
     return dict(embeddings=emb, labels=cols["label"], coarse=cols["coarse_label"],
                 ids=cols["id"], has_coarse=split.num_coarse_classes > 0)
 
@@ -145,7 +149,7 @@ def text_retrieval_sets(cfg, encode, texts) -> dict:
         t = cfg.eval.text_retrieval[name]
         source = _source(t, cfg, f"text_retrieval.{name}")
         split = source.split(source.roles.query)
-        view = preprocess.eval_fn(cfg.model.family, cfg.model.image_size)
+        view = tf_views.eval_fn(cfg.model.family, cfg.model.image_size)
         kw = dict(text_file=t.text_embeddings) if t.text_embeddings else dict(
             embed_texts=texts.embed_texts)
         out[name] = text_retrieval.evaluate_split(encode, split, view,
@@ -170,7 +174,7 @@ def _zero_shot(encode, texts, cfg) -> dict:
             names = prompts.tfds_class_names(dataset.split(":")[0], config_lib.data_dir(cfg, t))
         templates = prompts.check_templates(t.templates) if t.templates else prompts.templates(
             t.source.partition(":")[2].split(":")[0])
-        view = preprocess.eval_fn(cfg.model.family, cfg.model.image_size)
+        view = tf_views.eval_fn(cfg.model.family, cfg.model.image_size)
         out[name] = zero_shot.evaluate_split(encode, texts.embed_texts, split, view, names,
                                              templates, cfg.eval.batch_size)
     return out

@@ -32,7 +32,8 @@ import ml_collections
 
 from infusing_jax import errors
 from infusing_jax import fields
-from infusing_jax import optim
+from infusing_jax.data import mixing
+from infusing_jax.training import optim
 from infusing_jax.losses import classification
 from infusing_jax.models import transformer
 
@@ -40,7 +41,6 @@ ROLES = ("target", "generic")
 AGGREGATIONS = ("weighted_sum", "weighted_average")
 TEACHERS = ("precomputed", "online")
 SELECT_BY = ("all", "in-domain", "out-of-domain", "last")
-MIXES = ("round_robin", "balanced", "dataset_size", "weights")  # data/pipeline.py
 
 # kind -> default settings; every loss has a `weight`.
 CLASSIFIERS = {
@@ -215,7 +215,7 @@ MODEL = dict(
                                             "'nothing_saveable'"),
     dtype=fields.one_of(*DTYPES), param_dtype=fields.one_of(*DTYPES))
 DATA = dict(
-    data_dir=fields.text(), batch_size=fields.integer(1), mix=fields.one_of(*MIXES),
+    data_dir=fields.text(), batch_size=fields.integer(1), mix=fields.one_of(*mixing.MIXES),
     one_domain_per_batch=fields.boolean(), shuffle_buffer=fields.integer(1),
     resize=fields.integer(0), num_shards=fields.integer(0))
 DOMAIN = dict(

@@ -1,4 +1,4 @@
-"""Fine-tuning: the training loop around step.py's pure train step.
+"""Fine-tuning: the training loop around the jitted step (step.build).
 
     train_and_evaluate(config, workdir)
 
@@ -7,14 +7,12 @@ over devices, parameters replicated or FSDP-sharded. `reference` is the frozen
 pretrained backbone: the anchor of the parameter terms and the online teacher.
 It is not checkpointed (it is reloaded from model.checkpoint).
 """
-import functools
 import json
 import os
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 import tqdm
@@ -22,22 +20,22 @@ from absl import logging
 from flax.metrics import tensorboard
 from jax.experimental import multihost_utils
 
-from infusing_jax import checkpointing
 from infusing_jax import checkpoints
-from infusing_jax import config as config_lib
 from infusing_jax import errors
-from infusing_jax import objective
-from infusing_jax import optim
 from infusing_jax import sharding
-from infusing_jax import step as step_lib
-from infusing_jax import validation
-from infusing_jax.data import device_put
-from infusing_jax.data import domains as domains_lib
+from infusing_jax.data import mixing
 from infusing_jax.data import pipeline
-from infusing_jax.data import preprocess
 from infusing_jax.data import teacher as teacher_lib
-from infusing_jax.evaluation import suite
+from infusing_jax.data import tf_views
 from infusing_jax.losses import retention
+from infusing_jax.training import backbone as backbone_lib
+from infusing_jax.training import config as config_lib
+from infusing_jax.training import domains as domains_lib
+from infusing_jax.training import objective
+from infusing_jax.training import run_checkpoints
+from infusing_jax.training import step as step_lib
+from infusing_jax.training import suite
+from infusing_jax.training import validation
 
 DEVICE_FIELDS = ("image", "label", "domain", "teacher", "has_teacher")
 
@@ -47,12 +45,6 @@ class NonFiniteLoss(errors.UserError):
 
 
 # ---------------------------------------------------------------------------- set-up
-
-
-def _needs_reference(cfg, names) -> bool:
-    return any(k in config_lib.PARAMETER or
-               (k in config_lib.DISTILLATION and cfg.domains[n].losses[k].teacher == "online")
-               for n in names for k in cfg.domains[n].losses.keys())
 
 
 def _precomputed(cfg, name) -> bool:
@@ -71,7 +63,7 @@ def teacher_descriptors(cfg, split, name: str, encode, fingerprint: str, workdir
                 path, jax.process_index(), jax.process_count())):
             family, size = cfg.model.family, cfg.model.image_size
             desc, skipped = teacher_lib.extract(
-                encode, split, preprocess.eval_fn(family, size), fingerprint,
+                encode, split, tf_views.eval_fn(family, size), fingerprint,
                 batch_size=cfg.train.eval_batch_size // jax.process_count(),
                 process_index=jax.process_index(), process_count=jax.process_count())
             if skipped:
@@ -109,36 +101,26 @@ _ZERO_FISHER = ("config.domains.{}.losses.ewc: the Fisher is zero at the pretrai
                 "teacher='precomputed' or add a classifier loss")
 
 
-def estimate_fisher(cfg, splits, loss_domain: str, embed, backbone, heads, train_fn,
+def estimate_fisher(cfg, split, loss_domain: str, embed, backbone, heads, view,
                     descriptors, seed: int):
     """EWC's diagonal empirical Fisher at the pretrained weights, per example, on
-    `fisher_batches` batches of the domain `loss_domain` under its own data losses."""
+    `fisher_batches` batches of the domain `loss_domain` (its `split`) under its own data
+    losses (objective.per_example_loss_fn)."""
     losses = cfg.domains[loss_domain].losses
-    data_losses = {k: losses[k] for k in losses.keys() if k not in config_lib.PARAMETER}
+    data_losses = objective.data_losses(losses)
     if not data_losses:
         raise errors.UserError(f"config.domains.{loss_domain}.losses.ewc: the Fisher needs a data "
                          "loss in the same domain (e.g. feature_mse or a classifier)")
     if all(k in config_lib.DISTILLATION and data_losses[k].teacher == "online"
            for k in data_losses):
         raise errors.UserError(_ZERO_FISHER.format(loss_domain))
-    ds = pipeline.train_dataset([pipeline.Domain(loss_domain, splits[loss_domain].train,
-                                                 descriptors=descriptors.get(loss_domain))],
-                                train_fn, cfg.data.batch_size, seed + 1,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count(),
-                                num_shards=cfg.data.num_shards)
-    head = heads.get(loss_domain, {})
-
-    def per_example(bb, batch):
-        def one(ex):
-            ex = jax.tree.map(lambda x: x[None], ex)
-            ex["domain"] = jnp.zeros_like(ex["domain"])
-            mask = jnp.ones((1,), bool)
-            f = embed(bb, ex["image"]).astype(jnp.float32)
-            terms = objective.domain_terms(data_losses, head, f, ex, mask, backbone, embed)
-            return objective.aggregate(data_losses, terms, cfg.loss_aggregation)
-        return jax.vmap(one)(batch)
-
+    ds = pipeline.train_dataset(
+        [pipeline.Domain(loss_domain, split, descriptors=descriptors.get(loss_domain))],
+        view, global_batch_size=cfg.data.batch_size, seed=seed + 1,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_shards=cfg.data.num_shards)
+    per_example = objective.per_example_loss_fn(losses, heads.get(loss_domain, {}),
+                                                cfg.loss_aggregation, embed, reference=backbone)
     batches = ({k: np.asarray(v) for k, v in b.items() if k in DEVICE_FIELDS}
                for b in ds.take(losses.ewc.fisher_batches))
     fisher = retention.estimate_fisher(per_example, backbone, batches)
@@ -211,55 +193,46 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     if cfg.train.eval_batch_size % mesh.size:
         raise errors.UserError(f"config.train.eval_batch_size: {cfg.train.eval_batch_size} is "
                                f"not divisible by the {mesh.size} devices")
-    model, backbone, model_cfg = step_lib.load_image_tower(cfg.model)
-    embed = step_lib.embed_fn(model)
+    model, backbone, model_cfg = backbone_lib.load_image_tower(cfg.model)
+    embed = backbone_lib.embed_fn(model)
     splits = {n: domains_lib.load(cfg, n) for n in names}
-    train_fn = preprocess.train_fn(cfg.model.family, cfg.model.image_size, cfg.data.resize or None)
+    view = tf_views.train_fn(cfg.model.family, cfg.model.image_size, cfg.data.resize or None)
     inputs = [pipeline.Domain(n, splits[n].train, cfg.domains[n].weight) for n in names]
-    pipeline.check_views(inputs, train_fn)
-    pipeline.mix_weights(inputs, cfg.data.mix)  # a mix that cannot work fails before any work
+    pipeline.check_views(inputs, view)
+    mixing.weights(inputs, cfg.data.mix)  # a mix that cannot work fails before any work
     fingerprint = teacher_lib.fingerprint(checkpoints.to_flat({"img": backbone}), model_cfg)
     encode = jax.jit(lambda images: embed(backbone, images))
     descriptors = {n: teacher_descriptors(cfg, splits[n].train, n, encode, fingerprint, workdir)
                    for n in names if _precomputed(cfg, n)}
 
     steps_per_epoch, num_steps = schedule_length(cfg, splits)
-    tx = optim.make_optimizer(cfg.optim, steps_per_epoch, model_cfg.image.depth, num_steps)
-    lrs = optim.learning_rates(cfg.optim, steps_per_epoch, model_cfg.image.depth, num_steps)
     num_classes = {n: splits[n].train.num_classes for n in names}
     dim = jax.eval_shape(embed, backbone, np.zeros((1, cfg.model.image_size,
                                                     cfg.model.image_size, 3))).shape[-1]
-    heads = jax.device_get(objective.init_heads(cfg, names, num_classes, dim,
+    heads = jax.device_get(objective.init_heads(cfg.domains, names, num_classes, dim,
                                                 jax.random.PRNGKey(cfg.seed)))
     ewc_domains = [n for n in names if "ewc" in cfg.domains[n].losses]
-    reference = backbone if _needs_reference(cfg, names) else None
-
-    init = functools.partial(step_lib.create_train_state, tx=tx,
-                             ema=cfg.optim.ema_decay is not None)
-    abstract = jax.eval_shape(init, backbone, heads, fisher=backbone if ewc_domains else None)
-    state_sh = sharding.state_shardings(abstract, mesh, cfg.train.fsdp)
-    ref_sh = sharding.state_shardings(jax.eval_shape(lambda: reference), mesh, cfg.train.fsdp)
-    reference = jax.device_put(reference, ref_sh)
-    loss_fn = objective.make_loss_fn(cfg, names, embed)
-    step_fn = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx,
-                                        ema_decay=cfg.optim.ema_decay),
-                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+    built = step_lib.build(cfg, names, embed, backbone, heads, depth=model_cfg.image.depth,
+                           steps_per_epoch=steps_per_epoch, num_steps=num_steps, mesh=mesh,
+                           ewc=bool(ewc_domains))
+    reference = built.place_reference(backbone)
 
     ds = pipeline.train_dataset(
         [pipeline.Domain(n, splits[n].train, cfg.domains[n].weight, descriptors.get(n))
          for n in names],
-        train_fn, cfg.data.batch_size, cfg.seed, cfg.data.mix, cfg.data.one_domain_per_batch,
-        jax.process_index(), jax.process_count(), cfg.data.shuffle_buffer, cfg.data.num_shards)
+        view, global_batch_size=cfg.data.batch_size, seed=cfg.seed, mix=cfg.data.mix,
+        one_domain_per_batch=cfg.data.one_domain_per_batch,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        shuffle_buffer=cfg.data.shuffle_buffer, num_shards=cfg.data.num_shards)
     iterator = iter(ds)
     counter = pipeline.SkipCounter(names)
-    mngr = checkpointing.manager(workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpoints)
-    best = checkpointing.best_manager(workdir)
-    abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                               abstract, state_sh)
+    mngr = run_checkpoints.manager(workdir, cfg.train.keep_checkpoints,
+                                   cfg.train.async_checkpoints)
+    best = run_checkpoints.best_manager(workdir)
 
     if mngr.latest_step() is not None:
         try:
-            state = checkpointing.restore(mngr, abstract_sh, iterator, counter)
+            state = run_checkpoints.restore(mngr, built.abstract_state, iterator, counter)
         except (ValueError, KeyError, TypeError, tf.errors.OpError) as e:
             raise errors.UserError(_resume_mismatch(workdir, previous, config_json, e)) from None
         _forget_logs_after(workdir, int(state.step))
@@ -268,11 +241,12 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         fisher = None
         if ewc_domains:
             generic = [n for n in names if cfg.domains[n].role == "generic"]
-            fisher = estimate_fisher(cfg, splits, (generic or ewc_domains)[0], embed,
-                                     backbone, heads, train_fn, descriptors, cfg.seed)
-        state = jax.jit(init, out_shardings=state_sh)(backbone, heads, fisher=fisher)
+            name = (generic or ewc_domains)[0]
+            fisher = estimate_fisher(cfg, splits[name].train, name, embed, backbone, heads,
+                                     view, descriptors, cfg.seed)
+        state = built.init(backbone, heads, fisher=fisher)
 
-    checkpointing.write_json(os.path.join(workdir, "config.json"), config_json)
+    run_checkpoints.write_json(os.path.join(workdir, "config.json"), config_json)
     validator = validation.Validator(cfg, names, splits, embed, mesh)
     is_main = jax.process_index() == 0
     writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
@@ -280,11 +254,11 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", unit="step", file=sys.stderr,
                     disable=not (cfg.train.progress and is_main), dynamic_ncols=True)
     while step < num_steps:
-        host = _host_batch(_next_batch(iterator, splits, train_fn))
+        host = _host_batch(_next_batch(iterator, splits, view))
         counter.update(host)
-        batch = device_put.global_batch({k: v for k, v in host.items() if k in DEVICE_FIELDS},
-                                        mesh)
-        state, metrics = step_fn(state, batch, reference)
+        batch = sharding.global_batch({k: v for k, v in host.items() if k in DEVICE_FIELDS},
+                                      mesh)
+        state, metrics = built.step(state, batch, reference)
         metrics = jax.device_get(metrics)
         step += 1
         if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
@@ -297,14 +271,15 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == num_steps:
             scalars = log.scalars()
-            scalars.update({f"lr/{k}": float(s(step - 1)) for k, s in lrs.items()})
+            scalars.update({f"lr/{k}": float(s(step - 1))
+                            for k, s in built.learning_rates.items()})
             scalars.update({f"skipped/{k}": v for k, v in counter.skipped().items()})
             _write_scalars(writer, workdir, step, scalars)
             bar.set_postfix(loss=f"{scalars['loss']:.4g}", refresh=False)
             log.reset()
         preempted = mngr.reached_preemption(step)
         if step % cfg.train.checkpoint_every == 0 or step == num_steps or preempted:
-            checkpointing.save(mngr, step, state, iterator, counter)
+            run_checkpoints.save(mngr, step, state, iterator, counter)
         if preempted:
             mngr.wait_until_finished()
             logging.warning("preempted: saved step %d; run the same command to resume", step)
@@ -315,7 +290,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
             val = validator.run(params["backbone"])
             _write_scalars(writer, workdir, step, {f"val/{k}": v for k, v in val.items()})
             if cfg.train.select_by != "last" and "score" in val:
-                checkpointing.save_best(best, step, params, val)
+                run_checkpoints.save_best(best, step, params, val)
     bar.close()
     mngr.wait_until_finished()
     best.wait_until_finished()
@@ -324,7 +299,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     summary = dict(step=step, num_steps=num_steps, steps_per_epoch=steps_per_epoch,
                    skipped=counter.skipped(), best_step=best.best_step(),
                    domains=names)
-    checkpointing.write_json(os.path.join(workdir, "train_summary.json"), summary)
+    run_checkpoints.write_json(os.path.join(workdir, "train_summary.json"), summary)
     skipped = {k: v for k, v in counter.skipped().items() if v}
     if skipped:
         logging.warning("undecodable images skipped (per domain): %s", skipped)
@@ -349,7 +324,7 @@ def selected_backbone(cfg, state, best):
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local),
                             state.params)
-    return step, jax.device_get(checkpointing.restore_best(best, step, abstract)["backbone"])
+    return step, jax.device_get(run_checkpoints.restore_best(best, step, abstract)["backbone"])
 
 
 def test(cfg, workdir: str, embed, pretrained, state, best, writer) -> None:
@@ -361,7 +336,7 @@ def test(cfg, workdir: str, embed, pretrained, state, best, writer) -> None:
                                                     "fine-tuned": finetuned})
         curve = [dict(alpha=a, **models[m]["headline"])
                  for a, m in ((0.0, "pretrained"), (1.0, "fine-tuned"))]
-        checkpointing.write_json(os.path.join(workdir, "results.json"), dict(
+        run_checkpoints.write_json(os.path.join(workdir, "results.json"), dict(
             step=step, selected_by=cfg.train.select_by, models=models, wise_ft=curve,
             weights="ema" if config_lib.uses_ema(cfg) else "raw"))
         _write_scalars(writer, workdir, int(state.step), {

@@ -1,56 +1,17 @@
-"""The fine-tuning train state and the pure train step (no TensorFlow).
+"""The image tower a run fine-tunes: its Flax module, its parameters and its embedding.
 
-    state = create_train_state(backbone, heads, tx, ema, fisher)
-    state, metrics = train_step(state, batch, reference, loss_fn=..., tx=...)
+    model, backbone, model_cfg = load_image_tower(config.model)
+    embed = embed_fn(model)          # embed(backbone, images) -> (B, E), L2-normalised
 
-No input pipeline here (train.py runs the loop), so the step and its set-up
-(`load_image_tower`, `embed_fn`) import without TensorFlow: benchmarks and
-accelerator images that lack it use them as they are.
+No TensorFlow in its imports (the step and the benchmarks use it as it is).
 """
-from typing import Any, Callable, Optional
+from typing import Callable
 
-import flax
 import jax
-import jax.numpy as jnp
-import optax
 
 from infusing_jax import checkpoints
 from infusing_jax import errors
 from infusing_jax import models
-from infusing_jax import optim
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any  # {'backbone': image tower, 'heads': {domain: {...}}}
-    opt_state: Any
-    ema: Any  # like params, or None
-    fisher: Any  # like params['backbone'] (EWC), or None
-
-
-def create_train_state(backbone, heads, tx: optax.GradientTransformation,
-                       ema: bool = False, fisher=None) -> TrainState:
-    params = {"backbone": backbone, "heads": heads}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema=optim.ema_init(params) if ema else None, fisher=fisher)
-
-
-def train_step(state: TrainState, batch: dict, reference, *, loss_fn: Callable,
-               tx: optax.GradientTransformation, ema_decay: Optional[float] = None):
-    """-> (new state, metrics): one AdamW step on loss_fn(params, reference, fisher, batch).
-
-    metrics: 'loss', each '<domain>/<kind>' term and '<domain>/present', and the
-    global norms 'grad_norm', 'param_norm', 'update_norm'.
-    """
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, reference, state.fisher, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema if ema_decay is None else optim.ema_update(state.ema, params, ema_decay)
-    metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params), update_norm=optax.global_norm(updates))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
 
 def load_image_tower(model_cfg, abstract: bool = False):

@@ -9,7 +9,7 @@ import dataclasses
 from typing import Optional
 
 from infusing_jax import errors
-from infusing_jax import config as config_lib
+from infusing_jax.training import config as config_lib
 from infusing_jax.data import schema
 from infusing_jax.data import sources
 from infusing_jax.data import splits

@@ -1,7 +1,7 @@
 """Image preprocessing as TensorFlow ops, for tf.data `map` (graph mode, parallel calls).
 
 decode: any JPEG / PNG / GIF / BMP / WebP -> uint8 RGB, matching
-  `infusing_jax.preprocessing.load_rgb` (PIL): 16-bit PNGs scaled by 255/65535
+  `infusing_jax.data.pil_views.load_rgb` (PIL): 16-bit PNGs scaled by 255/65535
   and rounded (PIL truncates 16-bit colour: off by <= 1); PNG and WebP alpha
   composited on white; a BMP's 4th byte ignored, as PIL does. Not matched: a
   GIF's transparent pixels come out black (PIL: white); an 8-bit palette BMP
