@@ -149,6 +149,8 @@ def default_config() -> ml_collections.ConfigDict:
         keep_checkpoints=2,
         async_checkpoints=True,
         eval_every=0,           # 0: validate only at the end
+        eval_at_start=False,    # also validate the pretrained weights, before step 1 (the
+                                # authors do): with select_by, they may be the ones kept
         eval_batch_size=256,
         eval_k=20,
         select_by="all",        # keep-best by val mAP@k of 'in-domain', 'out-of-domain',
@@ -239,7 +241,8 @@ TRAIN = dict(
     num_steps=fields.integer(0), num_epochs=fields.number(at_least=0),
     log_every=fields.integer(1), checkpoint_every=fields.integer(1),
     keep_checkpoints=fields.integer(1), async_checkpoints=fields.boolean(),
-    eval_every=fields.integer(0), eval_batch_size=fields.integer(1), eval_k=fields.integer(1),
+    eval_every=fields.integer(0), eval_at_start=fields.boolean(),
+    eval_batch_size=fields.integer(1), eval_k=fields.integer(1),
     select_by=fields.one_of(*SELECT_BY), eval_ema=fields.boolean(), fsdp=fields.boolean(),
     progress=fields.boolean())
 EVAL = dict(

@@ -251,6 +251,18 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     is_main = jax.process_index() == 0
     writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
     log, step = _Log(names), int(state.step)
+
+    def validate(state, step: int) -> dict:
+        """Validation of the evaluated weights at `step`; the best kept by train.select_by."""
+        params = evaluated_params(cfg, state)
+        val = validator.run(params["backbone"])
+        _write_scalars(writer, workdir, step, {f"val/{k}": v for k, v in val.items()})
+        if cfg.train.select_by != "last" and "score" in val:
+            run_checkpoints.save_best(best, step, params, val)
+        return val
+
+    if validator.active and cfg.train.eval_at_start and step == 0:
+        validate(state, 0)
     bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", unit="step", file=sys.stderr,
                     disable=not (cfg.train.progress and is_main), dynamic_ncols=True)
     while step < num_steps:
@@ -286,11 +298,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
             break
         eval_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
         if validator.active and (eval_now or step == num_steps):
-            params = evaluated_params(cfg, state)
-            val = validator.run(params["backbone"])
-            _write_scalars(writer, workdir, step, {f"val/{k}": v for k, v in val.items()})
-            if cfg.train.select_by != "last" and "score" in val:
-                run_checkpoints.save_best(best, step, params, val)
+            validate(state, step)
     bar.close()
     mngr.wait_until_finished()
     best.wait_until_finished()
