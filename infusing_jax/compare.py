@@ -24,9 +24,6 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    """The command's flags, defined when it runs rather than on import: absl keeps one
-    global flag namespace, and the package's commands share names (--checkpoint, ...).
-    To run `main` from Python: define_flags(); app.run(main, argv)."""
     flags.DEFINE_string("output", None, "Directory for comparison.{json,md} and tradeoff.png.")
     flags.DEFINE_list("names", None, "Run names (default: the workdirs' basenames).")
     flags.mark_flag_as_required("output")

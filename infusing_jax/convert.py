@@ -17,9 +17,6 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    """The command's flags, defined when it runs rather than on import: absl keeps one
-    global flag namespace, and the package's commands share names (--checkpoint, ...).
-    To run `main` from Python: define_flags(); app.run(main, argv)."""
     flags.DEFINE_enum("to", None, checkpoints.FORMATS, "Output format (default: from DST).")
     flags.DEFINE_integer(
         "image_size", None, "Resample the image position embedding to this resolution.")

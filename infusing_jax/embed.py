@@ -31,9 +31,6 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    """The command's flags, defined when it runs rather than on import: absl keeps one
-    global flag namespace, and the package's commands share names (--checkpoint, ...).
-    To run `main` from Python: define_flags(); app.run(main, argv)."""
     flags.DEFINE_string("checkpoint", None, "Checkpoint (any supported format).")
     flags.DEFINE_string("images", None, "Folder of images, searched recursively.")
     flags.DEFINE_string("output", None, "Output .npz file.")

@@ -24,7 +24,6 @@ import jax
 import numpy as np
 import tensorflow as tf
 from absl import flags
-from ml_collections import config_flags
 
 from infusing_jax.training import run_checkpoints
 from infusing_jax import cli
@@ -39,19 +38,14 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    """The command's flags, defined when it runs rather than on import: absl keeps one
-    global flag namespace, and the package's commands share names (--checkpoint, ...).
-    To run `main` from Python: define_flags(); app.run(main, argv)."""
-    config_flags.DEFINE_config_file("config", None, "The run's configs/*.py file (and :ARG).",
-                                    lock_config=False)
-    flags.DEFINE_string("workdir", None, "The run's workdir; results.json goes here.")
+    cli.define_config_flag("The run's configs/*.py file (and :ARG).", lock=False)
+    cli.define_workdir_flag("The run's workdir; results.json goes here.")
     flags.DEFINE_string("checkpoint", None,
                         "Evaluate this pretrained checkpoint instead of a run.")
     flags.DEFINE_string("wise_ft", "", "Comma-separated WiSE-FT alphas, e.g. 0.25,0.5,0.75.")
     flags.DEFINE_string("export", None, "Write the image tower at --export_alpha here.")
     flags.DEFINE_float("export_alpha", 1.0, "WiSE-FT alpha of the export (1 = fine-tuned).")
     flags.DEFINE_bool("test", True, "Run the test sets (--notest: only --export).")
-    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def finetuned_backbone(cfg, workdir: str, pretrained):

@@ -28,9 +28,6 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    """The command's flags, defined when it runs rather than on import: absl keeps one
-    global flag namespace, and the package's commands share names (--checkpoint, ...).
-    To run `main` from Python: define_flags(); app.run(main, argv)."""
     flags.DEFINE_string("queries", None, "Query .npz file.")
     flags.DEFINE_string("index", None, "Index .npz file (default: the queries).")
     flags.DEFINE_integer("k", 20, "Rank cut-off of mMP@k and mAP@k.")
