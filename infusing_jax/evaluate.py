@@ -48,34 +48,6 @@ def define_flags():
     flags.DEFINE_bool("test", True, "Run the test sets (--notest: only --export).")
 
 
-def finetuned_backbone(cfg, workdir: str, pretrained):
-    """-> (step, image tower) of the run: best/ (as select_by kept it), else checkpoints/
-    (its EMA weights where config.uses_ema, as the run tested them)."""
-    best, last = run_checkpoints.best_manager(workdir), run_checkpoints.manager(workdir, 1, False)
-    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pretrained)
-    if cfg.train.select_by != "last" and best.best_step() is not None:
-        step = best.best_step()
-        return step, _restored(run_checkpoints.restore_item(best, step, "params")["backbone"], like)
-    step = last.latest_step()
-    if step is None:
-        raise errors.UserError(f"--workdir {workdir}: no checkpoint (neither best/ nor checkpoints/); "
-                         "train first, or pass --checkpoint to evaluate a pretrained model")
-    state = run_checkpoints.restore_item(last, step, "state")
-    weights = "ema" if config_lib.uses_ema(cfg) else "params"
-    if state.get(weights) is None:
-        raise errors.UserError(f"--workdir {workdir}: the run kept no EMA weights; evaluate "
-                               "with the run's own config (or --config.train.eval_ema=False)")
-    return step, _restored(state[weights]["backbone"], like)
-
-
-def _restored(params, like):
-    out = jax.tree.map(np.asarray, params)
-    if jax.tree.structure(out) != jax.tree.structure(like):
-        raise errors.UserError("--workdir: the run's checkpoint does not match model.checkpoint's "
-                         "image tower; evaluate with the run's own config")
-    return out
-
-
 def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
              export_alpha: float = 1.0, run_tests: bool = True) -> dict:
     """-> results.json's content ({} with run_tests False: export only)."""
@@ -89,7 +61,7 @@ def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
     backbones, step = {"pretrained": pretrained}, 0
     finetuned = None
     if not checkpoint:
-        step, finetuned = finetuned_backbone(cfg, workdir, pretrained)
+        step, finetuned = run_checkpoints.kept_backbone(cfg, workdir, pretrained)
         backbones["fine-tuned"] = finetuned
         for a in alphas:
             if 0.0 < a < 1.0:

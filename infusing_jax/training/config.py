@@ -302,11 +302,15 @@ def uses_ema(cfg) -> bool:
     return cfg.optim.ema_decay is not None and cfg.train.eval_ema
 
 
+def validated_by_domain(domain) -> bool:
+    """Whether a domain (config.domains.<name>) has a validation split (val_split or a
+    carved one)."""
+    return bool(domain.val_split or domain.val_classes_fraction or domain.holdout_fraction)
+
+
 def validated_by(cfg, role: str) -> bool:
-    """Whether a domain of `role` has a validation split (val_split or a carved one)."""
-    return any(cfg.domains[n].role == role and (cfg.domains[n].val_split or
-                                                cfg.domains[n].val_classes_fraction or
-                                                cfg.domains[n].holdout_fraction)
+    """Whether a domain of `role` has a validation split."""
+    return any(cfg.domains[n].role == role and validated_by_domain(cfg.domains[n])
                for n in cfg.domains.keys())
 
 
@@ -366,3 +370,33 @@ def _validate_eval(e):
     if e.validate_text and not e.text_retrieval.keys():
         _err("eval.validate_text", "no eval.text_retrieval set to validate on; add one or set "
              "it to False")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def describe_changes(old: dict, new: dict, limit: int = 6) -> str:
+    """The fields in which two configs (as JSON dicts) differ, as one phrase:
+    'config.optim.lr, config.domains.generic (gone), ...'; a group only one side has is
+    named once."""
+    old, new = _flat(old), _flat(new)
+    changed = []
+    for key in sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)):
+        parts = key.split(".")
+        for depth in range(1, len(parts) + 1):
+            group = ".".join(parts[:depth])
+            on_both = [any(k == group or k.startswith(group + ".") for k in side)
+                       for side in (old, new)]
+            if not all(on_both):
+                key = group + (" (new)" if on_both[1] else " (gone)")
+                break
+        if key not in changed:
+            changed.append(key)
+    return (", ".join("config." + k for k in changed[:limit]) or "none") + \
+        (", ..." if len(changed) > limit else "")

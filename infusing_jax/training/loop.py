@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -178,8 +179,14 @@ def _next_batch(iterator, splits, view):
         raise errors.UserError(f"config.domains.{name}.source: {reason}{detail}") from None
 
 
-def train_and_evaluate(cfg, workdir: str) -> dict:
-    """Train (or resume) the run in `workdir`; -> the run summary (also train_summary.json)."""
+def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = None) -> dict:
+    """Train (or resume) the run in `workdir`; -> the run summary (also train_summary.json):
+    step, num_steps, steps_per_epoch, skipped, best_step, domains, stopped_early, and `val`,
+    the validation metrics of the weights the run keeps (train.select_by; on process 0).
+
+    on_validation(step, val) -> bool, called on every process after each validation: True
+    stops the run there (a sweep's pruner), without the final test.
+    """
     config_lib.validate(cfg)
     tf.io.gfile.makedirs(workdir)
     config_json = json.loads(cfg.to_json_best_effort())
@@ -259,13 +266,12 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         _write_scalars(writer, workdir, step, {f"val/{k}": v for k, v in val.items()})
         if cfg.train.select_by != "last" and "score" in val:
             run_checkpoints.save_best(best, step, params, val)
-        return val
+        return bool(on_validation and on_validation(step, val))
 
-    if validator.active and cfg.train.eval_at_start and step == 0:
-        validate(state, 0)
+    stopped = validator.active and cfg.train.eval_at_start and step == 0 and validate(state, 0)
     bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", unit="step", file=sys.stderr,
                     disable=not (cfg.train.progress and is_main), dynamic_ncols=True)
-    while step < num_steps:
+    while step < num_steps and not stopped:
         host = _host_batch(_next_batch(iterator, splits, view))
         counter.update(host)
         batch = sharding.global_batch({k: v for k, v in host.items() if k in DEVICE_FIELDS},
@@ -298,15 +304,16 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
             break
         eval_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
         if validator.active and (eval_now or step == num_steps):
-            validate(state, step)
+            stopped = validate(state, step)
     bar.close()
     mngr.wait_until_finished()
     best.wait_until_finished()
-    if step >= num_steps and suite.has_tests(cfg):
+    if step >= num_steps and not stopped and suite.has_tests(cfg):
         test(cfg, workdir, embed, backbone, state, best, writer)
+    kept = best.best_step() if cfg.train.select_by != "last" else None
     summary = dict(step=step, num_steps=num_steps, steps_per_epoch=steps_per_epoch,
-                   skipped=counter.skipped(), best_step=best.best_step(),
-                   domains=names)
+                   skipped=counter.skipped(), best_step=best.best_step(), domains=names,
+                   stopped_early=bool(stopped), val=_validation(workdir, kept))
     run_checkpoints.write_json(os.path.join(workdir, "train_summary.json"), summary)
     skipped = {k: v for k, v in counter.skipped().items() if v}
     if skipped:
@@ -360,15 +367,6 @@ def _read_json(path: str):
         return json.loads(f.read())
 
 
-def _flat(tree, prefix=""):
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
-    return out
-
-
 def _resume_mismatch(workdir: str, previous, current, error) -> str:
     """The one line for a workdir whose checkpoint this config cannot resume."""
     where = f"--workdir={workdir}"
@@ -376,23 +374,25 @@ def _resume_mismatch(workdir: str, previous, current, error) -> str:
     if previous is None:
         return (f"{where}: its checkpoints/ do not fit this config ({why}); resume with the "
                 "run's own config, or give a new --workdir")
-    old, new = _flat(previous), _flat(current)
-    changed = []
-    for key in sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)):
-        parts = key.split(".")
-        for depth in range(1, len(parts) + 1):  # a domain or loss only one side has: once
-            group = ".".join(parts[:depth])
-            on_both = [any(k == group or k.startswith(group + ".") for k in side)
-                       for side in (old, new)]
-            if not all(on_both):
-                key = group + (" (new)" if on_both[1] else " (gone)")
-                break
-        if key not in changed:
-            changed.append(key)
     return (f"{where}: its checkpoints/ were written with another config (changed: "
-            f"{', '.join('config.' + k for k in changed[:6]) or 'none'}"
-            f"{', ...' if len(changed) > 6 else ''}); resume with the run's own config "
-            f"(WORKDIR/config.json), or give a new --workdir")
+            f"{config_lib.describe_changes(previous, current)}); resume with the run's own "
+            "config (WORKDIR/config.json), or give a new --workdir")
+
+
+def _validation(workdir: str, step: Optional[int]):
+    """{metric: value} of the validation at `step` (None: the last one) in metrics.jsonl, or
+    None where there is none (or on processes other than 0, which write no logs)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not tf.io.gfile.exists(path):
+        return None
+    found = None
+    with tf.io.gfile.GFile(path) as f:
+        for line in f:
+            record = json.loads(line)
+            val = {k[len("val/"):]: v for k, v in record.items() if k.startswith("val/")}
+            if val and (step is None or record["step"] == step):
+                found = val
+    return found
 
 
 def _forget_logs_after(workdir: str, step: int):

@@ -13,11 +13,14 @@ import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
+from infusing_jax import errors
 from infusing_jax import paths
 from infusing_jax.data import pipeline
+from infusing_jax.training import config as config_lib
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
@@ -116,3 +119,42 @@ def write_json(path: str, obj) -> None:
     with tf.io.gfile.GFile(tmp, "w") as f:
         f.write(json.dumps(obj, indent=2, sort_keys=True))
     tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def kept_backbone(cfg, workdir: str, pretrained):
+    """-> (step, image tower as numpy) that the run in `workdir` keeps: best/ (as
+    train.select_by kept it), else its last checkpoint (the EMA weights where
+    config.uses_ema, as the run tested them). pretrained: the tower, for its structure."""
+    best, last = best_manager(workdir), manager(workdir, 1, False)
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pretrained)
+    if cfg.train.select_by != "last" and best.best_step() is not None:
+        step = best.best_step()
+        return step, _restored(restore_item(best, step, "params")["backbone"], like)
+    step = last.latest_step()
+    if step is None:
+        raise errors.UserError(f"--workdir {workdir}: no checkpoint (neither best/ nor checkpoints/); "
+                         "train first, or pass --checkpoint to evaluate a pretrained model")
+    state = restore_item(last, step, "state")
+    weights = "ema" if config_lib.uses_ema(cfg) else "params"
+    if state.get(weights) is None:
+        raise errors.UserError(f"--workdir {workdir}: the run kept no EMA weights; evaluate "
+                               "with the run's own config (or --config.train.eval_ema=False)")
+    return step, _restored(state[weights]["backbone"], like)
+
+
+def _restored(params, like):
+    out = jax.tree.map(np.asarray, params)
+    if jax.tree.structure(out) != jax.tree.structure(like):
+        raise errors.UserError("--workdir: the run's checkpoint does not match model.checkpoint's "
+                         "image tower; evaluate with the run's own config")
+    return out
+
+
+def read_headlines(workdir: str):
+    """{model: headline} of WORKDIR/results.json (the kept weights' and the pretrained
+    model's test numbers), or None where the run has not tested."""
+    path = os.path.join(workdir, "results.json")
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return {name: m["headline"] for name, m in json.loads(f.read())["models"].items()}
