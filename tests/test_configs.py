@@ -1,6 +1,8 @@
-"""The configs/ files: each loads, validates, and follows the paper's recipe (docs/method.md)."""
+"""The configs/ files: each loads, validates, and follows the paper's recipe (docs/method.md);
+the six paper configs agree on it; :ARG is typed; configs/README.md lists every key."""
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -8,7 +10,9 @@ import importlib.util
 
 import pytest
 
+from infusing_jax import errors
 from infusing_jax.training import config as config_lib
+from infusing_jax.training import recipes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -39,6 +43,7 @@ def test_every_config_validates(path, arg):
     assert c.optim.lr == 1e-3 and c.optim.backbone_lr_mult == 1e-2
     assert c.optim.weight_decay == 1e-6 and c.optim.schedule == "constant"
     assert c.data.batch_size == 128 and c.data.mix == "round_robin"
+    assert c.train.eval_at_start  # the authors validate the pretrained weights (do_knn_at_start)
     if "naive" in arg:
         assert names == names[:1] and "anchoring" not in target.losses
         assert c.train.select_by == "in-domain"
@@ -64,11 +69,71 @@ def test_the_toy_configs_validate(method):
                                                   else {"target"})
     p = _load(os.path.join(REPO, "configs", "toy_pretrain.py"), "world=/w,steps=9")
     assert "pretrain" in p and p.train.num_steps == 9 and p.pretrain.tokenizer == "/w/spm.model"
+    assert not c.train.eval_at_start
 
 
-def test_a_bad_argument_and_missing_files_give_one_line_errors(tmp_path):
-    with pytest.raises(ValueError, match="config argument 'methd=naive'"):
-        _load(CONFIGS[0], "methd=naive")
+def _all_but_the_target(c) -> dict:
+    """The config as a dict, less what a paper config's target decides: its domain, its test
+    set and the run's length (3 epochs over its train images and ImageNet's 80%)."""
+    d = c.to_dict()
+    target = config_lib.ordered_domains(c)[0]
+    del d["domains"][target], d["train"]["num_steps"]
+    d["eval"]["retrieval"].pop(target, None)
+    return d
+
+
+@pytest.mark.parametrize("arg", ["", "method=naive",
+                                 "family=clip,data=/d,checkpoints=/c,tests=target+coco"])
+def test_the_paper_configs_agree_on_all_but_their_target(arg):
+    """Each paper config spells the recipe out; a change meant for all must reach all six."""
+    sop = _load(os.path.join(REPO, "configs", "sop.py"), arg)
+    for path in PAPER_CONFIGS:
+        c = _load(path, arg)
+        assert _all_but_the_target(c) == _all_but_the_target(sop), os.path.basename(path)
+        target = c.domains[config_lib.ordered_domains(c)[0]]
+        assert target.losses.to_dict() == sop.domains.sop.losses.to_dict()
+        assert target.val_split == "val" or target.val_classes_fraction == 0.1
+
+
+def test_the_paper_length_is_counted_as_the_authors_do():
+    """3 epochs of floor(train images / 128) steps: SOP's 48,942 and ImageNet's 80%."""
+    sop = os.path.join(REPO, "configs", "sop.py")
+    assert _load(sop, "").train.num_steps == 3 * (1_073_876 // 128) == 25_167
+    assert _load(sop, "method=naive").train.num_steps == 3 * (48_942 // 128)
+
+
+def test_the_argument_is_typed():
+    toy = os.path.join(REPO, "configs", "toy.py")
+    c = _load(toy, "method=naive,world=W,steps=7")
+    assert c.train.num_steps == 7 and isinstance(c.train.num_steps, int)
+    arg = recipes.parse_arg("on=False,n=3,x=0.5,s=a=b", on=True, n=1, x=1.0, s="", m=("a", "b"))
+    assert vars(arg) == dict(on=False, n=3, x=0.5, s="a=b", m="a")
+    for bad, words in [("steps=4OO", "steps '4OO': give a whole number"),
+                       ("method=bogus", "method 'bogus': use one of 'full', 'naive'"),
+                       ("methd=naive", "config argument 'methd': unknown; this config takes "
+                                       "method=, world=, steps="),
+                       ("steps", "config argument 'steps': give a value")]:
+        with pytest.raises(errors.UserError, match=re.escape(words)) as e:
+            _load(toy, bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(errors.UserError, match="on 'yes': use true or false"):
+        recipes.parse_arg("on=yes", on=False)
+    with pytest.raises(errors.UserError, match="family 'vit': use one of 'siglip', 'clip'"):
+        _load(PAPER_CONFIGS[0], "family=vit")
+
+
+def test_the_readme_lists_every_key():
+    """configs/README.md has each file's :ARG keys (a file's unknown-key error lists them)."""
+    readme = open(os.path.join(REPO, "configs", "README.md")).read()
+    for path in CONFIGS:
+        with pytest.raises(errors.UserError) as e:
+            _load(path, "no_such_key=1")
+        keys = str(e.value).split("this config takes ")[1].split(", ")
+        assert f"`{os.path.basename(path)}`" in readme
+        assert all(f"`{key[:-1]}`" in readme for key in keys), (path, keys)
+
+
+def test_missing_files_give_one_line_errors(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "infusing_jax.main", f"--workdir={tmp_path}",
          f"--config=configs/sop.py:data={tmp_path}/none,checkpoints={tmp_path}"],
