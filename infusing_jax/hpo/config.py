@@ -14,8 +14,10 @@
   objectives    validation metrics to maximise, each a key of the run's validation:
                 'all' (the paper's selection score: the mean of in-domain and
                 out-of-domain val mAP@k), 'in-domain', 'out-of-domain',
-                '<domain>/<metric>' (e.g. 'target/recall@1'), 'text/<set>/<metric>'
-                (with eval.validate_text); several: a Pareto search
+                'retention' (train.eval_retention: the generic val images' cosine
+                to the pretrained model's embedding), '<domain>/<metric>' (e.g.
+                'target/recall@1'), 'text/<set>/<metric>' (with eval.validate_text);
+                several: a Pareto search
   pruner        'none', 'median' (stop a trial whose score at a validation is below the
                 median of earlier trials' there) or 'successive_halving'; one
                 objective only. Trials validate every train.eval_every steps.
@@ -35,7 +37,7 @@ from infusing_jax.training import config as run_config
 
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
 PRUNERS = ("none", "median", "successive_halving")
-ROLE_SCORES = ("all", "in-domain", "out-of-domain")
+ROLE_SCORES = ("all", "in-domain", "out-of-domain", "retention")
 RETRIEVAL_METRICS = ("recall@1", "mmp@{k}", "map@{k}", "map@r")
 TEXT_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
@@ -102,10 +104,12 @@ def _check_objective(name: str, run_cfg) -> None:
     where = "config.sweep.objectives"
     k = run_cfg.train.eval_k
     needs = {"all": ("target", "generic"), "in-domain": ("target",),
-             "out-of-domain": ("generic",)}
+             "out-of-domain": ("generic",), "retention": ("generic",)}
     if name in needs:
         if not any(run_config.validated_by(run_cfg, role) for role in needs[name]):
             fields.fail(where, f"{name!r}: no {' or '.join(needs[name])} domain has a val split")
+        if name == "retention" and not run_cfg.train.eval_retention:
+            fields.fail(where, "'retention' needs train.eval_retention=True")
         return
     head, _, metric = name.partition("/")
     if head == "text":
@@ -120,7 +124,9 @@ def _check_objective(name: str, run_cfg) -> None:
     metrics = [m.format(k=k) for m in RETRIEVAL_METRICS]
     domain = run_cfg.domains[head] if head in run_cfg.domains else None
     if domain is None or not run_config.validated_by_domain(domain):
-        fields.fail(where, f"{name!r}: use 'all', 'in-domain', 'out-of-domain', "
+        fields.fail(where, f"{name!r}: use {', '.join(map(repr, ROLE_SCORES))}, "
                     "'<domain>/<metric>' of a domain with a val split, or 'text/<set>/<metric>'")
+    if domain.role == "generic" and run_cfg.train.eval_retention:
+        metrics.append("retention")
     if metric not in metrics:
         fields.fail(where, f"{name!r}: the metric must be one of {', '.join(metrics)}")

@@ -32,7 +32,8 @@ def measure(sweep, run_cfg, workdir: str) -> dict:
     names = config_lib.ordered_domains(run_cfg)
     validator = validation.Validator(run_cfg, names, {n: domains_lib.load(run_cfg, n)
                                                       for n in names},
-                                     backbone_lib.embed_fn(model), sharding.make_mesh())
+                                     backbone_lib.embed_fn(model), sharding.make_mesh(),
+                                     pretrained=pretrained)
     out = {"pretrained": {"val": validator.run(pretrained)}}
     if sweep.baseline is not None:
         if sweep.baseline.model.checkpoint != run_cfg.model.checkpoint:

@@ -87,8 +87,15 @@ class Census:
     waiting: List[optuna.trial.FrozenTrial]
 
 
-def is_retry(trial) -> bool:
-    return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial) is not None
+def frozen(trial) -> optuna.trial.FrozenTrial:
+    """A running trial's record as the storage holds it (system attributes included)."""
+    return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
+def original_number(trial) -> int:
+    """The number of the trial that a retry repeats (its own for a first attempt)."""
+    first = RETRY.retried_trial_number(frozen(trial))
+    return trial.number if first is None else first
 
 
 def census(trials) -> Census:
@@ -104,7 +111,7 @@ def census(trials) -> Census:
 def claim(study, trial, budget: int) -> None:
     """Raise Surplus where `trial` (just asked for, RUNNING) is past the budget: counted
     among the trials before it, by number; a retry always replaces its original."""
-    if is_retry(trial):
+    if original_number(trial) != trial.number:
         return
     before = [t for t in census(study.get_trials(deepcopy=False)).live if t.number < trial.number]
     if len(before) >= budget:

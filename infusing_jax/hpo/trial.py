@@ -46,8 +46,7 @@ class Coordinator:
 
 
 def trial_dir(workdir: str, trial) -> str:
-    original = study_lib.RETRY.retried_trial_number(trial)
-    return os.path.join(workdir, "trials", str(trial.number if original is None else original))
+    return os.path.join(workdir, "trials", str(study_lib.original_number(trial)))
 
 
 def objective_values(val: Optional[dict], objectives) -> list:

@@ -40,7 +40,7 @@ from infusing_jax.models import transformer
 ROLES = ("target", "generic")
 AGGREGATIONS = ("weighted_sum", "weighted_average")
 TEACHERS = ("precomputed", "online")
-SELECT_BY = ("all", "in-domain", "out-of-domain", "last")
+SELECT_BY = ("all", "in-domain", "out-of-domain", "retention", "last")
 
 # kind -> default settings; every loss has a `weight`.
 CLASSIFIERS = {
@@ -151,6 +151,8 @@ def default_config() -> ml_collections.ConfigDict:
         eval_every=0,           # 0: validate only at the end
         eval_at_start=False,    # also validate the pretrained weights, before step 1 (the
                                 # authors do): with select_by, they may be the ones kept
+        eval_retention=False,   # also the generic val images' cosine to the pretrained
+                                # model's embedding ('retention', validation.py)
         eval_batch_size=256,
         eval_k=20,
         select_by="all",        # keep-best by val mAP@k of 'in-domain', 'out-of-domain',
@@ -242,6 +244,7 @@ TRAIN = dict(
     log_every=fields.integer(1), checkpoint_every=fields.integer(1),
     keep_checkpoints=fields.integer(1), async_checkpoints=fields.boolean(),
     eval_every=fields.integer(0), eval_at_start=fields.boolean(),
+    eval_retention=fields.boolean(),
     eval_batch_size=fields.integer(1), eval_k=fields.integer(1),
     select_by=fields.one_of(*SELECT_BY), eval_ema=fields.boolean(), fsdp=fields.boolean(),
     progress=fields.boolean())
@@ -347,9 +350,11 @@ def validate(cfg) -> None:
     t = cfg.train
     if t.num_steps == 0 and t.num_epochs <= 0:
         _err("train.num_epochs", f"must be > 0 when train.num_steps is 0, got {t.num_epochs!r}")
+    if t.select_by == "retention" and not t.eval_retention:
+        _err("train.select_by", "'retention' needs train.eval_retention=True")
     if t.select_by != "last":
         needs = {"in-domain": ("target",), "out-of-domain": ("generic",),
-                 "all": ("target", "generic")}[t.select_by]
+                 "retention": ("generic",), "all": ("target", "generic")}[t.select_by]
         if not any(validated_by(cfg, role) for role in needs):
             _err("train.select_by", f"{t.select_by!r} keeps the best checkpoint by validation, "
                  f"but no {' or '.join(needs)} domain has a val split (val_split, "

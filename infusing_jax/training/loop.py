@@ -254,7 +254,7 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
         state = built.init(backbone, heads, fisher=fisher)
 
     run_checkpoints.write_json(os.path.join(workdir, "config.json"), config_json)
-    validator = validation.Validator(cfg, names, splits, embed, mesh)
+    validator = validation.Validator(cfg, names, splits, embed, mesh, pretrained=backbone)
     is_main = jax.process_index() == 0
     writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
     log, step = _Log(names), int(state.step)

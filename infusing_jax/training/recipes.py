@@ -9,6 +9,7 @@ started with the repository root as sys.path[0] (`python -m` from there), not fr
 another folder, a script, or a config file written elsewhere (colab/finetune_siglip.ipynb
 writes one into its WORKDIR).
 """
+import importlib.util
 import os
 import types
 
@@ -110,3 +111,14 @@ def add_test_sets(c, tests: str, data: str, target: str) -> None:
     if "zero_shot" in names:
         c.eval.zero_shot.imagenet = config_lib.zero_shot_test("tfds:imagenet2012",
                                                               split="test")
+
+
+def config_from_file(path: str, arg: str = None):
+    """What the config file at `path` returns for `arg` (its :ARG): how one config file
+    builds on another (configs/toy_sweep.py on configs/toy.py), since config files are
+    loaded by path, not imported."""
+    spec = importlib.util.spec_from_file_location(
+        "config_" + os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

@@ -6,6 +6,11 @@ from `evaluation.metrics.retrieval_metrics`. Scores (k = train.eval_k):
   in-domain      mean mAP@k over the target domains' val splits
   out-of-domain  mean mAP@k over the generic domains' val splits
   all            the mean of the two (of the one there is, if only one)
+  retention      with train.eval_retention: the mean over the generic domains' val
+                 images of cos(f, f0), each image's embedding against the pretrained
+                 model's (`<domain>/retention` per domain). 1 where nothing moved; unlike
+                 kNN scores it sees a rotation of the embedding space, which breaks the
+                 alignment with the frozen text tower. It needs no labels.
 `score` is the one `train.select_by` names; the best checkpoint is kept by it.
 With eval.validate_text, eval's image<->text sets are run too ('text/<set>/<metric>',
 by process 0 on its devices).
@@ -23,13 +28,16 @@ from infusing_jax.training import suite
 class Validator:
     """Runs the val kNN of every domain that has a val split."""
 
-    def __init__(self, cfg, names, splits, embed, mesh):
+    def __init__(self, cfg, names, splits, embed, mesh, pretrained=None):
+        """pretrained: the pretrained backbone, for train.eval_retention."""
         self.cfg, self.mesh = cfg, mesh
         self.domains = [(n, splits[n].role, splits[n].val) for n in names
                         if splits[n].val is not None]
         self.active = bool(self.domains)
         self.encode = jax.jit(embed)
         self.preprocess = tf_views.eval_fn(cfg.model.family, cfg.model.image_size)
+        self.pretrained = pretrained if cfg.train.eval_retention else None
+        self.anchors = {}  # generic domain -> the pretrained model's val embeddings
         self.texts = None
         if cfg.eval.validate_text and cfg.eval.text_retrieval.keys():
             self.texts = suite.load_text_side(cfg)
@@ -39,12 +47,16 @@ class Validator:
         """-> {'<domain>/<metric>': ..., 'in-domain', 'out-of-domain', 'all', 'score'}."""
         k = self.cfg.train.eval_k
         out, by_role = {}, {"target": [], "generic": []}
+        retention = []
         for name, role, split in self.domains:
-            out_split = embedding.embed_split(
-                lambda images: self.encode(backbone, images), split, self.preprocess,
-                batch_size=self.cfg.train.eval_batch_size, columns=("label",), mesh=self.mesh,
-                desc=f"val {name}")
+            out_split = self._embed(backbone, split, name)
             labels = out_split.columns["label"]
+            if role == "generic" and self.pretrained is not None:
+                if name not in self.anchors:
+                    self.anchors[name] = self._embed(self.pretrained, split, name).embeddings
+                cos = np.sum(out_split.embeddings * self.anchors[name], axis=1)
+                out[f"{name}/retention"] = float(np.mean(cos))
+                retention.append(out[f"{name}/retention"])
             m = metrics_lib.retrieval_metrics(out_split.embeddings, labels, k=k)
             out.update({f"{name}/{key}": float(v) for key, v in m.items()
                         if np.isscalar(v)})
@@ -58,11 +70,19 @@ class Validator:
         parts = [out[r] for r in ("in-domain", "out-of-domain") if r in out]
         if parts:
             out["all"] = float(np.mean(parts))
+        if retention:
+            out["retention"] = float(np.mean(retention))
         if self.cfg.eval.validate_text:
             out.update(self._text(backbone))
         if self.cfg.train.select_by in out:
             out["score"] = out[self.cfg.train.select_by]
         return out
+
+    def _embed(self, backbone, split, name: str):
+        return embedding.embed_split(
+            lambda images: self.encode(backbone, images), split, self.preprocess,
+            batch_size=self.cfg.train.eval_batch_size, columns=("label",), mesh=self.mesh,
+            desc=f"val {name}")
 
     def _text(self, backbone) -> dict:
         params = multihost_utils.process_allgather(backbone, tiled=True)
