@@ -1,9 +1,11 @@
 """Compare runs: a table of their test numbers and the trade-off plot (the paper's Figure 1).
 
     python -m infusing_jax.compare runs/sop_naive runs/sop_full --output=report/
+    python -m infusing_jax.compare sweeps/sop --output=report/      # a sweep's folder
 
 Reads each WORKDIR/results.json (python -m infusing_jax.evaluate, or the end of a
-run) and writes to --output:
+run); a sweep's folder (python -m infusing_jax.sweep) stands for its baseline run and
+the trial its best.json chose. Writes to --output:
   comparison.json  {"pretrained": headline, "runs": {run: {"fine-tuned": headline,
                    "change": headline - pretrained, "wise_ft": [{"alpha", ...}]}}}
   comparison.md    the same as a markdown table (changes in points, x100)
@@ -56,10 +58,37 @@ def _text(headline: dict):
     return sum(values) / len(values) if values else None
 
 
+def expand_sweeps(workdirs) -> tuple:
+    """-> (workdirs, names): a sweep's folder (it has best.json) becomes its baseline run
+    and its chosen trial, named '<sweep>/baseline' and '<sweep>/trial N'."""
+    runs, names = [], []
+    for workdir in workdirs:
+        best_path = os.path.join(workdir, "best.json")
+        base = os.path.basename(os.path.normpath(workdir))
+        if not os.path.exists(best_path):
+            runs.append(workdir)
+            names.append(base)
+            continue
+        try:
+            with open(best_path) as f:
+                best = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise errors.UserError(f"{best_path}: cannot read it ({e}); let the sweep "
+                                   "rewrite it (run its command again)") from None
+        if best.get("baseline"):
+            runs.append(best["baseline"]["workdir"])
+            names.append(f"{base}/baseline")
+        runs.append(best["workdir"])
+        names.append(f"{base}/trial {best['trial']}")
+    return runs, names
+
+
 def comparison(workdirs, names=None) -> dict:
-    names = names or [os.path.basename(os.path.normpath(w)) for w in workdirs]
+    workdirs, default_names = expand_sweeps(workdirs)
+    names = names or default_names
     if len(names) != len(workdirs):
-        raise errors.UserError(f"--names: {len(names)} names for {len(workdirs)} workdirs")
+        raise errors.UserError(f"--names: {len(names)} names for {len(workdirs)} runs "
+                               f"({', '.join(default_names)})")
     out = {"pretrained": None, "runs": {}}
     for name, workdir in zip(names, workdirs):
         results = _load(workdir)

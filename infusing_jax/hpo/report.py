@@ -46,7 +46,7 @@ def rows(trials, objectives) -> list:
             values=values, step=t.user_attrs.get("steps"), seconds=seconds,
             workdir=t.user_attrs.get("workdir"), val=t.user_attrs.get("val"),
             test=t.user_attrs.get("test"), error=t.user_attrs.get("error"),
-            retry_of=study_lib.RETRY.retried_trial_number(t),
+            worker=t.user_attrs.get("worker"), retry_of=study_lib.RETRY.retried_trial_number(t),
             retried_as=retried_as[0] if retried_as else None))
     return out
 

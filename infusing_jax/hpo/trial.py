@@ -9,7 +9,7 @@ original's folder, so the trainer resumes from the original's latest checkpoint.
 What a trial leaves in the study (user attributes): `workdir`, `params` (field path
 -> value), `val` (the validation metrics of the weights the run keeps), `steps`,
 `test` (its results.json headlines: the kept weights' and the pretrained model's),
-`error` (a failed trial's one line).
+`error` (a failed trial's one line), `worker` (host:pid that ran it).
 
 Several processes (a multi-host slice): process 0 alone talks to the study; it tells
 the others what to run (`Coordinator.share`), and at each validation whether to go
@@ -17,6 +17,7 @@ on; they train the same trial with it.
 """
 import json
 import os
+import socket
 from typing import Callable, Optional
 
 import jax
@@ -79,6 +80,7 @@ def make_objective(sweep, run_cfg, workdir: str, budget: int,
         folder = trial_dir(workdir, trial)
         trial.set_user_attr("workdir", folder)
         trial.set_user_attr("params", values)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         coordinator.share(dict(do="trial", values=values, workdir=folder))
 
         def report(step: int, val: dict) -> bool:
