@@ -18,6 +18,7 @@ on; they train the same trial with it.
 import json
 import os
 import socket
+import sys
 from typing import Callable, Optional
 
 import jax
@@ -115,6 +116,8 @@ def follow(run_cfg, coordinator: Coordinator, on_reference: Callable) -> None:
         if order["do"] == "reference":
             on_reference()
             continue
+        print(f"sweep: process {jax.process_index()} trains {order['workdir']}", file=sys.stderr,
+              flush=True)
         try:
             run(run_cfg, order["values"], order["workdir"],
                 lambda step, val: bool(coordinator.share()))
