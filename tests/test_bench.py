@@ -1,5 +1,6 @@
 """bench/train_step.py runs end to end on a tiny model: its CPU figures, and its
-bfloat16 accelerator mode (forced onto the CPU here) with TensorFlow unimportable."""
+bfloat16 accelerator mode (forced onto the CPU here) with TensorFlow unimportable;
+bench/fsdp_memory.py runs alone as its own entry; bench/input_pipeline.py runs."""
 import json
 import os
 import subprocess
@@ -10,24 +11,37 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench", "train_step.py")
+FSDP_MEMORY = os.path.join(ROOT, "bench", "fsdp_memory.py")
 TINY = ["--variant=mu/16", "--batch_size=2", "--accelerator_batch_size=4", "--num_classes=10",
         "--rounds=1", "--extra_rounds=0", "--steps_per_sample=2"]
 
 
-def _run(code: str, *args) -> dict:
-    """Runs `code` (with sys.argv = [BENCH, *args]) in a fresh Python; -> its last line's JSON."""
-    env = dict(os.environ, GLIBC_TUNABLES="", TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
-    argv = [BENCH, *args]
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *argv], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
+def _env() -> dict:
+    # PYTHONPATH: the scripts' own subprocesses import this checkout's infusing_jax too.
+    return dict(os.environ, GLIBC_TUNABLES="", TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
+                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+
+
+def _last_json(cmd: list, env: dict) -> dict:
+    """Runs cmd in ROOT; -> its last line's JSON."""
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _run(code: str, *args) -> dict:
+    """Runs `code` (with sys.argv = [BENCH, *args]) in a fresh Python; -> its last line's JSON.
+
+    Like `python bench/train_step.py`, `code` puts bench/ first on sys.path (the bench's
+    modules import each other by name)."""
+    return _last_json([sys.executable, "-c", textwrap.dedent(code), BENCH, *args], _env())
+
+
 def test_accelerator_mode_runs_in_bfloat16_without_tensorflow():
     code = """
-        import runpy, sys
+        import os, runpy, sys
         sys.argv = sys.argv[1:]
+        sys.path.insert(0, os.path.dirname(sys.argv[0]))
         for name in ("tensorflow", "tensorflow_datasets"):
             sys.modules[name] = None  # any import of them now raises ImportError
         runpy.run_path(sys.argv[0], run_name="__main__")
@@ -52,11 +66,12 @@ def test_accelerator_mode_runs_in_bfloat16_without_tensorflow():
 
 def test_device_peaks_match_the_most_specific_kind():
     code = """
-        import json, runpy, sys
-        bench = runpy.run_path(sys.argv[1], run_name="bench")
+        import json, os, sys
+        sys.path.insert(0, os.path.dirname(sys.argv[1]))
+        import accelerator_mode
         kinds = ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA L40",
                  "NVIDIA L4", "TPU v5 lite", "TPU v5e", "TPU v5", "TPU v6e", "TPU v4", "cpu"]
-        print(json.dumps({k: bench["peak_bf16_flops"](k) for k in kinds}))
+        print(json.dumps({k: accelerator_mode.peak_bf16_flops(k) for k in kinds}))
     """
     assert _run(code) == {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
                           "NVIDIA H200": 989e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12,
@@ -65,12 +80,8 @@ def test_device_peaks_match_the_most_specific_kind():
 
 
 def test_cpu_mode_reports_every_headline_figure():
-    code = """
-        import runpy, sys
-        sys.argv = sys.argv[1:]
-        runpy.run_path(sys.argv[0], run_name="__main__")
-    """
-    out = _run(code, "--mode=cpu", "--fsdp_variant=mu/16", "--fsdp_devices=2", *TINY)
+    out = _last_json([sys.executable, BENCH, "--mode=cpu", "--fsdp_variant=mu/16",
+                      "--fsdp_devices=2", *TINY], _env())
     for key in ("speedup_vs_pytorch", "fraction_of_matmul_peak", "online_teacher_overhead",
                 "precomputed_teacher_overhead", "fsdp_memory_reduction"):
         assert out[key] > 0, key
@@ -90,3 +101,28 @@ def test_cpu_mode_reports_every_headline_figure():
     assert out["fsdp"]["devices"] == 2 and out["fsdp_memory_reduction"] > 1
     # FLOPs: XLA's count of the tiny model = our analytic matmul count + its elementwise work.
     assert 1 < out["step_flops_xla"] / out["step_flops_analytic"] < 1.15
+
+
+def test_fsdp_memory_runs_alone_on_host_devices_it_asks_for():
+    env = _env()
+    env.pop("XLA_FLAGS", None)  # the script sets the host device count itself
+    out = _last_json([sys.executable, FSDP_MEMORY, "--variant=mu/16", "--devices=2",
+                      "--batch_size=2", "--num_classes=10"], env)
+    assert (out["variant"], out["devices"], out["scan"]) == ("mu/16", 2, True)
+    one, two = out["1"], out["2"]
+    # One device holds the whole train state and reference; FSDP on 2 about half of it.
+    assert one["state_and_reference_bytes"] == one["global_state_and_reference_bytes"]
+    assert two["global_state_and_reference_bytes"] == one["global_state_and_reference_bytes"]
+    assert 1.5 < out["fsdp_memory_reduction"] <= 2
+    assert out["fsdp_memory_reduction"] == pytest.approx(
+        one["state_and_reference_bytes"] / two["state_and_reference_bytes"], abs=1e-3)
+    assert two["temp_bytes"] > 0 and one["alias_bytes"] > 0  # the state is donated
+
+
+def test_input_pipeline_bench_runs_beside_the_trainers_step():
+    out = _last_json([sys.executable, os.path.join(ROOT, "bench", "input_pipeline.py"),
+                      "--variant=mu/16", "--num_images=16", "--batch_size=2", "--steps=1"],
+                     _env())
+    assert out["pipeline_images_per_s"] > 0 and out["train_step_images_per_s"] > 0
+    assert out["pipeline_vs_train_step"] == pytest.approx(
+        out["pipeline_images_per_s"] / out["train_step_images_per_s"], abs=0.01)
