@@ -1,4 +1,4 @@
-"""infusing_jax.data.preprocess: decoding against the PIL path, views, normalisation, tf.data."""
+"""infusing_jax.data.tf_views: decoding against the PIL path, views, normalisation, tf.data."""
 import io
 
 import numpy as np
@@ -7,7 +7,7 @@ import tensorflow as tf
 from PIL import Image
 
 from infusing_jax.data import tf_views
-from infusing_jax.preprocessing import NORMALIZATION, load_rgb
+from infusing_jax.data.pil_views import NORMALIZATION, load_rgb
 
 H, W = 45, 61  # odd sizes reach JPEG's partial blocks and chroma subsampling edges
 _rng = np.random.default_rng(0)

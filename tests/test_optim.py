@@ -1,4 +1,4 @@
-"""infusing_jax.optim: per-group LRs, freezing, schedules, clipping, layer decay, EMA."""
+"""infusing_jax.training.optim: per-group LRs, freezing, schedules, clipping, layer decay, EMA."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 
 from infusing_jax import errors
 from infusing_jax.data.schema import NO_LABEL, SplitData
-from infusing_jax.preprocessing import IMAGE_EXTENSIONS
+from infusing_jax.data.pil_views import IMAGE_EXTENSIONS
 
 _SPLIT_ORDER = ("train", "val", "test", "index")
 

@@ -25,7 +25,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from infusing_jax.preprocessing import CLIP_MEAN, CLIP_STD
+from infusing_jax.data.pil_views import CLIP_MEAN, CLIP_STD
 
 FAMILIES = ("siglip", "clip")
 

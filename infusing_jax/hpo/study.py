@@ -20,6 +20,7 @@ surplus is failed at once, before any work, and marked `surplus`.
 """
 import dataclasses
 import time
+import warnings
 from typing import Callable, List
 
 import optuna
@@ -29,7 +30,9 @@ from optuna.trial import TrialState
 from infusing_jax import errors
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-RETRY = RetryHeartbeatStaleTrialCallback(max_retry=1, inherit_intermediate_values=True)
+with warnings.catch_warnings():  # Optuna marks it experimental; its behaviour is tested here
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    RETRY = RetryHeartbeatStaleTrialCallback(max_retry=1, inherit_intermediate_values=True)
 
 
 class Surplus(Exception):

@@ -16,7 +16,7 @@ A run config (an ml_collections ConfigDict; configs/*.py return one):
   domains         one ConfigDict per domain, built by `domain(...)`: its source,
                   splits, role and its losses, one ConfigDict per loss (`loss(...)`)
   loss_aggregation  'weighted_sum' | 'weighted_average' of a domain's loss terms
-  optim           infusing_jax.optim.default_config()
+  optim           infusing_jax.training.optim.default_config()
   train           length, logging, checkpoints, validation, sharding
   eval            test sets: image->image retrieval, image<->text retrieval, zero-shot
 
