@@ -1,82 +1,25 @@
-"""Tiny models with every parameter random, shared by the tests."""
+"""Session set-up and the fixtures tests share; helpers live in tests/helpers/."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 # Parity is checked in true float32: on GPU / TPU, JAX's default matmul precision
 # (TF32 / bf16 passes) is ~1e-3 away from PyTorch's float32. No effect on CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
-import pytest  # noqa: E402
 
-from infusing_jax import models  # noqa: E402
-from infusing_jax.checkpoints import tree  # noqa: E402
-
-TEXT_LEN = 8
-VOCAB = 100
-
-
-def tiny_config(family: str, text: bool = True):
-    """A 2-block model on 32 px images with 8 px patches and 2 heads per tower.
-
-    SigLIP: width 32 (big_vision's 'mu'); CLIP: width 128, since open_clip
-    stores no head count and its CLIP towers always use 64-wide heads.
-    """
-    cfg = models.model_config(family, "mu/8", 32, "mu" if text else None,
-                              vocab_size=VOCAB, seq_len=TEXT_LEN)
-    for tower in [cfg.image] + ([cfg.text] if text else []):
-        tower.depth = 2
-        if family == "clip":
-            tower.width, tower.mlp_dim, tower.out_dim = 128, 256, 48
-    return cfg
-
-
-def randomize(params, seed: int = 0, std: float = 0.2):
-    """Every leaf random: LayerNorm scales around 1, everything else ~ N(0, std^2)."""
-    flat = tree.flatten(params)
-    rng = np.random.default_rng(seed)
-    out = {}
-    for k, v in flat.items():
-        noise = rng.normal(0.0, std, v.shape).astype(np.float32)
-        out[k] = 1.0 + noise if k.endswith("/scale") else noise
-    return tree.unflatten(out)
-
-
-def random_params(cfg, seed: int = 0, std: float = None):
-    """Random params; std defaults to 0.2 * sqrt(32 / width), keeping activations O(1)."""
-    std = std or 0.2 * np.sqrt(32 / cfg.image.width)
-    return randomize(models.init_params(cfg, jax.random.PRNGKey(seed)), seed, std)
-
-
-def random_images(n: int, size: int = 32, seed: int = 0):
-    return np.random.default_rng(seed).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
-
-
-def random_tokens(n: int, family: str, seed: int = 0):
-    """Token ids; for CLIP each row ends its text with the EOT id (vocab - 1) then pads with 0."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(1, VOCAB - 2, (n, TEXT_LEN)).astype(np.int32)
-    if family == "clip":
-        for i in range(n):
-            end = rng.integers(2, TEXT_LEN)
-            tokens[i, end] = VOCAB - 1
-            tokens[i, end + 1:] = 0
-    return tokens
-
-
-def one_line_error(fn, *words):
-    """Calls fn, which must raise a one-line ValueError containing every word; -> the message."""
-    with pytest.raises(ValueError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message
-    for word in words:
-        assert word in message, message
-    return message
+from tests.helpers import train_world  # noqa: E402
 
 
 @pytest.fixture(params=["siglip", "clip"])
 def family(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The tiny training world (tests/helpers/train_world.py), with 2 undecodable target
+    train images; one per test module."""
+    return train_world.make_world(str(tmp_path_factory.mktemp("world")), broken=2)

@@ -15,7 +15,7 @@ from infusing_jax import models
 from infusing_jax.checkpoints import tree
 from infusing_jax.models.config import resolved_towers
 
-from conftest import random_images, random_params, tiny_config
+from tests.helpers.tiny import random_images, random_params, tiny_config
 
 FORMATS = [("big_vision", "m.npz"), ("hf", "hf"), ("open_clip", "m.safetensors"),
            ("open_clip", "m.bin")]

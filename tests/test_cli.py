@@ -11,7 +11,7 @@ from infusing_jax import checkpoints
 from infusing_jax import models
 from infusing_jax.data import pil_views
 
-from conftest import random_params, tiny_config
+from tests.helpers.tiny import random_params, tiny_config
 
 
 def _run(*args):

@@ -5,7 +5,9 @@ import socket
 import subprocess
 import sys
 
-WORKER = os.path.join(os.path.dirname(__file__), "data_worker.py")
+from tests.helpers import REPO
+
+WORKER = [sys.executable, "-m", "tests.helpers.data_worker"]
 STEPS = 4
 
 
@@ -22,14 +24,14 @@ def _free_port():
 
 
 def test_two_processes_feed_the_global_batch_one_process_would():
-    single = subprocess.run([sys.executable, WORKER, "0", "1", "0", str(STEPS)],
-                            env=_env(8), capture_output=True, text=True, timeout=300)
+    single = subprocess.run([*WORKER, "0", "1", "0", str(STEPS)], cwd=REPO, env=_env(8),
+                            capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     reference = json.loads(single.stdout.strip().splitlines()[-1])
     assert reference[0]["devices"] == 8 and reference[0]["shape"] == [8, 8, 8, 3]
 
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, WORKER, str(i), "2", str(port), str(STEPS)],
+    procs = [subprocess.Popen([*WORKER, str(i), "2", str(port), str(STEPS)], cwd=REPO,
                               env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
     results = []

@@ -1,59 +1,15 @@
 """The multi-domain tf.data pipeline: determinism, mixing, sharding, skip counts, resumption."""
 import dataclasses
-import io
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from infusing_jax import errors
 from infusing_jax.data import mixing
 from infusing_jax.data import pipeline
-from infusing_jax.data import tf_views as preprocess_lib
-from infusing_jax.data import schema
-
-SIZE = 8
-
-
-def _jpeg(value: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (12, 10), (value, 255 - value, (7 * value) % 256)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def fake_split(name, num, num_classes, broken=()):
-    """A SplitData over in-memory JPEGs; indices in `broken` hold garbage bytes."""
-    images = [b"not an image" if i in broken else _jpeg(i * 5 % 256) for i in range(num)]
-    labels = np.arange(num) % num_classes
-
-    def dataset(shard_index, num_shards):
-        ds = tf.data.Dataset.from_tensor_slices(dict(
-            image=images, label=labels.astype(np.int64),
-            coarse_label=np.full(num, schema.NO_LABEL, np.int64),
-            id=[f"{name}/{i}" for i in range(num)]))
-        return ds.shard(num_shards, shard_index)
-
-    return schema.SplitData(name=name, num_examples=num, num_classes=num_classes,
-                            num_coarse_classes=0, dataset=dataset)
-
-
-def _augment(image, seed, crop=SIZE):
-    image = tf.image.resize(tf.cast(image, tf.float32), (SIZE + 2, SIZE + 2))
-    image = tf.image.stateless_random_crop(image, (crop, crop, 3), seed=seed)
-    return tf.image.stateless_random_flip_left_right(image, seed=seed)
-
-
-preprocess = preprocess_lib.View(
-    augment=_augment,
-    decode=lambda image_bytes: tf.io.decode_image(image_bytes, channels=3,
-                                                  expand_animations=False))
-
-
-def _domains(broken=()):
-    return [pipeline.Domain("target", fake_split("target", 30, 5, broken), weight=3.0),
-            pipeline.Domain("generic", fake_split("generic", 50, 10), weight=1.0)]
-
+from infusing_jax.data import tf_views
+from tests.helpers.fake_data import SIZE, augment, fake_split, preprocess, two_domains
 
 def _take(ds, n):
     return [{k: v.numpy() for k, v in b.items()} for b in ds.take(n)]
@@ -68,8 +24,8 @@ def _assert_same(a, b):
 
 
 def test_deterministic_by_seed_and_round_robin_one_domain_per_batch():
-    make = lambda seed: pipeline.train_dataset(_domains(), preprocess, global_batch_size=4, seed=seed,
-                                               shuffle_buffer=16)
+    make = lambda seed: pipeline.train_dataset(two_domains(), preprocess, global_batch_size=4,
+                                               seed=seed, shuffle_buffer=16)
     a, b = _take(make(0), 6), _take(make(0), 6)
     _assert_same(a, b)
     assert [int(x["domain"][0]) for x in a] == [0, 1, 0, 1, 0, 1]
@@ -80,14 +36,15 @@ def test_deterministic_by_seed_and_round_robin_one_domain_per_batch():
 
 
 def test_weighted_mixes_follow_their_probabilities():
-    domains = _domains()
+    domains = two_domains()
     np.testing.assert_allclose(mixing.weights(domains, "dataset_size"), [30 / 80, 50 / 80])
     np.testing.assert_allclose(mixing.weights(domains, "weights"), [0.75, 0.25])
-    ds = pipeline.train_dataset(domains, preprocess, global_batch_size=2, seed=3, mix="weights", shuffle_buffer=8)
+    ds = pipeline.train_dataset(domains, preprocess, global_batch_size=2, seed=3, mix="weights",
+                                shuffle_buffer=8)
     first = [int(b["domain"][0]) for b in _take(ds, 400)]
     assert 0.68 < first.count(0) / 400 < 0.82
-    mixed = pipeline.train_dataset(domains, preprocess, global_batch_size=16, seed=3, mix="balanced",
-                                   one_domain_per_batch=False, shuffle_buffer=8)
+    mixed = pipeline.train_dataset(domains, preprocess, global_batch_size=16, seed=3,
+                                   mix="balanced", one_domain_per_batch=False, shuffle_buffer=8)
     domains_in_batches = np.concatenate([b["domain"] for b in _take(mixed, 25)])
     assert 0.4 < domains_in_batches.mean() < 0.6
     assert any(len(set(b["domain"].tolist())) == 2 for b in _take(mixed, 3))
@@ -95,7 +52,8 @@ def test_weighted_mixes_follow_their_probabilities():
 
 def test_undecodable_images_are_dropped_and_counted():
     broken = {3, 11, 17}
-    ds = pipeline.train_dataset(_domains(broken), preprocess, global_batch_size=4, seed=0, shuffle_buffer=64)
+    ds = pipeline.train_dataset(two_domains(broken), preprocess, global_batch_size=4, seed=0,
+                                shuffle_buffer=64)
     counter = pipeline.SkipCounter(["target", "generic"])
     seen_ids = []
     for batch in _take(ds, 40):  # 20 target batches of 4: 80 examples, > 2 epochs of 30
@@ -111,8 +69,9 @@ def test_undecodable_images_are_dropped_and_counted():
 
 
 def test_processes_read_disjoint_shards_of_their_share():
-    shards = [pipeline.train_dataset(_domains(), preprocess, global_batch_size=8, seed=0, process_index=i,
-                                     process_count=2, shuffle_buffer=64) for i in range(2)]
+    shards = [pipeline.train_dataset(two_domains(), preprocess, global_batch_size=8, seed=0,
+                                     process_index=i, process_count=2, shuffle_buffer=64)
+              for i in range(2)]
     ids = [set() for _ in shards]
     for i, ds in enumerate(shards):
         for batch in _take(ds, 10):
@@ -120,17 +79,18 @@ def test_processes_read_disjoint_shards_of_their_share():
             ids[i] |= {x.decode() for x in batch["id"]}
     assert ids[0] and ids[1] and not ids[0] & ids[1]
     with pytest.raises(ValueError, match="data.batch_size: 9 is not divisible by the 2"):
-        pipeline.train_dataset(_domains(), preprocess, global_batch_size=9, seed=0, process_count=2)
-    unsized = [pipeline.Domain("t", dataclasses.replace(_domains()[0].split, num_examples=None))]
+        pipeline.train_dataset(two_domains(), preprocess, global_batch_size=9, seed=0,
+                               process_count=2)
+    unsized = [pipeline.Domain("t", dataclasses.replace(two_domains()[0].split, num_examples=None))]
     with pytest.raises(ValueError, match=r"the sizes of \['t'\] are unknown"):
         mixing.weights(unsized, "dataset_size")
     with pytest.raises(ValueError, match="data.mix: unknown mix 'zipf'"):
-        pipeline.train_dataset(_domains(), preprocess, global_batch_size=8, seed=0, mix="zipf")
+        pipeline.train_dataset(two_domains(), preprocess, global_batch_size=8, seed=0, mix="zipf")
 
 
 def test_resume_gives_the_batches_an_uninterrupted_run_sees(tmp_path):
-    make = lambda: pipeline.train_dataset(_domains({5}), preprocess, global_batch_size=4, seed=7, mix="balanced",
-                                          shuffle_buffer=16)
+    make = lambda: pipeline.train_dataset(two_domains({5}), preprocess, global_batch_size=4,
+                                          seed=7, mix="balanced", shuffle_buffer=16)
     uninterrupted = _take(make(), 30)
 
     it = iter(make())
@@ -185,7 +145,7 @@ def test_too_many_undecodable_images_in_a_row_stop_the_stream(monkeypatch):
 
 
 def test_a_failing_augmentation_stops_the_run_and_is_not_counted_as_undecodable():
-    too_big = preprocess_lib.View(augment=lambda image, seed: _augment(image, seed, SIZE + 5),
+    too_big = tf_views.View(augment=lambda image, seed: augment(image, seed, SIZE + 5),
                                   decode=tf_views.decode)
     domains = [pipeline.Domain("target", fake_split("target", 8, 2))]
     out = _first_batches(pipeline.train_dataset(domains, too_big, global_batch_size=4, seed=0))

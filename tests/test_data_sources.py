@@ -7,9 +7,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from conftest import one_line_error
 from infusing_jax.data import splits as splits_lib
 from infusing_jax.data.sources import Roles, load_source
+from tests.helpers.assertions import one_line_error
 
 BROKEN = b"\xff\xd8 not really a jpeg"
 

@@ -9,8 +9,7 @@ from infusing_jax import errors
 from infusing_jax.data import pipeline
 from infusing_jax.data import tf_views
 from infusing_jax.data import teacher
-
-from test_data_pipeline import SIZE, fake_split
+from tests.helpers.fake_data import SIZE, fake_split
 
 
 eval_view = tf_views.View(
@@ -86,7 +85,7 @@ def test_descriptors_from_another_model_or_missing_ids_are_errors(tmp_path):
 
 
 def test_fingerprint_tells_models_apart():
-    from conftest import random_params, tiny_config
+    from tests.helpers.tiny import random_params, tiny_config
     from infusing_jax import checkpoints
     cfg = tiny_config("siglip", text=False)
     a = checkpoints.to_flat(random_params(cfg, seed=0))

@@ -7,12 +7,13 @@ import sys
 import numpy as np
 import pytest
 
-import train_world
 from infusing_jax import checkpoints
 from infusing_jax import evaluate
+from infusing_jax.training import run_checkpoints
 from infusing_jax.training import loop
 from infusing_jax.evaluation import wise_ft
-from test_train import REPO, world  # noqa: F401 (fixture)
+from tests.helpers import REPO
+from tests.helpers import train_world
 
 HEADLINE = {"in_domain_r1", "in_domain_map4", "generic_r1", "generic_map4", "image_to_text_r1",
             "text_to_image_r1", "zero_shot_top1"}
@@ -70,7 +71,7 @@ def test_a_run_ends_with_the_test_results_of_its_selected_and_pretrained_models(
 
 
 def test_evaluate_cli_reproduces_the_run_and_the_checkpoint(world, trained, tmp_path):
-    config = f"--config=tests/world_config.py:{world},full,precomputed,yes"
+    config = f"--config={train_world.CONFIG_FILE}:{world},full,precomputed,yes"
     with open(os.path.join(trained, "results.json")) as f:
         at_the_end = json.load(f)
     export = str(tmp_path / "export_hf")
@@ -90,7 +91,7 @@ def test_evaluate_cli_reproduces_the_run_and_the_checkpoint(world, trained, tmp_
     exported, _ = checkpoints.load(export)
     original, _ = checkpoints.load(os.path.join(world, "pretrained.npz"))
     cfg = train_world.world_config(world, "full", "precomputed", "yes")
-    _, finetuned = evaluate.finetuned_backbone(cfg, trained, original["img"])
+    _, finetuned = run_checkpoints.kept_backbone(cfg, trained, original["img"])
     expected = checkpoints.to_flat({"img": wise_ft.interpolate(original["img"], finetuned, 0.5),
                                     "txt": original["txt"]})
     flat = checkpoints.to_flat(exported)

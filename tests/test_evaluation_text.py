@@ -16,7 +16,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from conftest import TEXT_LEN, one_line_error, random_params, tiny_config
 from infusing_jax import models
 from infusing_jax import tokenizers
 from infusing_jax.data import tf_views
@@ -24,6 +23,8 @@ from infusing_jax.data.sources import load_source
 from infusing_jax.evaluation import prompts
 from infusing_jax.evaluation import text_retrieval as tr
 from infusing_jax.evaluation import zero_shot as zs
+from tests.helpers.assertions import one_line_error
+from tests.helpers.tiny import TEXT_LEN, random_params, tiny_config
 
 WORDS = ("a photo of the dog cat bird car tree house red blue green small large two "
          "sitting on under near with at night street man woman child playing pet food "

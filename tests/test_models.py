@@ -12,7 +12,7 @@ from infusing_jax import models
 from infusing_jax.checkpoints import tree
 from infusing_jax.models import transformer
 
-from conftest import random_images, random_params, random_tokens, tiny_config
+from tests.helpers.tiny import random_images, random_params, random_tokens, tiny_config
 
 
 def _apply(cfg, params, images, tokens=None):

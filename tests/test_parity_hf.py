@@ -8,7 +8,7 @@ from safetensors import numpy as safetensors_np
 from infusing_jax import checkpoints
 from infusing_jax import models
 
-from conftest import random_images, random_params, random_tokens, tiny_config
+from tests.helpers.tiny import random_images, random_params, random_tokens, tiny_config
 
 TOL = 1e-5
 HF_CLASSES = {("siglip", True): transformers.SiglipModel,

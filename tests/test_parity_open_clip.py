@@ -39,7 +39,8 @@ from infusing_jax import models
 from infusing_jax.checkpoints import tree
 from infusing_jax.models import config as model_config
 
-from conftest import TEXT_LEN, VOCAB, random_images, random_params, random_tokens, tiny_config
+from tests.helpers.tiny import (TEXT_LEN, VOCAB, random_images, random_params, random_tokens,
+                                tiny_config)
 
 TOL = 1e-5
 

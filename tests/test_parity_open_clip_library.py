@@ -18,7 +18,7 @@ import jax  # noqa: E402
 from infusing_jax import checkpoints  # noqa: E402
 from infusing_jax import models  # noqa: E402
 
-from conftest import random_images, random_tokens  # noqa: E402
+from tests.helpers.tiny import random_images, random_tokens  # noqa: E402
 
 TOL = 1e-5
 

@@ -1,4 +1,4 @@
-"""The trainer: config validation, the objective's invariants, and end-to-end runs on a tiny world."""
+"""The trainer: config validation, the objective's invariants, end-to-end runs on a tiny world."""
 import json
 import os
 import subprocess
@@ -9,26 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import conftest
-import train_world
 from infusing_jax.training import config as config_lib
 from infusing_jax import errors
 from infusing_jax.training import objective
 from infusing_jax.training import backbone as backbone_lib
 from infusing_jax.training import step as step_lib
 from infusing_jax.training import loop
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return train_world.make_world(str(tmp_path_factory.mktemp("world")), broken=2)
-
-
-def _metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from tests.helpers import REPO
+from tests.helpers import tiny
+from tests.helpers import train_world
 
 
 # ---------------------------------------------------------------------------- config
@@ -65,7 +54,8 @@ def test_every_data_term_on_a_mixed_batch_equals_the_term_on_its_domain_alone():
         c.domains.generic.losses.relational = config_lib.loss("relational")
         c.domains.generic.losses.feature_cosine = config_lib.loss("feature_cosine")
     config_lib.validate(c)
-    heads = objective.init_heads(c.domains, names, {"target": 8, "generic": 4}, 32, jax.random.PRNGKey(0))
+    heads = objective.init_heads(c.domains, names, {"target": 8, "generic": 4}, 32,
+                                 jax.random.PRNGKey(0))
     batch = dict(batch, label=np.array([1, 1, 2, 3, 0, 2]), domain=np.array([0, 1, 0, 0, 1, 0]))
     params = jax.tree.map(lambda p: p * 1.01, backbone)
     f = embed(params, batch["image"])
@@ -90,7 +80,8 @@ def test_each_classifier_loss_keeps_its_own_trainable_scale():
         c.domains.target.losses.arcface = config_lib.loss("arcface", scale=30.0, margin=0.2,
                                                           trainable_scale=True)
         c.domains.target.losses.cosface = config_lib.loss("cosface", scale=8.0)
-    heads = objective.init_heads(c.domains, names, {"target": 8, "generic": 4}, 32, jax.random.PRNGKey(0))
+    heads = objective.init_heads(c.domains, names, {"target": 8, "generic": 4}, 32,
+                                 jax.random.PRNGKey(0))
     scales = {k: float(np.exp(v)) for k, v in heads["target"]["log_scale"].items()}
     assert scales == pytest.approx({"normface": 16.0, "arcface": 30.0})
     from infusing_jax.losses import classification
@@ -126,10 +117,10 @@ def test_load_image_tower_abstract_gives_the_materialised_shapes(tmp_path, from_
     c = config_lib.default_config()
     c.model.variant = "mu/16"
     if from_checkpoint:
-        model_cfg = conftest.tiny_config("siglip", text=False)
+        model_cfg = tiny.tiny_config("siglip", text=False)
         c.model.checkpoint = str(tmp_path / "tiny.npz")
         from infusing_jax import checkpoints
-        checkpoints.save(conftest.random_params(model_cfg), model_cfg, c.model.checkpoint)
+        checkpoints.save(tiny.random_params(model_cfg), model_cfg, c.model.checkpoint)
     _, real, real_cfg = backbone_lib.load_image_tower(c.model)
     _, abstract, abstract_cfg = backbone_lib.load_image_tower(c.model, abstract=True)
     assert abstract_cfg.to_dict() == real_cfg.to_dict()
@@ -145,14 +136,15 @@ def _tiny_setup(method="full", teacher="online", aggregation="weighted_sum"):
     c = train_world.world_config("/nowhere", method, teacher)
     c.loss_aggregation = aggregation
     names = config_lib.ordered_domains(c)
-    model_cfg = conftest.tiny_config("siglip", text=False)
+    model_cfg = tiny.tiny_config("siglip", text=False)
     from infusing_jax import models
     model = models.build(model_cfg)
-    backbone = conftest.random_params(model_cfg)["img"]
+    backbone = tiny.random_params(model_cfg)["img"]
     embed = backbone_lib.embed_fn(model)
-    heads = objective.init_heads(c.domains, names, {"target": 8, "generic": 4}, 32, jax.random.PRNGKey(0))
+    heads = objective.init_heads(c.domains, names, {"target": 8, "generic": 4}, 32,
+                                 jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
-    batch = dict(image=conftest.random_images(6), label=rng.integers(0, 4, 6),
+    batch = dict(image=tiny.random_images(6), label=rng.integers(0, 4, 6),
                  domain=np.array([0, 0, 0, 1, 1, 1]),
                  teacher=rng.normal(size=(6, 32)).astype(np.float32),
                  has_teacher=np.ones(6, bool))
@@ -210,11 +202,12 @@ def test_a_run_learns_the_target_and_reports_skipped_images(world, tmp_path):
     c.train.log_every = 10
     c.train.eval_every = 0
     summary = loop.train_and_evaluate(c, str(tmp_path))
-    losses = [m["target/normface"] for m in _metrics(str(tmp_path)) if "target/normface" in m]
+    metrics = train_world.read_metrics(str(tmp_path))
+    losses = [m["target/normface"] for m in metrics if "target/normface" in m]
     assert losses[-1] < 0.7 * losses[0], losses
     # 2 broken files in 48 target examples, over 40 * 8 / 46 ~ 7 passes: each pass counts them.
     assert summary["skipped"]["target"] >= 2 * 5 and summary["skipped"].get("generic", 0) == 0
-    logged = [m["skipped/target"] for m in _metrics(str(tmp_path)) if "skipped/target" in m]
+    logged = [m["skipped/target"] for m in metrics if "skipped/target" in m]
     assert logged[-1] == summary["skipped"]["target"]
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["train"]["num_steps"] == 40
@@ -247,7 +240,7 @@ def test_an_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(world,
 def _main(workdir, root, *overrides, devices=1, **popen):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                TF_CPP_MIN_LOG_LEVEL="3")
-    cmd = [sys.executable, "-m", "infusing_jax.main", f"--config=tests/world_config.py:{root}",
+    cmd = [sys.executable, "-m", "infusing_jax.main", f"--config={train_world.CONFIG_FILE}:{root}",
            f"--workdir={workdir}", "--config.train.progress=False", *overrides]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
@@ -274,8 +267,8 @@ def test_the_same_global_batch_gives_the_same_losses_on_1_and_8_devices(world, t
               "--config.train.eval_every=0")
     _run(str(tmp_path / "one"), world, *common)
     _run(str(tmp_path / "eight"), world, *common, "--config.train.fsdp=True", devices=8)
-    one = [m for m in _metrics(str(tmp_path / "one")) if "loss" in m]
-    eight = [m for m in _metrics(str(tmp_path / "eight")) if "loss" in m]
+    one = [m for m in train_world.read_metrics(str(tmp_path / "one")) if "loss" in m]
+    eight = [m for m in train_world.read_metrics(str(tmp_path / "eight")) if "loss" in m]
     assert [m["step"] for m in one] == [m["step"] for m in eight] == list(range(1, 7))
     for a, b in zip(one, eight):
         for key in ("loss", "target/normface", "generic/feature_mse", "grad_norm"):
@@ -302,7 +295,7 @@ def test_kill_9_and_resume_ends_bit_identical_to_an_uninterrupted_run(world, tmp
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
     # The log of the resumed run reads as one run: each step once, the same losses.
-    logged = [[(m["step"], m.get("loss")) for m in _metrics(d)]
+    logged = [[(m["step"], m.get("loss")) for m in train_world.read_metrics(d)]
               for d in (str(tmp_path / "straight"), killed)]
     assert logged[0] == logged[1]
 
@@ -323,7 +316,7 @@ def test_ewc_ema_bfloat16_and_remat_run_together(world, tmp_path):
     params, ema = jax.tree.leaves(state["params"]), jax.tree.leaves(state["ema"])
     assert all(p.dtype == np.float32 for p in params)  # float32 master weights
     assert any(not np.array_equal(p, e) for p, e in zip(params, ema))
-    logged = [m for m in _metrics(str(tmp_path)) if "generic/ewc" in m]
+    logged = [m for m in train_world.read_metrics(str(tmp_path)) if "generic/ewc" in m]
     assert logged and all(np.isfinite(m["loss"]) for m in logged)
 
 

@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 
-from test_train import REPO, _metrics, world  # noqa: F401 (fixture)
+from tests.helpers import REPO
+from tests.helpers import train_world
 
-WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
 COMMON = ("--config.train.num_steps=6", "--config.train.log_every=1",
           "--config.train.eval_every=0", "--config.train.progress=False",
           "--config.data.num_shards=2")
@@ -29,20 +29,21 @@ def _env(devices):
 def test_two_processes_give_the_losses_of_one(world, tmp_path):
     one = str(tmp_path / "one")
     single = subprocess.run(
-        [sys.executable, "-m", "infusing_jax.main", f"--config=tests/world_config.py:{world}",
+        [sys.executable, "-m", "infusing_jax.main", f"--config={train_world.CONFIG_FILE}:{world}",
          f"--workdir={one}", *COMMON], cwd=REPO, env=_env(2), capture_output=True, text=True,
         timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     two = str(tmp_path / "two")
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, WORKER, str(i), "2", str(port), world, two,
-                               *COMMON], cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.helpers.train_worker", str(i), "2",
+                               str(port), world, two, *COMMON], cwd=REPO, env=_env(1),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     for p in procs:
         _, stderr = p.communicate(timeout=600)
         assert p.returncode == 0, stderr[-3000:]
-    a = [m for m in _metrics(one) if "loss" in m]
-    b = [m for m in _metrics(two) if "loss" in m]
+    a = [m for m in train_world.read_metrics(one) if "loss" in m]
+    b = [m for m in train_world.read_metrics(two) if "loss" in m]
     assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 7))
     for x, y in zip(a, b):
         for key in ("loss", "target/normface", "generic/feature_mse", "grad_norm"):

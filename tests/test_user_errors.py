@@ -8,13 +8,13 @@ import sys
 import ml_collections
 import pytest
 
-import train_world
 from infusing_jax.training import config as config_lib
 from infusing_jax import errors
 from infusing_jax import fields
 from infusing_jax.training import optim
+from tests.helpers import REPO
+from tests.helpers import train_world
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CANDIDATES = (-7, "bogus", 1.5, None, float("nan"), 3, ("x",), True, "")
 
 
@@ -130,7 +130,7 @@ def _assert_one_line(result, *words):
 
 
 def test_main_refuses_bad_input_in_one_line(world, tmp_path):
-    config = f"--config=tests/world_config.py:{world}"
+    config = f"--config={train_world.CONFIG_FILE}:{world}"
     work = f"--workdir={tmp_path}/run"
     (tmp_path / "a_file").write_text("x")
     truncated = tmp_path / "truncated.npz"
@@ -143,7 +143,7 @@ def test_main_refuses_bad_input_in_one_line(world, tmp_path):
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"not an image")
     cases = [
-        (("--config=tests/world_config.py", work), ["--config=tests/world_config.py"]),
+        ((f"--config={train_world.CONFIG_FILE}", work), [f"--config={train_world.CONFIG_FILE}"]),
         (("--config=configs/nope.py", work), ["cannot load the config file", "nope.py"]),
         (("--config=configs/toy.py:method=bogus", work), ["method 'bogus'"]),
         ((config, f"--workdir={tmp_path}/a_file"), ["--workdir=", "is a file"]),
@@ -169,7 +169,7 @@ def test_other_commands_refuse_bad_input_in_one_line(world, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "junk.npz").write_bytes(b"junk")
     ckpt = os.path.join(world, "pretrained.npz")
-    config = f"--config=tests/world_config.py:{world}"
+    config = f"--config={train_world.CONFIG_FILE}:{world}"
     cases = [
         (("evaluate", config, f"--workdir={tmp_path}/untrained"), ["no checkpoint"]),
         (("evaluate", config, f"--workdir={tmp_path}/w", "--wise_ft=0.5,abc"), ["--wise_ft"]),
@@ -182,7 +182,7 @@ def test_other_commands_refuse_bad_input_in_one_line(world, tmp_path):
         (("retrieval", f"--queries={tmp_path}/junk.npz", f"--output={tmp_path}/m.json"),
          ["junk.npz", "not a readable .npz"]),
         (("compare", str(tmp_path / "empty"), f"--output={tmp_path}/report"), ["no results"]),
-        (("toy_world", f"--root={tmp_path}/tw", "--target_classes=1,2"), ["--target_classes"]),
+        (("toy.world", f"--root={tmp_path}/tw", "--target_classes=1,2"), ["--target_classes"]),
     ]
     for (module, *args), words in cases:
         _assert_one_line(_command(module, *args), *words)

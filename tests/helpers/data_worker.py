@@ -1,24 +1,21 @@
 """One process of the multi-process input test (run by test_data_multiprocess.py).
 
-    python tests/data_worker.py PROCESS_ID NUM_PROCESSES PORT STEPS
+    python -m tests.helpers.data_worker PROCESS_ID NUM_PROCESSES PORT STEPS   (from the repo root)
 
 With NUM_PROCESSES=1 it simulates both shares of a 2-process run in one process.
 Prints one JSON line: per step, the global sums of images and labels computed on
 the device mesh, and the ids this process fed.
 """
 import json
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_data_pipeline import _domains, preprocess  # noqa: E402
-
-from infusing_jax import sharding  # noqa: E402
-from infusing_jax.data import pipeline  # noqa: E402
+from infusing_jax import sharding
+from infusing_jax.data import pipeline
+from tests.helpers.fake_data import preprocess, two_domains
 
 SHARES = 2  # the run being reproduced has two processes
 
@@ -30,7 +27,7 @@ def main(process_id, num_processes, port, steps):
     mesh = sharding.make_mesh()
     reduce = jax.jit(lambda b: (jnp.sum(b["image"]), jnp.sum(b["label"])))
     shares = [process_id] if num_processes > 1 else list(range(SHARES))
-    iters = [iter(pipeline.train_dataset(_domains(), preprocess, global_batch_size=8, seed=5,
+    iters = [iter(pipeline.train_dataset(two_domains(), preprocess, global_batch_size=8, seed=5,
                                          process_index=s, process_count=SHARES,
                                          shuffle_buffer=32)) for s in shares]
     out = []

@@ -13,10 +13,11 @@ import numpy as np
 import sentencepiece
 from PIL import Image
 
-import conftest
 from infusing_jax import checkpoints
 from infusing_jax.training import config as config_lib
+from tests.helpers import tiny
 
+CONFIG_FILE = "tests/helpers/world_config.py"  # relative to REPO, where commands using it run
 SIZE = 32
 COLOURS = [(220, 40, 40), (40, 200, 60), (40, 80, 220), (230, 200, 40), (200, 60, 200),
            (40, 200, 200), (120, 120, 120), (250, 140, 30), (140, 70, 20)]
@@ -67,8 +68,8 @@ def make_world(root: str, per_class: int = 8, broken: int = 0) -> str:
         sentencepiece.SentencePieceTrainer.train(
             input=corpus, model_prefix=os.path.join(root, "spm"), vocab_size=24, pad_id=0,
             eos_id=1, unk_id=2, bos_id=-1, minloglevel=2, logstream=log)
-    cfg = conftest.tiny_config("siglip")
-    checkpoints.save(conftest.random_params(cfg), cfg, os.path.join(root, "pretrained.npz"))
+    cfg = tiny.tiny_config("siglip")
+    checkpoints.save(tiny.random_params(cfg), cfg, os.path.join(root, "pretrained.npz"))
     return root
 
 
@@ -112,3 +113,9 @@ def world_config(root: str, method: str = "full", teacher: str = "precomputed",
             f"folder:{root}/generic", class_names=os.path.join(root, "classes.txt"),
             templates=("a {} image",))
     return c
+
+
+def read_metrics(workdir: str):
+    """The lines of a run's metrics.jsonl, as dicts."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

@@ -1,0 +1,1 @@
+"""The test suite. A package, so that tests and their subprocesses import `tests.helpers`."""
