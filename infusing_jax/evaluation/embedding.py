@@ -52,8 +52,9 @@ def embed_batches(encode: Callable, batches: Iterable[dict], *, batch_size: int,
     gather = _spans_processes(mesh)
     local = batch_size // jax.process_count() if gather else batch_size
     embeddings, columns = [], {}
-    show = jax.process_index() == 0
-    with tqdm.tqdm(desc=desc, unit="img", total=total, file=sys.stderr, disable=not show,
+    # A bar on process 0, and only on a terminal (None: tqdm's own test), not in logs.
+    hidden = None if jax.process_index() == 0 else True
+    with tqdm.tqdm(desc=desc, unit="img", total=total, file=sys.stderr, disable=hidden,
                    leave=False) as bar:
         for batch, n in _padded(iter(batches), local, gather):
             images = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh),
