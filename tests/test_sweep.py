@@ -233,7 +233,7 @@ def _sweep_config(**edits):
     (dict(**{"sweep/objectives": ("all", "nope")}), "config.sweep.objectives: 'nope': use"),
     (dict(**{"sweep/objectives": ("in-domain", "retention"), "sweep/pruner": "median"}),
      "config.sweep.pruner: 'median' prunes by one score"),
-    (dict(**{"sweep/sampler": "grid"}), "config.sweep.space.distill: the grid sampler needs"),
+    (dict(**{"sweep/sampler": "grid"}), "config.sweep.space.anchor: the grid sampler needs"),
     (dict(**{"sweep/num_trials": 0}), "config.sweep.num_trials: must be an int >= 1"),
 ])
 def test_bad_sweep_configs_give_one_line_errors(edits, message):
