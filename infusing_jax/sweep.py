@@ -14,6 +14,9 @@ trials early. The test sets are run but never looked at to choose.
 Workers: any number run this same command (a SLURM job array, several TPU VMs,
 several processes on one host: launch/sweep.sh) and pull trials from the study
 until it has config.sweep.num_trials; restarting the command continues the study.
+Give each worker its own --worker index (launch/sweep.sh and SLURM arrays do): it
+seeds the worker's sampler, so that workers do not draw the same values (a trial
+whose values another already has is skipped, not trained twice).
 The study lives in DIR/study.db (SQLite, no server) unless --storage names a
 database that workers on several hosts share. A worker killed mid-trial leaves a
 trial that the next worker takes over once its heartbeat is 3 x
@@ -60,6 +63,8 @@ def define_flags():
                             "pareto.png.")
     flags.DEFINE_string("storage", "", "An Optuna storage URL that the workers share, e.g. "
                         "postgresql://user@host/db (default: sqlite in --workdir).")
+    flags.DEFINE_integer("worker", None, "This worker's index, which seeds its sampler apart "
+                         "from the others' (default: SLURM_ARRAY_TASK_ID, else 0).")
     cli.define_distributed_flags()
 
 
@@ -87,14 +92,15 @@ def _check_same_sweep(cfg, workdir: str) -> None:
     run_checkpoints.write_json(path, current)
 
 
-def run_sweep(cfg, workdir: str, storage_url: str = "") -> None:
-    """Take part in the sweep of `cfg` in `workdir` until its study is done (module doc)."""
+def run_sweep(cfg, workdir: str, storage_url: str = "", worker: int = 0) -> None:
+    """Take part in the sweep of `cfg` in `workdir` until its study is done (module doc);
+    worker: this worker's index (it seeds the sampler)."""
     run_cfg, sweep = split(cfg)
     hpo_config.validate(sweep, run_cfg)
     coordinator = trial_lib.Coordinator()
     measure = lambda: reference_lib.measure(sweep, run_cfg, workdir)  # noqa: E731
     if jax.process_index() != 0:
-        trial_lib.follow(run_cfg, coordinator, on_reference=measure)
+        trial_lib.follow(run_cfg, workdir, coordinator, on_reference=measure)
         return
     _check_same_sweep(cfg, workdir)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what happened
@@ -103,7 +109,7 @@ def run_sweep(cfg, workdir: str, storage_url: str = "") -> None:
                                      sweep.heartbeat_seconds)
     study = study_lib.open_study(
         storage, sweep.study_name, len(sweep.objectives),
-        study_lib.make_sampler(sweep, lambda: space_lib.grid_of(sweep.space)),
+        study_lib.make_sampler(sweep, lambda: space_lib.grid_of(sweep.space), worker),
         study_lib.make_pruner(sweep))
     references = study_lib.open_study(storage, f"{sweep.study_name}/reference", 1)
 
@@ -136,8 +142,13 @@ def run_sweep(cfg, workdir: str, storage_url: str = "") -> None:
 def main(argv):
     del argv
     cli.check_folder("--workdir", FLAGS.workdir)
+    worker = FLAGS.worker
+    if worker is None:
+        worker = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0)
+    if worker < 0:
+        raise errors.UserError(f"--worker={worker}: give an index >= 0")
     cli.start_processes()
-    run_sweep(FLAGS.config, FLAGS.workdir, FLAGS.storage)
+    run_sweep(FLAGS.config, FLAGS.workdir, FLAGS.storage, worker)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@
 #                           default 0: no GPU assignment (CPU workers, or one worker)
 #   --storage=URL           an Optuna storage URL the workers share (postgresql://user@host/db);
 #                           default: DIR/study.db (SQLite: the processes of one host)
-#   --slurm-array=N         write a job script running N array tasks, one worker each (needs
-#                           --storage: SQLite on a network filesystem is not safe to share)
+#   --slurm-array=N         write a job script running N array tasks, one worker each, its
+#                           index SLURM_ARRAY_TASK_ID (needs --storage: SQLite on a network
+#                           filesystem is not safe to share)
 #   --partition=P, --time=T, --gpus=G   the array tasks' resources (SLURM)
 #   --script=PATH           where to write the job script (default: ./sweep.sbatch)
 #   --submit                sbatch the job script
@@ -94,15 +95,15 @@ PIDS=()
 for ((i = 0; i < WORKERS; i++)); do
   if [[ $GPUS_PER_WORKER -gt 0 ]]; then
     GPU_LIST=$(seq -s, $((i * GPUS_PER_WORKER)) $(((i + 1) * GPUS_PER_WORKER - 1)))
-    echo "+ CUDA_VISIBLE_DEVICES=$GPU_LIST $(quote_all "${COMMAND[@]}") > $WORKDIR/workers/$i.log 2>&1 &"
+    echo "+ CUDA_VISIBLE_DEVICES=$GPU_LIST $(quote_all "${COMMAND[@]}" --worker="$i") > $WORKDIR/workers/$i.log 2>&1 &"
     if [[ $DRY_RUN != 1 ]]; then
-      CUDA_VISIBLE_DEVICES=$GPU_LIST "${COMMAND[@]}" > "$WORKDIR/workers/$i.log" 2>&1 &
+      CUDA_VISIBLE_DEVICES=$GPU_LIST "${COMMAND[@]}" --worker="$i" > "$WORKDIR/workers/$i.log" 2>&1 &
       PIDS+=($!)
     fi
   else
-    echo "+ $(quote_all "${COMMAND[@]}") > $WORKDIR/workers/$i.log 2>&1 &"
+    echo "+ $(quote_all "${COMMAND[@]}" --worker="$i") > $WORKDIR/workers/$i.log 2>&1 &"
     if [[ $DRY_RUN != 1 ]]; then
-      "${COMMAND[@]}" > "$WORKDIR/workers/$i.log" 2>&1 &
+      "${COMMAND[@]}" --worker="$i" > "$WORKDIR/workers/$i.log" 2>&1 &
       PIDS+=($!)
     fi
   fi

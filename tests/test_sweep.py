@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -140,7 +141,7 @@ def test_a_worker_killed_mid_trial_is_resumed_by_the_next(world, tmp_path):
 def _two_workers(world, tmp_path, *flags):
     out = str(tmp_path / "sweep")
     arg = f"root={world},trials=4,steps=2"
-    workers = [_start(out, arg, *flags) for _ in range(2)]
+    workers = [_start(out, arg, *flags, f"--worker={i}") for i in range(2)]
     for w in workers:
         _finish(w)
     rows = _rows(out)
@@ -154,33 +155,32 @@ def test_two_workers_share_a_study_in_the_default_storage(world, tmp_path):
 
 
 @pytest.fixture
-def postgres(tmp_path):
+def postgres():
     """A PostgreSQL server of Debian's package (tests/run.sh installs it) on 127.0.0.1."""
-    bins = sorted(d for d in (os.path.join("/usr/lib/postgresql", v, "bin")
-                              for v in os.listdir("/usr/lib/postgresql"))
-                  if os.path.exists(os.path.join(d, "initdb"))) \
-        if os.path.isdir("/usr/lib/postgresql") else []
+    versions = os.listdir("/usr/lib/postgresql") if os.path.isdir("/usr/lib/postgresql") else []
+    bins = sorted(os.path.join("/usr/lib/postgresql", v, "bin") for v in versions
+                  if os.path.exists(os.path.join("/usr/lib/postgresql", v, "bin", "initdb")))
     assert bins, "no PostgreSQL server: apt-get install postgresql (tests/run.sh does)"
-    data = tmp_path / "pgdata"
-    data.mkdir()
+    home = tempfile.mkdtemp(prefix="sweep_pg_")  # outside pytest's root-only tmp folders
     as_user = []
     if os.geteuid() == 0:  # the server refuses to run as root
-        shutil.chown(data, "postgres")
-        shutil.chown(tmp_path, "postgres")
+        shutil.chown(home, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True)  # noqa
-    run(os.path.join(bins[-1], "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust")
-    run(os.path.join(bins[-1], "pg_ctl"), "-D", str(data), "-w", "-l", str(tmp_path / "pg.log"),
-        "-o", f"-p {port} -k {tmp_path} -c listen_addresses=127.0.0.1", "start")
+    data = os.path.join(home, "data")
+    run = lambda *cmd: subprocess.run([*as_user, os.path.join(bins[-1], cmd[0]), *cmd[1:]],  # noqa
+                                      check=True, capture_output=True)
+    run("initdb", "-D", data, "-U", "postgres", "-A", "trust")
+    run("pg_ctl", "-D", data, "-w", "-l", os.path.join(home, "log"),
+        "-o", f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start")
     try:
-        run(os.path.join(bins[-1], "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U",
-            "postgres", "sweep")
+        run("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "sweep")
         yield f"postgresql://postgres@127.0.0.1:{port}/sweep"
     finally:
-        run(os.path.join(bins[-1], "pg_ctl"), "-D", str(data), "-m", "fast", "stop")
+        run("pg_ctl", "-D", data, "-m", "fast", "stop")
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_two_workers_share_a_study_on_postgresql(world, tmp_path, postgres):

@@ -1,6 +1,8 @@
 """The sweep's reference points, measured once on the trials' own validation splits:
 the pretrained model, and the baseline run (e.g. naive fine-tuning) with its WiSE-FT
-curve, the weight-space mixes (1 - a) * pretrained + a * baseline.
+curve, the weight-space mixes (1 - a) * pretrained + a * baseline. The same job
+extracts the pretrained model's teacher descriptors once, into DIR/teacher/, for
+every trial (`shared_teachers`).
 
     reference = measure(sweep, run_cfg, workdir)   # -> DIR/reference.json
 
@@ -12,8 +14,13 @@ Every process takes part (validation is sharded); process 0 writes the file.
 import json
 import os
 
+import jax
+import tensorflow as tf
+
+from infusing_jax import checkpoints
 from infusing_jax import errors
 from infusing_jax import sharding
+from infusing_jax.data import teacher as teacher_lib
 from infusing_jax.evaluation import wise_ft
 from infusing_jax.training import backbone as backbone_lib
 from infusing_jax.training import config as config_lib
@@ -26,13 +33,38 @@ ALPHAS = (0.25, 0.5, 0.75, 1.0)
 FILE = "reference.json"
 
 
+def _precomputed(domain) -> bool:
+    return any(k in config_lib.DISTILLATION and domain.losses[k].teacher == "precomputed"
+               and not domain.teacher_descriptors for k in domain.losses.keys())
+
+
+def shared_teachers(run_cfg, workdir: str) -> dict:
+    """{field path: file} of the teacher descriptors the reference job extracted (or is
+    extracting) for the trials: DIR/teacher/<domain>.npz, for every domain with a
+    precomputed teacher and no file of its own; only those already written."""
+    out = {}
+    for name in run_cfg.domains.keys():
+        path = os.path.join(workdir, "teacher", f"{name}.npz")
+        if _precomputed(run_cfg.domains[name]) and (
+                tf.io.gfile.exists(path) or tf.io.gfile.glob(path + ".part*-of-*")):
+            out[f"domains.{name}.teacher_descriptors"] = path
+    return out
+
+
 def measure(sweep, run_cfg, workdir: str) -> dict:
-    """Validate the pretrained model, train and validate the baseline (module doc)."""
-    model, pretrained, _ = backbone_lib.load_image_tower(run_cfg.model)
+    """Extract the trials' teacher descriptors, validate the pretrained model, train and
+    validate the baseline (module doc)."""
+    model, pretrained, model_cfg = backbone_lib.load_image_tower(run_cfg.model)
+    embed = backbone_lib.embed_fn(model)
     names = config_lib.ordered_domains(run_cfg)
-    validator = validation.Validator(run_cfg, names, {n: domains_lib.load(run_cfg, n)
-                                                      for n in names},
-                                     backbone_lib.embed_fn(model), sharding.make_mesh(),
+    splits = {n: domains_lib.load(run_cfg, n) for n in names}
+    encode = jax.jit(lambda images: embed(pretrained, images))
+    fingerprint = teacher_lib.fingerprint(checkpoints.to_flat({"img": pretrained}), model_cfg)
+    for name in names:
+        if _precomputed(run_cfg.domains[name]):
+            loop.teacher_descriptors(run_cfg, splits[name].train, name, encode, fingerprint,
+                                     workdir)
+    validator = validation.Validator(run_cfg, names, splits, embed, sharding.make_mesh(),
                                      pretrained=pretrained)
     out = {"pretrained": {"val": validator.run(pretrained)}}
     if sweep.baseline is not None:

@@ -28,10 +28,10 @@ RULE = "all"
 
 
 def rows(trials, objectives) -> list:
-    """trials.jsonl's rows, by number; surplus trials (never run) are left out."""
+    """trials.jsonl's rows, by number; skipped trials (never run) are left out."""
     out = []
     for t in sorted(trials, key=lambda t: t.number):
-        if t.user_attrs.get("surplus"):
+        if t.user_attrs.get("skipped"):
             continue
         seconds = None
         if t.datetime_start and t.datetime_complete:
@@ -155,7 +155,7 @@ def write(study, sweep, run_cfg, workdir: str, finished=None) -> None:
         run_checkpoints.write_json(os.path.join(workdir, "best.json"),
                                    best_report(best, reference, k))
     plot(table, reference, k, os.path.join(workdir, "pareto.png"), best)
-    if finished is not None and not finished.user_attrs.get("surplus"):
+    if finished is not None and not finished.user_attrs.get("skipped"):
         row = next(r for r in table if r["number"] == finished.number)
         done = len(study_lib.census(trials).done)
         print(progress(row, done, sweep.num_trials, best), file=sys.stderr, flush=True)

@@ -16,14 +16,18 @@ The rule for "done": a trial counts once it is complete, pruned, or failed for g
 (its error was the trial's own, or its retry failed too). A trial that was retried
 does not count (its retry does). `work` never starts more trials than the budget
 leaves: it looks before it asks, and a trial that a concurrent worker made
-surplus is failed at once, before any work, and marked `surplus`.
+surplus is failed at once, before any work, and marked `skipped`; so is a trial
+whose sampled values another trial already has (workers whose samplers share a
+seed: give each its own, `sweep --worker`).
 """
 import dataclasses
+import random
 import time
 import warnings
 from typing import Callable, List
 
 import optuna
+import sqlalchemy
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
@@ -35,8 +39,9 @@ with warnings.catch_warnings():  # Optuna marks it experimental; its behaviour i
     RETRY = RetryHeartbeatStaleTrialCallback(max_retry=1, inherit_intermediate_values=True)
 
 
-class Surplus(Exception):
-    """A trial asked for after the budget was reached by other workers."""
+class Skip(Exception):
+    """A trial not to run: asked for after the budget was reached by other workers, or
+    with the values of another trial."""
 
 
 def storage_url(url: str, workdir: str) -> str:
@@ -45,25 +50,37 @@ def storage_url(url: str, workdir: str) -> str:
 
 
 def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats; one-line error where it cannot be reached."""
+    """An RDB storage with heartbeats; one-line error where it cannot be reached.
+
+    Workers that start together may race to create the storage's tables; the loser's
+    CREATE fails (PostgreSQL: a unique violation in its catalogue) and is tried again.
+    """
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine, heartbeat_interval=heartbeat_seconds,
-            grace_period=3 * heartbeat_seconds, heartbeat_stale_trial_callback=RETRY)
-    except Exception as e:  # SQLAlchemy's many errors: a bad URL, no server, no driver
-        raise errors.UserError(f"--storage={url}: cannot open it ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:200]})") from None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=heartbeat_seconds,
+                grace_period=3 * heartbeat_seconds, heartbeat_stale_trial_callback=RETRY)
+        except sqlalchemy.exc.IntegrityError:
+            if attempt == 4:
+                raise
+            time.sleep(1.0 + random.random())
+        except Exception as e:  # SQLAlchemy's many errors: a bad URL, no server, no driver
+            raise errors.UserError(f"--storage={url}: cannot open it ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:200]})") from None
 
 
-def make_sampler(sweep, space_grid: Callable[[], dict]):
+def make_sampler(sweep, space_grid: Callable[[], dict], worker: int = 0):
+    """config.sweep's sampler, seeded by sweep.seed and the worker's index: one worker
+    draws the same values every time; workers of one study draw their own."""
+    seed = sweep.seed + 1009 * worker
     if sweep.sampler == "grid":
-        return optuna.samplers.GridSampler(space_grid(), seed=sweep.seed)
+        return optuna.samplers.GridSampler(space_grid(), seed=seed)
     if sweep.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=sweep.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if sweep.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=sweep.seed)
-    return optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=sweep.startup_trials,
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=sweep.startup_trials,
                                       multivariate=True, constant_liar=True)
 
 
@@ -84,7 +101,7 @@ def open_study(storage, name: str, directions: int, sampler=None, pruner=None) -
 
 @dataclasses.dataclass(frozen=True)
 class Census:
-    live: List[optuna.trial.FrozenTrial]  # neither retried nor surplus, by number
+    live: List[optuna.trial.FrozenTrial]  # neither retried nor skipped, by number
     done: List[optuna.trial.FrozenTrial]
     running: List[optuna.trial.FrozenTrial]
     waiting: List[optuna.trial.FrozenTrial]
@@ -105,21 +122,34 @@ def census(trials) -> Census:
     """The trials that count (module doc), and which of them are done, running, waiting."""
     retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
     live = sorted((t for t in trials if t.number not in retried and
-                   not t.user_attrs.get("surplus")), key=lambda t: t.number)
+                   not t.user_attrs.get("skipped")), key=lambda t: t.number)
     return Census(live=live, done=[t for t in live if t.state in FINISHED],
                   running=[t for t in live if t.state == TrialState.RUNNING],
                   waiting=[t for t in live if t.state == TrialState.WAITING])
 
 
+def _skip(trial, reason: str):
+    trial.set_user_attr("skipped", reason)
+    raise Skip(f"trial {trial.number}: {reason}")
+
+
 def claim(study, trial, budget: int) -> None:
-    """Raise Surplus where `trial` (just asked for, RUNNING) is past the budget: counted
-    among the trials before it, by number; a retry always replaces its original."""
+    """Skip `trial` (just asked for, RUNNING) where it is past the budget: counted among
+    the trials before it, by number; a retry always replaces its original."""
     if original_number(trial) != trial.number:
         return
     before = [t for t in census(study.get_trials(deepcopy=False)).live if t.number < trial.number]
     if len(before) >= budget:
-        trial.set_user_attr("surplus", True)
-        raise Surplus(f"trial {trial.number}: the study has its {budget} trials")
+        _skip(trial, f"surplus: the study has its {budget} trials")
+
+
+def claim_values(study, trial, values: dict) -> None:
+    """Skip a first attempt whose sampled values a live trial already has."""
+    if original_number(trial) != trial.number:
+        return
+    for t in census(study.get_trials(deepcopy=False)).live:
+        if t.number != trial.number and t.user_attrs.get("params") == values:
+            _skip(trial, f"duplicate of trial {t.number}")
 
 
 def work(study, budget: int, objective: Callable, on_trial_end: Callable = None,
@@ -144,7 +174,7 @@ def work(study, budget: int, objective: Callable, on_trial_end: Callable = None,
             return
         if now.waiting or len(now.live) < budget:
             idle_since = None
-            study.optimize(objective, n_trials=1, catch=tuple(catch) + (Surplus,),
+            study.optimize(objective, n_trials=1, catch=tuple(catch) + (Skip,),
                            callbacks=callbacks, gc_after_trial=True)
             continue
         idle_since = idle_since or time.monotonic()

@@ -27,6 +27,7 @@ import optuna
 from jax.experimental import multihost_utils
 
 from infusing_jax import errors
+from infusing_jax.hpo import reference as reference_lib
 from infusing_jax.hpo import space as space_lib
 from infusing_jax.hpo import study as study_lib
 from infusing_jax.training import loop
@@ -61,10 +62,12 @@ def objective_values(val: Optional[dict], objectives) -> list:
     return [float(val[o]) for o in objectives]
 
 
-def run(run_cfg, values: dict, workdir: str, report: Callable) -> dict:
+def run(run_cfg, values: dict, workdir: str, report: Callable, sweep_dir: str) -> dict:
     """Train the run config with {field path: value} set, in `workdir`; -> its summary.
-    report(step, val) -> bool (stop) at each validation."""
-    cfg = space_lib.apply(run_cfg, values)
+    report(step, val) -> bool (stop) at each validation. The pretrained model's teacher
+    descriptors come from the sweep's folder where the reference job has written them."""
+    cfg = space_lib.apply(run_cfg, {**reference_lib.shared_teachers(run_cfg, sweep_dir),
+                                    **values})
     return loop.train_and_evaluate(cfg, workdir, on_validation=report)
 
 
@@ -78,6 +81,7 @@ def make_objective(sweep, run_cfg, workdir: str, budget: int,
         params = {name: space_lib.suggest(trial, name, sweep.space[name])
                   for name in sweep.space.keys()}
         values = space_lib.assignments(sweep.space, params)
+        study_lib.claim_values(trial.study, trial, values)
         folder = trial_dir(workdir, trial)
         trial.set_user_attr("workdir", folder)
         trial.set_user_attr("params", values)
@@ -92,7 +96,7 @@ def make_objective(sweep, run_cfg, workdir: str, budget: int,
             return bool(coordinator.share(stop))
 
         try:
-            summary = run(run_cfg, values, folder, report)
+            summary = run(run_cfg, values, folder, report, workdir)
         except errors.UserError as e:
             trial.set_user_attr("error", str(e))
             raise
@@ -107,7 +111,7 @@ def make_objective(sweep, run_cfg, workdir: str, budget: int,
     return objective
 
 
-def follow(run_cfg, coordinator: Coordinator, on_reference: Callable) -> None:
+def follow(run_cfg, workdir: str, coordinator: Coordinator, on_reference: Callable) -> None:
     """Processes other than 0: run what process 0 shares, until it says 'done'."""
     while True:
         order = coordinator.share()
@@ -120,6 +124,6 @@ def follow(run_cfg, coordinator: Coordinator, on_reference: Callable) -> None:
               flush=True)
         try:
             run(run_cfg, order["values"], order["workdir"],
-                lambda step, val: bool(coordinator.share()))
+                lambda step, val: bool(coordinator.share()), workdir)
         except errors.UserError:
             pass  # process 0 fails the trial in the study, with the same error
