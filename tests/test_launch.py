@@ -1,4 +1,4 @@
-"""launch/{tpu_vm,gpu,slurm}.sh: --help, the commands a --dry-run prints, and the real paths.
+"""launch/{tpu_vm,gpu,slurm,sweep}.sh: --help, the commands a --dry-run prints, and the real paths.
 
 gcloud, sbatch and srun are never the real ones: every script runs with a PATH whose first
 directory holds fakes. For dry runs the fakes fail loudly and leave a trace (none may run);
@@ -15,7 +15,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
-SCRIPTS = ["tpu_vm.sh", "gpu.sh", "slurm.sh"]
+SCRIPTS = ["tpu_vm.sh", "gpu.sh", "slurm.sh", "sweep.sh"]
 TOOLS = ["gcloud", "sbatch", "srun", "python"]
 ENV_SET_BY_SCRIPTS = ["CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_MEM_FRACTION",
                       "JAX_DEFAULT_MATMUL_PRECISION", "JAX_LOCAL_DEVICE_IDS"]
@@ -332,3 +332,105 @@ def test_slurm_rejects_bad_numbers(tmp_path):
     result, log = _run(tmp_path, "slurm.sh", *SLURM_ARGS, "--nodes=0", "--dry-run")
     assert result.returncode == 2 and "positive integer" in result.stderr
     assert result.stdout == "" and log == ""
+
+
+# --- sweep.sh ----------------------------------------------------------------------------------
+
+SWEEP_CONFIG = "--config=configs/toy_sweep.py:world=w,trials=8"
+SWEEP_PASS = ["--config.sweep.num_trials=5", "--config.note=it's \"quoted\" $HOME"]
+
+
+def _worker_python(tmp_path):
+    """A bin/ whose `python` prints its arguments ('ARG a'), its folder ('CWD') and
+    CUDA_VISIBLE_DEVICES ('ENV'), then exits 3 where FAIL_WORKER names its --worker index."""
+    bin_dir = tmp_path / "bin-worker"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(
+        "#!/usr/bin/env bash\n"
+        'printf "ARG %s\\n" "$@"; echo "CWD $PWD"\n'
+        'if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then '
+        'echo "ENV CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"; fi\n'
+        'if [[ -n ${FAIL_WORKER:-} && " $* " == *" --worker=$FAIL_WORKER "* ]]; then exit 3; fi\n')
+    (bin_dir / "python").chmod(0o755)
+    return bin_dir
+
+
+def _run_workers(tmp_path, *args, env=None):
+    bin_dir = _worker_python(tmp_path)
+    full_env = {k: v for k, v in os.environ.items() if k not in ENV_SET_BY_SCRIPTS}
+    full_env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", **(env or {}))
+    return subprocess.run(["bash", os.path.join(LAUNCH, "sweep.sh"), *args], cwd=tmp_path,
+                          env=full_env, capture_output=True, text=True, timeout=60)
+
+
+def test_sweep_dry_run_prints_a_command_per_worker_and_runs_nothing(tmp_path):
+    workdir = tmp_path / "sweep"
+    result, log = _run(tmp_path, "sweep.sh", SWEEP_CONFIG, f"--workdir={workdir}",
+                       "--workers=3", "--gpus-per-worker=2", "--dry-run", "--", *SWEEP_PASS)
+    assert result.returncode == 0, result.stderr
+    assert log == "" and not workdir.exists()
+    workers = [c for c in _commands(result.stdout) if "infusing_jax.sweep" in c]
+    assert len(workers) == 3
+    for i, cmd in enumerate(workers):
+        gpus = ",".join(str(g) for g in (2 * i, 2 * i + 1))
+        assert cmd[0] == f"CUDA_VISIBLE_DEVICES={gpus}"
+        assert cmd[1:4] == [".venv/bin/python", "-m", "infusing_jax.sweep"]
+        assert cmd[4:] == [SWEEP_CONFIG, f"--workdir={workdir}", *SWEEP_PASS, f"--worker={i}",
+                           ">", f"{workdir}/workers/{i}.log", "2>&1", "&"]
+
+
+def test_sweep_starts_the_workers_each_on_its_gpus_and_waits(tmp_path):
+    workdir = tmp_path / "sweep"
+    result = _run_workers(tmp_path, SWEEP_CONFIG, f"--workdir={workdir}", "--workers=2",
+                          "--gpus-per-worker=1", "--python=python",
+                          "--storage=postgresql://u@db/sweeps", "--", *SWEEP_PASS)
+    assert result.returncode == 0, result.stderr
+    for i in range(2):
+        lines = (workdir / "workers" / f"{i}.log").read_text().splitlines()
+        args = [line[4:] for line in lines if line.startswith("ARG ")]
+        assert args == ["-m", "infusing_jax.sweep", SWEEP_CONFIG, f"--workdir={workdir}",
+                        "--storage=postgresql://u@db/sweeps", *SWEEP_PASS, f"--worker={i}"]
+        assert f"CWD {ROOT}" in lines and f"ENV CUDA_VISIBLE_DEVICES={i}" in lines
+
+
+def test_sweep_without_gpus_sets_none_and_a_failed_worker_fails_the_script(tmp_path):
+    workdir = tmp_path / "sweep"
+    result = _run_workers(tmp_path, SWEEP_CONFIG, f"--workdir={workdir}", "--workers=3",
+                          "--python=python", env={"FAIL_WORKER": "1"})
+    assert result.returncode == 1
+    assert result.stderr == f"error: worker 1 failed; see {workdir}/workers/1.log\n"
+    for i in range(3):  # the others ran to their end
+        log = (workdir / "workers" / f"{i}.log").read_text()
+        assert f"ARG --worker={i}" in log and "CUDA_VISIBLE_DEVICES" not in log
+
+
+def test_sweep_slurm_array_writes_a_job_of_one_worker_per_task(tmp_path):
+    workdir = tmp_path / "sweep"
+    result, _ = _run(tmp_path, "sweep.sh", SWEEP_CONFIG, f"--workdir={workdir}",
+                     "--slurm-array=4")
+    assert result.returncode == 2
+    assert result.stderr == ("error: --slurm-array needs --storage=URL (a database every node "
+                             "reaches)\n")
+    script = tmp_path / "job.sbatch"
+    result, log = _run(tmp_path, "sweep.sh", SWEEP_CONFIG, f"--workdir={workdir}",
+                       "--slurm-array=4", "--storage=postgresql://u@db/sweeps", "--gpus=1",
+                       "--partition=gpu", f"--script={script}", "--python=python", "--",
+                       *SWEEP_PASS, record=True)
+    assert result.returncode == 0, result.stderr
+    assert log == "" and f"submit it with: sbatch {script}" in result.stdout
+    lines = script.read_text().splitlines()
+    assert [line for line in lines if line.startswith("#SBATCH")] == [
+        "#SBATCH --job-name=infusing_jax_sweep", "#SBATCH --array=0-3", "#SBATCH --ntasks=1",
+        "#SBATCH --time=24:00:00", f"#SBATCH --output={workdir}/workers/%a.log",
+        "#SBATCH --partition=gpu", "#SBATCH --gpus=1"]
+    # Run the job as SLURM would run array task 2: the worker index comes from the task's
+    # SLURM_ARRAY_TASK_ID (the sweep command reads it), so the job passes no --worker.
+    ran = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, SLURM_ARRAY_TASK_ID="2",
+                                              PATH=f"{_worker_python(tmp_path)}:"
+                                                   f"{os.environ['PATH']}"))
+    assert ran.returncode == 0, ran.stderr
+    args = [line[4:] for line in ran.stdout.splitlines() if line.startswith("ARG ")]
+    assert args == ["-m", "infusing_jax.sweep", SWEEP_CONFIG, f"--workdir={workdir}",
+                    "--storage=postgresql://u@db/sweeps", *SWEEP_PASS]
+    assert f"CWD {ROOT}" in ran.stdout.splitlines()
