@@ -39,9 +39,16 @@ def _load(workdir: str) -> dict:
     path = os.path.join(workdir, "results.json")
     if not os.path.exists(path):
         raise errors.UserError(f"{path}: no results; run python -m infusing_jax.evaluate first")
-    with open(path) as f:
-        results = json.load(f)
-    if "fine-tuned" not in results.get("models", {}):
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise errors.UserError(f"{path}: cannot read it as JSON ({e}); write it again with "
+                               "python -m infusing_jax.evaluate") from None
+    if not isinstance(results, dict) or not isinstance(results.get("models"), dict):
+        raise errors.UserError(f"{path}: not a results.json (no 'models'); write it again with "
+                               "python -m infusing_jax.evaluate")
+    if "fine-tuned" not in results["models"]:
         raise errors.UserError(f"{path}: has no fine-tuned model (a --checkpoint evaluation?)")
     return results
 

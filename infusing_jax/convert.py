@@ -31,8 +31,21 @@ def main(argv):
         raise errors.UserError("SRC DST: usage: python -m infusing_jax.convert SRC DST "
                                "[--to=FORMAT]")
     src, dst = argv[1:]
+    if FLAGS.image_size is not None and FLAGS.image_size < 1:
+        raise errors.UserError(f"--image_size={FLAGS.image_size}: must be >= 1 (pixels, a "
+                               "multiple of the patch size); leave it out to keep SRC's")
     fmt = FLAGS.to or checkpoints.format_of(dst)
-    params, cfg = checkpoints.load(src, image_size=FLAGS.image_size, act=FLAGS.act)
+    cli.check_output_file("DST", dst, folder=fmt == "hf")
+    try:
+        params, cfg = checkpoints.load(src, image_size=FLAGS.image_size, act=FLAGS.act)
+    except checkpoints.ArgumentError as e:
+        raise errors.UserError(f"--{e.argument}: {e}") from None
+    patch = cfg.image.patch_size
+    if FLAGS.image_size and FLAGS.image_size % patch:
+        raise errors.UserError(f"--image_size={FLAGS.image_size}: not a multiple of {src}'s "
+                               f"patch size {patch}; give one (e.g. "
+                               f"{round(FLAGS.image_size / patch) * patch}), or leave it out "
+                               "to keep SRC's own size")
     checkpoints.save(params, cfg, dst, fmt)
     towers = "image and text towers" if cfg.get("text") else "image tower"
     print(f"wrote {dst} ({fmt}): {cfg.family} {towers}, width {cfg.image.width}, "

@@ -100,7 +100,10 @@ def _texts_and_tokenizer(cfg):
         raise errors.UserError(f"--texts={FLAGS.texts}: cannot read it as UTF-8 text ({e})")
     if not texts:
         raise errors.UserError(f"--texts={FLAGS.texts}: no non-empty line")
-    tokenize = tokenizers.load_tokenizer(FLAGS.tokenizer, cfg.family, cfg.text.seq_len)
+    try:
+        tokenize = tokenizers.load_tokenizer(FLAGS.tokenizer, cfg.family, cfg.text.seq_len)
+    except errors.UserError as e:
+        raise errors.UserError(f"--tokenizer: {e}") from None
     if tokenize.vocab_size > cfg.text.vocab_size:
         raise errors.UserError(f"--tokenizer={FLAGS.tokenizer}: its {tokenize.vocab_size} tokens do "
                          f"not fit the model's vocabulary of {cfg.text.vocab_size}; use the "
@@ -121,7 +124,10 @@ def main(argv):
         raise errors.UserError(f"--batch_size={FLAGS.batch_size}: must be >= 1")
     cli.check_output_file("--output", FLAGS.output)
     jax.config.update("jax_default_matmul_precision", FLAGS.matmul_precision)
-    params, cfg = checkpoints.load(FLAGS.checkpoint, act=FLAGS.act)
+    try:
+        params, cfg = checkpoints.load(FLAGS.checkpoint, act=FLAGS.act)
+    except checkpoints.ArgumentError as e:
+        raise errors.UserError(f"--{e.argument}: {e}") from None
     texts, tokenize = _texts_and_tokenizer(cfg) if FLAGS.texts else (None, None)
     model = models.build(cfg)
     # Parameters are arguments, not closed-over constants baked into the program.

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 from absl import flags
+from absl import logging
 
 from infusing_jax.training import run_checkpoints
 from infusing_jax import cli
@@ -56,7 +57,10 @@ def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
     if checkpoint:
         cfg.model.checkpoint = checkpoint
     config_lib.validate(cfg)
+    run_checkpoints.check_workdir(workdir)
     model, pretrained, model_cfg = backbone_lib.load_image_tower(cfg.model)
+    if run_tests:
+        suite.check(cfg)
     embed = backbone_lib.embed_fn(model)
     backbones, step = {"pretrained": pretrained}, 0
     finetuned = None
@@ -66,6 +70,13 @@ def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
         for a in alphas:
             if 0.0 < a < 1.0:
                 backbones[f"wise_ft@{a:g}"] = wise_ft.interpolate(pretrained, finetuned, a)
+    if run_tests and not suite.has_tests(cfg):
+        if not export:
+            raise errors.UserError("config.eval: no test set configured; nothing to evaluate "
+                                   "(add eval.retrieval, text_retrieval or zero_shot sets, or "
+                                   "give --export to only export)")
+        logging.info("config.eval has no test set: only exporting")
+        run_tests = False
     if export:
         if finetuned is None:
             raise errors.UserError("--export needs a trained run in --workdir (not --checkpoint)")
@@ -85,9 +96,7 @@ def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
 
 def _export(cfg, backbone, path: str):
     """The original checkpoint with its image tower replaced, saved in the path's format."""
-    source = suite.text_checkpoint(cfg)
-    params, model_cfg = checkpoints.load(source, image_size=cfg.model.image_size,
-                                         act=cfg.model.act or None)
+    params, model_cfg = suite.load_text_checkpoint(cfg, image_size=cfg.model.image_size)
     params = dict(params, img=backbone)
     checkpoints.save(params, model_cfg, path)
 
@@ -96,7 +105,8 @@ def main(argv):
     del argv
     cli.check_folder("--workdir", FLAGS.workdir)
     if FLAGS.export:
-        cli.check_output_file("--export", FLAGS.export)
+        cli.check_output_file("--export", FLAGS.export,
+                              folder=checkpoints.format_of(FLAGS.export) == "hf")
     if not 0.0 <= FLAGS.export_alpha <= 1.0:
         raise errors.UserError(f"--export_alpha={FLAGS.export_alpha}: must be in [0, 1]")
     alphas = wise_ft.parse_alphas(FLAGS.wise_ft)

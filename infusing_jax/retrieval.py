@@ -22,6 +22,7 @@ from absl import flags
 
 from infusing_jax import cli
 from infusing_jax import errors
+from infusing_jax import paths
 from infusing_jax.evaluation import metrics
 
 FLAGS = flags.FLAGS
@@ -42,11 +43,8 @@ OPTIONAL = ("domains", "ids", "coarse_labels")
 
 def load(path: str) -> dict:
     """`embeddings`, `labels` and the optional arrays of an .npz file, checked."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {name: f[name] for name in ("embeddings", "labels") + OPTIONAL if name in f}
-    except (OSError, ValueError, EOFError) as e:
-        raise errors.UserError(f"{path}: not a readable .npz file ({e})") from None
+    data = {name: array for name, array in paths.read_npz(path).items()
+            if name in ("embeddings", "labels") + OPTIONAL}
     for name in ("embeddings", "labels"):
         if name not in data:
             raise errors.UserError(f"{path}: no `{name}` array")

@@ -42,7 +42,7 @@ _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 def _existing(path) -> str:
     path = os.fspath(path)
     if not paths.exists(path):
-        raise errors.UserError(f"tokenizer file not found: {path}")
+        raise errors.UserError(f"{path}: no such tokenizer file")
     return path
 
 

@@ -25,6 +25,15 @@ from infusing_jax.models import transformer
 FORMATS = ("big_vision", "hf", "open_clip")
 
 
+class ArgumentError(errors.UserError):
+    """An argument of `load` that the file cannot take (`argument`: 'act' or 'image_size'):
+    callers name it as their own flag or config field."""
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(message)
+        self.argument = argument
+
+
 def format_of(path: str) -> str:
     """The format a path names: .npz[:sub] -> big_vision, a state-dict file -> open_clip,
     anything else -> a Hugging Face directory."""
@@ -86,23 +95,35 @@ def load(path: str, image_size: int = None, act: str = None, scan: bool = False,
 
     image_size: run at another resolution (the learned position embedding is
     resampled as big_vision does when the patch grid changes).
-    act: the towers' activation ('gelu_tanh' | 'gelu' | 'quick_gelu'), for
-    formats that do not record it; required for open_clip CLIP files.
+    act: the towers' activation ('gelu_tanh' | 'gelu' | 'quick_gelu') of CLIP files that
+    record none: required for open_clip's, big_vision's default to quick_gelu; refused
+    where it is not the activation the checkpoint fixes (SigLIP, a Hugging Face config).
     scan: return big_vision's scan layout.
     """
     if act is not None and act not in transformer.ACTIVATIONS:
-        raise errors.UserError(f"act {act!r}: use one of {sorted(transformer.ACTIVATIONS)}")
+        raise ArgumentError("act", f"{act!r}: use one of {sorted(transformer.ACTIVATIONS)}")
     fmt = detect_format(path)
     flat, hints = _read_flat(path, fmt)
-    if act:
+    cfg = infer.infer_config(flat, hints, where=path)
+    if fmt == "open_clip" and cfg.family == "clip" and not act:
+        raise ArgumentError("act", f"{path}: open_clip stores no activation; pass "
+                            "act='quick_gelu' (OpenAI weights, '-quickgelu' models) or "
+                            "act='gelu' (LAION, DataComp, DFN weights), --act on the "
+                            "command line")
+    fixed = cfg.family == "siglip" or hints.get("img", {}).get("act")  # or a HF config's
+    own = model_config_lib.resolved_towers(cfg)[0]["act"]
+    if act and fixed and act != own:
+        raise ArgumentError("act", f"{path} is a {fmt} {cfg.family} checkpoint, whose "
+                            f"activation is {own!r}; leave act unset (it names the activation "
+                            "of CLIP files that record none: open_clip's, big_vision's)")
+    if act and not fixed:
         hints = dict(hints, img=dict(hints.get("img", {}), act=act),
                      txt=dict(hints.get("txt", {}), act=act))
-    elif fmt == "open_clip" and hints["family"] == "clip":
-        raise errors.UserError(f"{path}: open_clip stores no activation; pass act='quick_gelu' "
-                         "(OpenAI weights, '-quickgelu' models) or act='gelu' (LAION, "
-                         "DataComp, DFN weights), --act on the command line")
-    cfg = infer.infer_config(flat, hints, where=path)
-    if image_size:
+        cfg = infer.infer_config(flat, hints, where=path)
+    if image_size is not None:
+        if image_size < cfg.image.patch_size:
+            raise ArgumentError("image_size", f"{image_size} is smaller than the patch size "
+                                f"{cfg.image.patch_size} of {path}")
         flat, cfg = infer.resample_image_posemb(flat, cfg, image_size)
     check_shapes(flat, cfg, path)
     cfg.scan, cfg.param_dtype = scan, param_dtype

@@ -5,7 +5,6 @@ arrays stored as 2-byte numpy void, and both the scan and unrolled layouts.
 Never unpickles (allow_pickle=False).
 """
 import os
-import zipfile
 
 import ml_dtypes
 import numpy as np
@@ -37,24 +36,6 @@ def _decode(key, value, file):
     return value
 
 
-def _read_npz(f, file: str) -> dict:
-    """The arrays of the .npz archive open as `f`, named `file` in errors."""
-    try:
-        npz = np.load(f, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise errors.UserError(f"{file}: not a readable .npz archive ({e})") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise errors.UserError(f"{file}: holds a single array, not a .npz archive of named parameters")
-    try:
-        with npz:
-            return {k: _decode(k, npz[k], file) for k in npz.files}
-    except ValueError as e:
-        if "allow_pickle" in str(e):
-            raise errors.UserError(f"{file}: refused, it holds pickled Python objects, and "
-                             "loading them could run code; save plain arrays instead") from None
-        raise errors.UserError(f"{file}: unreadable array ({e})") from None
-
-
 def read(path: str) -> dict:
     """'file.npz[:sub/tree]' -> canonical flat params ('img/...', 'txt/...', 't', 'b').
 
@@ -64,12 +45,7 @@ def read(path: str) -> dict:
     file, sub = split_path(path)
     if not paths.exists(file):
         raise errors.UserError(f"{file}: no such checkpoint file")
-    try:
-        f = paths.open_binary(file)
-    except OSError as e:  # a directory, no permission
-        raise errors.UserError(f"{file}: not a readable .npz archive ({e})") from None
-    with f:
-        flat = _read_npz(f, file)
+    flat = {k: _decode(k, v, file) for k, v in paths.read_npz(file).items()}
     if any(k.startswith("params/") for k in flat):
         flat = {k[len("params/"):]: v for k, v in flat.items() if k.startswith("params/")}
     if sub:

@@ -13,6 +13,7 @@ from safetensors import numpy as safetensors_np
 from infusing_jax import errors
 from infusing_jax.data import pil_views
 from infusing_jax.checkpoints import mapping
+from infusing_jax.checkpoints import state_dict
 from infusing_jax.checkpoints.mapping import dense as _dense
 from infusing_jax.checkpoints.mapping import layer_norm as _ln
 from infusing_jax.checkpoints.mapping import rule
@@ -99,8 +100,15 @@ _BUFFERS = ("vision_model.embeddings.position_ids", "text_model.embeddings.posit
 
 def read(path: str):
     """A save_pretrained directory -> (their state dict, hints for config inference)."""
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise errors.UserError(f"{path}/config.json: not a readable JSON file ({e}); "
+                               "re-save the model with save_pretrained") from None
+    if not isinstance(cfg, dict):
+        raise errors.UserError(f"{path}/config.json: not a model config (a JSON object); "
+                               "re-save the model with save_pretrained")
     model_type = cfg.get("model_type", "")
     family = model_type.split("_")[0]
     if family not in TABLES:
@@ -110,7 +118,8 @@ def read(path: str):
     if not os.path.exists(weights):
         raise errors.UserError(f"{path}: no {WEIGHTS}; re-save the model with "
                          "save_pretrained(safe_serialization=True)")
-    theirs = {k: v for k, v in safetensors_np.load_file(weights).items() if k not in _BUFFERS}
+    theirs = {k: v for k, v in state_dict.read_safetensors(weights).items()
+              if k not in _BUFFERS}
     vision_only = "vision" in model_type
     towers = {"img": cfg.get("vision_config", cfg if vision_only else {}),
               "txt": None if vision_only else cfg.get("text_config", {})}

@@ -7,6 +7,7 @@ import os
 import pickle
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors import numpy as safetensors_np
 
 from infusing_jax import errors
@@ -33,10 +34,21 @@ def read(path: str, unwrap=lambda state: state) -> dict:
     if not os.path.exists(path):
         raise errors.UserError(f"{path}: no such checkpoint file")
     if path.endswith(".safetensors"):
-        return safetensors_np.load_file(path)
+        return read_safetensors(path)
     torch = _torch()
     try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        raise errors.UserError(f"{path}: not a readable PyTorch file ({e.strerror})") from None
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save's zip, or a legacy pickle
+        raise errors.UserError(f"{path}: not a readable PyTorch file (neither a zip archive "
+                               "nor a pickle)")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except RuntimeError as e:  # a corrupt or truncated archive
+        raise errors.UserError(f"{path}: not a readable PyTorch file "
+                               f"({str(e).splitlines()[0][:200]})") from None
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise errors.UserError(f"{path}: refused, it needs arbitrary Python objects unpickled "
@@ -48,6 +60,15 @@ def read(path: str, unwrap=lambda state: state) -> dict:
     if others:
         raise errors.UserError(f"{path}: {len(others)} entries are not tensors, e.g. {others[:5]}")
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
+
+
+def read_safetensors(path: str) -> dict:
+    """{key: np.ndarray} of a .safetensors file; one UserError where it is not one."""
+    try:
+        return safetensors_np.load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise errors.UserError(f"{path}: not a readable .safetensors file "
+                               f"({getattr(e, 'strerror', None) or e})") from None
 
 
 def write(path: str, tensors: dict):

@@ -40,6 +40,7 @@ class Domain:
 
 MAX_FAILURES_IN_A_ROW = 1000  # consecutive undecodable images that stop a domain's stream
 _FAILED = "input pipeline: domain "  # how a stream's own failure starts its message
+EMPTY_SHARD = "a data shard of its train split is empty"  # the reason stream_failure gives
 
 
 def _example_seed(seed: int, domain: int, position):
@@ -88,8 +89,7 @@ def _decoded_passes(split: schema.SplitData, domain: int, name: str, decode: Cal
         run = run + index - last - 1
         check = [
             tf.debugging.Assert(tf.logical_not(is_end & tf.equal(index, 0)), [
-                f"{_FAILED}{name}: this process's shard of its train split is empty (fewer "
-                "examples than data shards)"]),
+                f"{_FAILED}{name}: {EMPTY_SHARD} (fewer examples than data shards)"]),
             tf.debugging.Assert(tf.logical_not(is_end & tf.equal(kept, 0)), [
                 f"{_FAILED}{name}: no image of a whole pass over its train split could be "
                 "decoded"]),
@@ -168,26 +168,33 @@ def first_decode_error(split: schema.SplitData, decode: Callable, limit: int = 6
     return None
 
 
+def check_decodable(split: schema.SplitData, decode: Callable, where: str, what: str,
+                    limit: int = 64):
+    """-> (the decoded image, its record) of the first of `limit` records of the split that
+    decodes; none: one UserError `<where>: none of the N <what> images tried can be
+    decoded; the first, <id>: <why>`."""
+    error, tried = None, 0
+    for ex in split.dataset(0, 1).take(limit):
+        tried += 1
+        try:
+            return decode(ex["image"]), ex
+        except (tf.errors.OpError, ValueError) as e:
+            error = error or (ex["id"].numpy().decode(), str(getattr(e, "message", e)))
+    if error is None:
+        raise errors.UserError(f"{where}: its {what} split is empty")
+    raise errors.UserError(f"{where}: none of the {tried} {what} images tried can be decoded; "
+                           f"the first, {error[0]}: {error[1].splitlines()[0]}")
+
+
 def check_views(domains: Sequence["Domain"], view, limit: int = 64) -> None:
     """Before training: each domain's first decodable image (of its first `limit`) goes
-    through `view.augment`; one UserError names the domain whose images cannot be read,
-    or whose augmentation fails (a setting that cannot work, e.g. a crop larger than
-    the image)."""
+    through `view.augment`; one UserError names the domain whose images cannot be read
+    (check_decodable), or whose augmentation fails (a setting that cannot work, e.g. a
+    crop larger than the image)."""
     seed = tf.zeros([2], tf.int64)
     for d in domains:
-        image, error, tried = None, None, 0
-        for ex in d.split.dataset(0, 1).take(limit):
-            tried += 1
-            try:
-                image = view.decode(ex["image"])
-                break
-            except (tf.errors.OpError, ValueError) as e:
-                error = error or (ex["id"].numpy().decode(), str(getattr(e, "message", e)))
-        if image is None:
-            where, why = error or ("", "the split is empty")
-            raise errors.UserError(f"config.domains.{d.name}.source: none of the {tried} train "
-                                   f"images tried can be decoded; the first, {where}: "
-                                   f"{why.splitlines()[0]}")
+        image, ex = check_decodable(d.split, view.decode, f"config.domains.{d.name}.source",
+                                    "train", limit)
         try:
             view.augment(image, seed)
         except (tf.errors.OpError, ValueError) as e:
@@ -295,19 +302,38 @@ class SkipCounter:
         self.seen, self.last = list(state["seen"]), list(state["last"])
 
 
+class StateMismatch(Exception):
+    """A saved iterator state of another pipeline (other batch shapes or structure)."""
+
+
+def _shapes(iterator) -> dict:
+    return {k: spec.shape.as_list() for k, spec in iterator.element_spec.items()}
+
+
 def save_iterator(iterator, counter: SkipCounter, directory: str, process_index: int = 0):
-    """Write the tf.data iterator state and the skip counts of this process."""
+    """Write the tf.data iterator state, its batch shapes and the skip counts of this
+    process."""
     prefix = os.path.join(directory, f"data_process_{process_index}")
     tf.train.Checkpoint(iterator=iterator).write(prefix)
     with tf.io.gfile.GFile(prefix + ".skips.json", "w") as f:
-        f.write(json.dumps(counter.state()))
+        f.write(json.dumps(dict(counter.state(), shapes=_shapes(iterator))))
 
 
 def restore_iterator(iterator, counter: SkipCounter, directory: str, process_index: int = 0):
-    """Restore what `save_iterator` wrote into a freshly built iterator of the same pipeline."""
+    """Restore what `save_iterator` wrote into a freshly built iterator of the same pipeline;
+    StateMismatch where it is another pipeline's (other batch shapes: data.batch_size, the
+    number of processes; another structure)."""
     prefix = os.path.join(directory, f"data_process_{process_index}")
     if not tf.io.gfile.exists(prefix + ".skips.json"):
         raise errors.UserError(f"{prefix}: no saved input-pipeline state")
-    tf.train.Checkpoint(iterator=iterator).read(prefix).assert_consumed()
     with tf.io.gfile.GFile(prefix + ".skips.json") as f:
-        counter.restore(json.loads(f.read()))
+        state = json.loads(f.read())
+    saved, shapes = state.get("shapes"), _shapes(iterator)
+    if saved is not None and saved != shapes:
+        raise StateMismatch(f"it made batches of images {saved['image']}, this run makes "
+                            f"{shapes['image']} on each process")
+    try:
+        tf.train.Checkpoint(iterator=iterator).read(prefix).assert_consumed()
+    except AssertionError as e:
+        raise StateMismatch(f"another input pipeline ({str(e).splitlines()[0][:200]})") from None
+    counter.restore(state)

@@ -299,8 +299,8 @@ def _uned_source(rest: str, data_dir: Optional[str]) -> Source:
     split_data = {}
     for name in _ordered([f[:-len(".json")] for f in files]):
         path = posixpath.join(folder, f"{name}.json")
-        with tf.io.gfile.GFile(path) as f:
-            records = [(r["path"], _single_class(r["class_id"], path)) for r in json.load(f)]
+        records = _records(path, lambda r: (r["path"], _single_class(r["class_id"], path)),
+                           '[{"path": ..., "class_id": ...}, ...]')
         if not records:
             raise errors.UserError(f"uned:{rest}: {name}.json has no records")
         num_classes = max(label for _, label in records) + 1
@@ -329,17 +329,55 @@ def _captions_source(rest: str, data_dir: Optional[str]) -> Source:
         file, _, split = rest.rpartition(":")
     if not file or not tf.io.gfile.exists(file) or tf.io.gfile.isdir(file):
         raise errors.UserError(f"captions:{rest}: no such JSON file {file or rest}")
-    with tf.io.gfile.GFile(file) as f:
-        data = json.load(f)
+    want = ('[{"image": ..., "captions": [...]}, ...] or a Karpathy JSON {"images": '
+            '[{"filename", "split", "sentences": [{"raw"}, ...]}, ...]}')
+    data = _read_json(file, want)
     if isinstance(data, list):
-        records = [(r["image"], NO_LABEL, list(r["captions"])) for r in data]
+        records = _records(file, lambda r: (r["image"], NO_LABEL, list(r["captions"])), want,
+                           data)
     else:
-        records = [(posixpath.join(r.get("filepath", ""), r["filename"]), NO_LABEL,
-                    [s["raw"] for s in r["sentences"]])
-                   for r in data["images"] if r["split"] == split]
+        records = _records(file, lambda r: (posixpath.join(r.get("filepath", ""),
+                                                            r["filename"]), NO_LABEL,
+                                            [s["raw"] for s in r["sentences"]]), want,
+                           [r for r in _field(data, "images", file, want)
+                            if _field(r, "split", file, want) == split])
     if not records:
         raise errors.UserError(f"captions:{rest}: no images for split {split!r} in {file}")
     root = data_dir or posixpath.dirname(file)
     split_data = {split: _file_split(split, root, records, num_classes=0, captions=True)}
     return Source(name=posixpath.splitext(posixpath.basename(file))[0], roles=_roles((split,)),
                   split_data=split_data)
+
+
+def _read_json(path: str, want: str):
+    """The JSON in `path`; one UserError where it is not JSON."""
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise errors.UserError(f"{path}: not JSON ({e}); want {want}") from None
+
+
+def _field(record, key: str, path: str, want: str):
+    try:
+        return record[key]
+    except (KeyError, TypeError, IndexError):
+        raise errors.UserError(f"{path}: no {key!r} in {str(record)[:80]}; want {want}") from None
+
+
+def _records(path: str, parse, want: str, data=None) -> list:
+    """parse(record) for each record of the JSON list in `path` (or `data`); one UserError
+    naming the first record it fails on."""
+    data = _read_json(path, want) if data is None else data
+    if not isinstance(data, list):
+        raise errors.UserError(f"{path}: not a JSON list; want {want}")
+    out = []
+    for i, record in enumerate(data):
+        try:
+            out.append(parse(record))
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            if isinstance(e, errors.UserError):
+                raise
+            raise errors.UserError(f"{path}: record {i} ({str(record)[:80]}) does not fit "
+                                   f"({type(e).__name__}: {e}); want {want}") from None
+    return out

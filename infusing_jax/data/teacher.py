@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from infusing_jax import errors
+from infusing_jax import paths
 from infusing_jax.data import schema
 from infusing_jax.evaluation import embedding
 
@@ -63,13 +64,15 @@ def part_path(path: str, process_index: int, process_count: int) -> str:
 
 
 def save(path: str, descriptors: Descriptors):
-    """An .npz at `path`, local or gs:// (built in memory: object stores cannot seek)."""
+    """An .npz at `path`, local or gs:// (built in memory: object stores cannot seek),
+    written whole under another name first, so a reader never sees half a file."""
     buffer = io.BytesIO()
     np.savez(buffer, ids=descriptors.ids, embeddings=descriptors.embeddings,
              model=np.asarray(descriptors.model))
     tf.io.gfile.makedirs(os.path.dirname(path) or ".")
-    with tf.io.gfile.GFile(path, "wb") as f:
+    with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
         f.write(buffer.getvalue())
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
 def load(path: str) -> Descriptors:
@@ -80,9 +83,11 @@ def load(path: str) -> Descriptors:
         raise errors.UserError(f"{path}: no teacher descriptors (nor parts {path}.partN-of-M)")
     parts = []
     for f in files:
-        with tf.io.gfile.GFile(f, "rb") as fh, np.load(io.BytesIO(fh.read()),
-                                                       allow_pickle=False) as npz:
-            parts.append(Descriptors(npz["ids"], npz["embeddings"], str(npz["model"])))
+        arrays = paths.read_npz(f)
+        missing = [k for k in ("ids", "embeddings", "model") if k not in arrays]
+        if missing:
+            raise errors.UserError(f"{f}: not a teacher descriptors file (no {missing[0]!r})")
+        parts.append(Descriptors(arrays["ids"], arrays["embeddings"], str(arrays["model"])))
     models = {p.model for p in parts}
     if len(models) > 1:
         raise errors.UserError(f"{path}: parts come from different models {sorted(models)}")

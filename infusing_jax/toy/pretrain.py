@@ -115,7 +115,10 @@ def load_pairs(cfg, tokenizer):
     """-> images float32 (N, S, S, 3) in the model's input range, tokens int32 (N, C, L)
     (C captions per image, a short list repeated), counts (N,) of distinct captions."""
     p = cfg.pretrain
-    source = sources.load_source(p.captions, p.data_dir or None)
+    try:
+        source = sources.load_source(p.captions, p.data_dir or None)
+    except errors.UserError as e:
+        raise errors.UserError(f"config.pretrain.captions: {e}") from None
     split = source.split(source.splits[0])
     view = tf_views.eval_fn(cfg.model.family, cfg.model.image_size)
     ds = split.dataset(0, 1).map(lambda ex: (view(ex["image"]), ex["captions"]),
@@ -164,13 +167,16 @@ def train_step(params, opt_state, images, tokens, flips, *, model, tx):
 def pretrain(cfg, workdir: str) -> str:
     """Train the two-tower of config.model on config.pretrain.captions -> the .npz path."""
     validate(cfg)
-    tf.io.gfile.makedirs(workdir)
-    run_checkpoints.write_json(os.path.join(workdir, "config.json"),
-                             json.loads(cfg.to_json_best_effort()))
-    tokenizer = tokenizers.SigLIPTokenizer(cfg.pretrain.tokenizer, cfg.model.text.seq_len)
+    try:
+        tokenizer = tokenizers.SigLIPTokenizer(cfg.pretrain.tokenizer, cfg.model.text.seq_len)
+    except errors.UserError as e:
+        raise errors.UserError(f"config.pretrain.tokenizer: {e}") from None
     model_cfg = model_config(cfg, tokenizer.vocab_size)
     model = models.build(model_cfg)
     images, tokens, counts = load_pairs(cfg, tokenizer)
+    tf.io.gfile.makedirs(workdir)
+    run_checkpoints.write_json(os.path.join(workdir, "config.json"),
+                               json.loads(cfg.to_json_best_effort()))
     steps, batch_size = cfg.train.num_steps, min(cfg.data.batch_size, len(images))
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.optim.lr, cfg.optim.warmup_steps,
                                                   max(steps, cfg.optim.warmup_steps + 1))

@@ -26,6 +26,8 @@ def load_image_tower(model_cfg, abstract: bool = False):
             params, cfg = checkpoints.load(m.checkpoint, image_size=m.image_size,
                                            act=m.act or None, scan=m.scan,
                                            param_dtype=m.param_dtype)
+        except checkpoints.ArgumentError as e:
+            raise errors.UserError(f"config.model.{e.argument}: {e}") from None
         except (errors.UserError, OSError) as e:
             raise errors.UserError(f"config.model.checkpoint: {e}") from None
         if "img" not in params:

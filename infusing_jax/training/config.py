@@ -6,7 +6,8 @@ A run config (an ml_collections ConfigDict; configs/*.py return one):
   model           the image tower: `checkpoint` (big_vision .npz[:img], HF directory
                   or open_clip file; '' = random init from family / variant, for
                   tests and the toy world), image_size (the training resolution;
-                  position embeddings are resampled), act (open_clip CLIP only),
+                  position embeddings are resampled), act (CLIP files that
+                  record none: open_clip, big_vision),
                   scan, remat_policy, dtype (compute), param_dtype (master weights)
   data            data_dir (the TFDS data folder, for tfds: sources without their own
                   data_dir), batch_size (global), mix, one_domain_per_batch,
@@ -346,6 +347,9 @@ def validate(cfg) -> None:
         optim.validate(cfg.optim)
     except errors.UserError as e:
         raise errors.UserError(f"config.{e}") from None
+    if cfg.optim.layer_decay is not None and cfg.optim.freeze_backbone_epochs != -1 and m.scan:
+        _err("optim.layer_decay", "needs model.scan=False (its per-block learning rates need "
+             "the unrolled encoderblock_N layout)")
     fields.check(cfg.train, "config.train", TRAIN)
     t = cfg.train
     if t.num_steps == 0 and t.num_epochs <= 0:

@@ -7,6 +7,7 @@ over devices, parameters replicated or FSDP-sharded. `reference` is the frozen
 pretrained backbone: the anchor of the parameter terms and the online teacher.
 It is not checkpointed (it is reloaded from model.checkpoint).
 """
+import contextlib
 import json
 import os
 import sys
@@ -33,6 +34,7 @@ from infusing_jax.training import backbone as backbone_lib
 from infusing_jax.training import config as config_lib
 from infusing_jax.training import domains as domains_lib
 from infusing_jax.training import objective
+from infusing_jax.training import optim
 from infusing_jax.training import run_checkpoints
 from infusing_jax.training import step as step_lib
 from infusing_jax.training import suite
@@ -56,10 +58,10 @@ def _precomputed(cfg, name) -> bool:
 
 def teacher_descriptors(cfg, split, name: str, encode, fingerprint: str, workdir: str):
     """The domain's precomputed teacher: its file, or extracted once into WORKDIR/teacher/."""
-    path = cfg.domains[name].teacher_descriptors
+    given = cfg.domains[name].teacher_descriptors
     where = f"config.domains.{name}.teacher_descriptors"
-    if not path:
-        path = os.path.join(workdir, "teacher", f"{name}.npz")
+    path = given or os.path.join(workdir, "teacher", f"{name}.npz")
+    if not given:
         if not tf.io.gfile.exists(path) and not tf.io.gfile.exists(teacher_lib.part_path(
                 path, jax.process_index(), jax.process_count())):
             family, size = cfg.model.family, cfg.model.image_size
@@ -72,7 +74,11 @@ def teacher_descriptors(cfg, split, name: str, encode, fingerprint: str, workdir
             teacher_lib.save(teacher_lib.part_path(path, jax.process_index(),
                                                    jax.process_count()), desc)
         _barrier("teacher_" + name)
-    descriptors = teacher_lib.load(path)
+    try:
+        descriptors = teacher_lib.load(path)
+    except errors.UserError as e:
+        raise errors.UserError(f"{where}: {e}" if given else
+                               f"{e}; delete it, and it is extracted again") from None
     ids = split.ids if split.ids is not None else descriptors.ids
     teacher_lib.check(descriptors, ids, fingerprint, where)
     return descriptors
@@ -174,9 +180,32 @@ def _next_batch(iterator, splits, view):
         if failure is None:
             raise
         name, reason = failure
+        if reason.startswith(pipeline.EMPTY_SHARD):
+            raise errors.UserError(_empty_shard(name)) from None
         first = pipeline.first_decode_error(splits[name].train, view.decode)
         detail = f"; the first, {first[0]}: {first[1]}" if first else ""
         raise errors.UserError(f"config.domains.{name}.source: {reason}{detail}") from None
+
+
+def _empty_shard(name: str) -> str:
+    return (f"config.data.num_shards: the train split of domain {name} has fewer examples "
+            "than the data shards (data.num_shards, 0: one per process), so a shard is empty; "
+            "lower data.num_shards or run fewer processes")
+
+
+def check_inputs(cfg, splits) -> None:
+    """What the run's data settings cannot do with these splits, before any work: a data
+    shard with no example is one UserError; a batch larger than a domain's train split
+    (its images repeat within a batch) a one-line warning."""
+    shards = cfg.data.num_shards or jax.process_count()
+    for name, s in splits.items():
+        size = s.train.num_examples
+        if size is not None and size < shards:
+            raise errors.UserError(_empty_shard(name))
+        if size is not None and size < cfg.data.batch_size:
+            logging.warning("config.data.batch_size: %d is more than the %d train examples of "
+                            "domain %s; its batches repeat examples", cfg.data.batch_size,
+                            size, name)
 
 
 def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = None) -> dict:
@@ -188,9 +217,10 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
     stops the run there (a sweep's pruner), without the final test.
     """
     config_lib.validate(cfg)
+    run_checkpoints.check_workdir(workdir)
     tf.io.gfile.makedirs(workdir)
     config_json = json.loads(cfg.to_json_best_effort())
-    previous = _read_json(os.path.join(workdir, "config.json"))
+    previous = run_checkpoints.read_json(os.path.join(workdir, "config.json"))
     names = config_lib.ordered_domains(cfg)
     mesh = sharding.make_mesh()
     if cfg.data.batch_size % mesh.size:
@@ -206,13 +236,21 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
     view = tf_views.train_fn(cfg.model.family, cfg.model.image_size, cfg.data.resize or None)
     inputs = [pipeline.Domain(n, splits[n].train, cfg.domains[n].weight) for n in names]
     pipeline.check_views(inputs, view)
+    check_inputs(cfg, splits)
     mixing.weights(inputs, cfg.data.mix)  # a mix that cannot work fails before any work
+    validator = validation.Validator(cfg, names, splits, embed, mesh, pretrained=backbone)
+    if suite.has_tests(cfg):
+        suite.check(cfg)
     fingerprint = teacher_lib.fingerprint(checkpoints.to_flat({"img": backbone}), model_cfg)
     encode = jax.jit(lambda images: embed(backbone, images))
     descriptors = {n: teacher_descriptors(cfg, splits[n].train, n, encode, fingerprint, workdir)
                    for n in names if _precomputed(cfg, n)}
 
     steps_per_epoch, num_steps = schedule_length(cfg, splits)
+    try:  # a warm-up that leaves nothing of the run to decay over
+        optim.schedule_steps(cfg.optim, num_steps)
+    except errors.UserError as e:
+        raise errors.UserError(f"config.{e}") from None
     num_classes = {n: splits[n].train.num_classes for n in names}
     dim = jax.eval_shape(embed, backbone, np.zeros((1, cfg.model.image_size,
                                                     cfg.model.image_size, 3))).shape[-1]
@@ -240,8 +278,11 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
     if mngr.latest_step() is not None:
         try:
             state = run_checkpoints.restore(mngr, built.abstract_state, iterator, counter)
-        except (ValueError, KeyError, TypeError, tf.errors.OpError) as e:
+        except run_checkpoints.Mismatch as e:
             raise errors.UserError(_resume_mismatch(workdir, previous, config_json, e)) from None
+        except run_checkpoints.Unreadable as e:
+            raise errors.UserError(f"--workdir={workdir}: {e}; delete {e.path} to resume from "
+                                   "an earlier step, or give a new --workdir") from None
         _forget_logs_after(workdir, int(state.step))
         logging.info("resumed from step %d in %s", int(state.step), workdir)
     else:
@@ -254,7 +295,6 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
         state = built.init(backbone, heads, fisher=fisher)
 
     run_checkpoints.write_json(os.path.join(workdir, "config.json"), config_json)
-    validator = validation.Validator(cfg, names, splits, embed, mesh, pretrained=backbone)
     is_main = jax.process_index() == 0
     writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
     log, step = _Log(names), int(state.step)
@@ -265,7 +305,8 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
         val = validator.run(params["backbone"])
         _write_scalars(writer, workdir, step, {f"val/{k}": v for k, v in val.items()})
         if cfg.train.select_by != "last" and "score" in val:
-            run_checkpoints.save_best(best, step, params, val)
+            with _writing(best):
+                run_checkpoints.save_best(best, step, params, val)
         return bool(on_validation and on_validation(step, val))
 
     stopped = validator.active and cfg.train.eval_at_start and step == 0 and validate(state, 0)
@@ -280,11 +321,9 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
         metrics = jax.device_get(metrics)
         step += 1
         if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-            mngr.wait_until_finished()
-            raise NonFiniteLoss(
-                f"non-finite loss {metrics['loss']} (grad norm {metrics['grad_norm']}) at step "
-                f"{step}; stopped, the last good checkpoint is step {mngr.latest_step()} in "
-                f"{os.path.join(workdir, 'checkpoints')}; lower optim.lr or check the data")
+            with _writing(mngr):
+                mngr.wait_until_finished()
+            raise NonFiniteLoss(_non_finite(cfg, metrics, step, mngr.latest_step(), workdir))
         log.add(metrics, cfg.data.batch_size)
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == num_steps:
@@ -297,17 +336,21 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
             log.reset()
         preempted = mngr.reached_preemption(step)
         if step % cfg.train.checkpoint_every == 0 or step == num_steps or preempted:
-            run_checkpoints.save(mngr, step, state, iterator, counter)
+            with _writing(mngr):
+                run_checkpoints.save(mngr, step, state, iterator, counter)
         if preempted:
-            mngr.wait_until_finished()
+            with _writing(mngr):
+                mngr.wait_until_finished()
             logging.warning("preempted: saved step %d; run the same command to resume", step)
             break
         eval_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
         if validator.active and (eval_now or step == num_steps):
             stopped = validate(state, step)
     bar.close()
-    mngr.wait_until_finished()
-    best.wait_until_finished()
+    with _writing(mngr):
+        mngr.wait_until_finished()
+    with _writing(best):
+        best.wait_until_finished()
     if step >= num_steps and not stopped and suite.has_tests(cfg):
         test(cfg, workdir, embed, backbone, state, best, writer)
     kept = best.best_step() if cfg.train.select_by != "last" else None
@@ -360,23 +403,46 @@ def test(cfg, workdir: str, embed, pretrained, state, best, writer) -> None:
     _barrier("test")
 
 
-def _read_json(path: str):
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        return json.loads(f.read())
+@contextlib.contextmanager
+def _writing(mngr):
+    """A checkpoint write (or a wait for the asynchronous ones) into mngr's folder; one line
+    where the disk refuses it."""
+    try:
+        yield
+    except OSError as e:
+        raise errors.UserError(f"{mngr.directory}: cannot write a checkpoint there "
+                               f"({e.strerror or e}); check its disk space and permissions, "
+                               "then run the same command to resume") from None
+
+
+def _non_finite(cfg, metrics: dict, step: int, last: Optional[int], workdir: str) -> str:
+    """The one line of a non-finite loss: the loss term that went non-finite (its weight),
+    else config.optim.lr; where the last good checkpoint is."""
+    field, term = "config.optim.lr", ""
+    for key, value in metrics.items():
+        domain, _, kind = key.partition("/")
+        if kind and kind != "present" and metrics.get(f"{domain}/present", 1.0):
+            weight = cfg.domains[domain].losses[kind].weight
+            if not (np.isfinite(value) and np.isfinite(weight * value)):
+                field, term = f"config.domains.{domain}.losses.{kind}.weight", f", {key} {value}"
+                break
+    saved = (f"the last good checkpoint is step {last} in {os.path.join(workdir, 'checkpoints')}"
+             if last is not None else "there is no checkpoint yet")
+    return (f"{field}: non-finite loss {metrics['loss']} (grad norm {metrics['grad_norm']}"
+            f"{term}) at step {step}; stopped, {saved}; lower "
+            f"{'this weight or ' if term else ''}config.optim.lr, or check the data")
 
 
 def _resume_mismatch(workdir: str, previous, current, error) -> str:
-    """The one line for a workdir whose checkpoint this config cannot resume."""
+    """The one line for a workdir whose checkpoint does not fit this run."""
     where = f"--workdir={workdir}"
-    why = str(getattr(error, "message", error)).strip().splitlines()[0][:200]
-    if previous is None:
-        return (f"{where}: its checkpoints/ do not fit this config ({why}); resume with the "
-                "run's own config, or give a new --workdir")
+    changes = "none" if previous is None else config_lib.describe_changes(previous, current)
+    if changes == "none":
+        return (f"{where}: its checkpoints/ do not fit this run ({error}); resume with the "
+                "run's own config and number of processes, or give a new --workdir")
     return (f"{where}: its checkpoints/ were written with another config (changed: "
-            f"{config_lib.describe_changes(previous, current)}); resume with the run's own "
-            "config (WORKDIR/config.json), or give a new --workdir")
+            f"{changes}); resume with the run's own config (WORKDIR/config.json), or give a "
+            "new --workdir")
 
 
 def _validation(workdir: str, step: Optional[int]):

@@ -29,6 +29,7 @@ from infusing_jax import errors
 from infusing_jax import checkpoints
 from infusing_jax.training import config as config_lib
 from infusing_jax import tokenizers
+from infusing_jax.data import pipeline
 from infusing_jax.data import tf_views
 from infusing_jax.data import sources
 from infusing_jax.evaluation import embedding
@@ -52,6 +53,19 @@ def text_checkpoint(cfg) -> str:
     return path[:-len(":img")] if path.endswith(":img") else path
 
 
+def load_text_checkpoint(cfg, image_size: int = None):
+    """-> (params, model config) of text_checkpoint(cfg) (with model.act); errors name the
+    config field."""
+    try:
+        return checkpoints.load(text_checkpoint(cfg), image_size=image_size,
+                                act=cfg.model.act or None)
+    except checkpoints.ArgumentError as err:
+        raise errors.UserError(f"config.model.{err.argument}: {err}") from None
+    except (errors.UserError, OSError) as err:
+        field = "eval.text_checkpoint" if cfg.eval.text_checkpoint else "model.checkpoint"
+        raise errors.UserError(f"config.{field}: {err}") from None
+
+
 def load_text_side(cfg) -> Optional[TextSide]:
     """The frozen text tower and tokenizer, where a configured test needs them."""
     e = cfg.eval
@@ -59,18 +73,45 @@ def load_text_side(cfg) -> Optional[TextSide]:
                                       for n in e.text_retrieval.keys())):
         return None
     path = text_checkpoint(cfg)
-    try:
-        params, model_cfg = checkpoints.load(path, act=cfg.model.act or None)
-    except (errors.UserError, OSError) as err:
-        raise errors.UserError(f"config.eval.text_checkpoint: {err}") from None
+    params, model_cfg = load_text_checkpoint(cfg)
     if model_cfg.get("text") is None:
         raise errors.UserError(f"config.eval.text_checkpoint: {path} has no text tower; name one "
                          "with eval.text_checkpoint or give text_embeddings files")
     try:
         tokenize = tokenizers.load_tokenizer(e.tokenizer, model_cfg.family, model_cfg.text.seq_len)
+        return TextSide(text_retrieval.text_embedder(model_cfg, params, tokenize, e.batch_size))
     except (errors.UserError, OSError) as err:
         raise errors.UserError(f"config.eval.tokenizer: {err}") from None
-    return TextSide(text_retrieval.text_embedder(model_cfg, params, tokenize, e.batch_size))
+
+
+def check(cfg) -> None:
+    """Every configured test set before any work (a run's first step, an evaluation): its
+    source and splits, that their first images decode, its files (class names, text
+    embeddings), the text tower and the tokenizer; one UserError naming the config field."""
+    view = tf_views.eval_fn(cfg.model.family, cfg.model.image_size)
+
+    def decodes(split, where):
+        pipeline.check_decodable(split, view.decode, f"config.eval.{where}.source", split.name)
+
+    for name in cfg.eval.retrieval.keys():
+        t, where = cfg.eval.retrieval[name], f"retrieval.{name}"
+        source = _source(t, cfg, where)
+        decodes(_split(source, t.query_split or source.roles.query, where + ".query_split"),
+                where)
+        decodes(_split(source, t.index_split or source.roles.index, where + ".index_split"),
+                where)
+    for name in cfg.eval.text_retrieval.keys():
+        t, where = cfg.eval.text_retrieval[name], f"text_retrieval.{name}"
+        split = _text_split(t, cfg, where)
+        decodes(split, where)
+        if t.text_embeddings:
+            _text_embeddings(t.text_embeddings, split, where)
+    for name in cfg.eval.zero_shot.keys():
+        t, where = cfg.eval.zero_shot[name], f"zero_shot.{name}"
+        split = _split(_source(t, cfg, where), t.split, where + ".split")
+        decodes(split, where)
+        _class_names(t, cfg, split, where)
+    load_text_side(cfg)
 
 
 def _source(test, cfg, where: str):
@@ -142,13 +183,58 @@ def _universal(merged, k: int) -> dict:
         index_domains=i["domains"])
 
 
+def _text_split(t, cfg, where: str):
+    source = _source(t, cfg, where)
+    return source.split(source.roles.query)
+
+
+def _text_embeddings(path: str, split, where: str) -> None:
+    """A text_embeddings file that can be read and whose image_index fits the split."""
+    field = f"config.eval.{where}.text_embeddings"
+    try:
+        _, image_index = text_retrieval.load_text_embeddings(path)
+    except errors.UserError as e:
+        raise errors.UserError(f"{field}: {e}") from None
+    if split.num_examples is not None and len(image_index) and (
+            image_index.min() < 0 or image_index.max() >= split.num_examples):
+        raise errors.UserError(f"{field}: {path}: image_index holds {image_index.min()} .. "
+                               f"{image_index.max()}, but the split has {split.num_examples} "
+                               "images; make it for this split")
+
+
+def _class_names(t, cfg, split, where: str) -> dict:
+    """{'fine': names[, 'coarse': names]} of a zero-shot set: its class_names file, else
+    TFDS's; as many as the split has classes."""
+    field = f"config.eval.{where}.class_names"
+    if t.class_names:
+        try:
+            names = {"fine": prompts.read_class_names(t.class_names)}
+        except errors.UserError as e:
+            raise errors.UserError(f"{field}: {e}") from None
+    else:
+        kind, _, dataset = t.source.partition(":")
+        if kind != "tfds":
+            raise errors.UserError(f"{field}: {t.source} has no class names of its own; give a "
+                                   "file with one name per line")
+        try:
+            names = prompts.tfds_class_names(dataset.split(":")[0], config_lib.data_dir(cfg, t))
+        except errors.UserError as e:
+            raise errors.UserError(f"{field}: {e}") from None
+    sizes = {"fine": split.num_classes, "coarse": split.num_coarse_classes}
+    for granularity, listed in names.items():
+        if sizes[granularity] and len(listed) != sizes[granularity]:
+            raise errors.UserError(f"{field}: {len(listed)} names, but {t.source} has "
+                                   f"{sizes[granularity]} classes; give one per class, line i "
+                                   "= class i")
+    return names
+
+
 def text_retrieval_sets(cfg, encode, texts) -> dict:
     """{set: I->T / T->I recalls} over eval.text_retrieval."""
     out = {}
     for name in sorted(cfg.eval.text_retrieval.keys()):
         t = cfg.eval.text_retrieval[name]
-        source = _source(t, cfg, f"text_retrieval.{name}")
-        split = source.split(source.roles.query)
+        split = _text_split(t, cfg, f"text_retrieval.{name}")
         view = tf_views.eval_fn(cfg.model.family, cfg.model.image_size)
         kw = dict(text_file=t.text_embeddings) if t.text_embeddings else dict(
             embed_texts=texts.embed_texts)
@@ -164,14 +250,7 @@ def _zero_shot(encode, texts, cfg) -> dict:
         where = f"zero_shot.{name}"
         source = _source(t, cfg, where)
         split = _split(source, t.split, where + ".split")
-        if t.class_names:
-            names = {"fine": prompts.read_class_names(t.class_names)}
-        else:
-            kind, _, dataset = t.source.partition(":")
-            if kind != "tfds":
-                raise errors.UserError(f"config.eval.{where}.class_names: {t.source} has no class "
-                                 "names of its own; give a file with one name per line")
-            names = prompts.tfds_class_names(dataset.split(":")[0], config_lib.data_dir(cfg, t))
+        names = _class_names(t, cfg, split, where)
         templates = prompts.check_templates(t.templates) if t.templates else prompts.templates(
             t.source.partition(":")[2].split(":")[0])
         view = tf_views.eval_fn(cfg.model.family, cfg.model.image_size)

@@ -17,31 +17,74 @@ by process 0 on its devices).
 """
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
+from infusing_jax import errors
+from infusing_jax.data import pipeline
 from infusing_jax.data import tf_views
 from infusing_jax.evaluation import embedding
 from infusing_jax.evaluation import metrics as metrics_lib
 from infusing_jax.training import suite
 
 
+# The domains' roles that each train.select_by scores by val kNN.
+SCORED_ROLES = {"in-domain": ("target",), "out-of-domain": ("generic",),
+                "all": ("target", "generic"), "retention": (), "last": ()}
+
+
+def val_field(domain) -> str:
+    """The config field that chose a domain's val split (config.domains.<name>.<field>)."""
+    return next(k for k in ("val_split", "val_classes_fraction", "holdout_fraction")
+                if domain[k])
+
+
 class Validator:
     """Runs the val kNN of every domain that has a val split."""
 
     def __init__(self, cfg, names, splits, embed, mesh, pretrained=None):
-        """pretrained: the pretrained backbone, for train.eval_retention."""
+        """pretrained: the pretrained backbone, for train.eval_retention. The val splits
+        are checked here, before any work (check_splits)."""
         self.cfg, self.mesh = cfg, mesh
         self.domains = [(n, splits[n].role, splits[n].val) for n in names
                         if splits[n].val is not None]
         self.active = bool(self.domains)
         self.encode = jax.jit(embed)
         self.preprocess = tf_views.eval_fn(cfg.model.family, cfg.model.image_size)
+        self.check_splits()
         self.pretrained = pretrained if cfg.train.eval_retention else None
         self.anchors = {}  # generic domain -> the pretrained model's val embeddings
         self.texts = None
         if cfg.eval.validate_text and cfg.eval.text_retrieval.keys():
             self.texts = suite.load_text_side(cfg)
             self.active = True
+
+    def check_splits(self) -> None:
+        """One UserError for a val split none of whose first images decodes, or whose
+        queries are all lone (each class one image: every score 0) where the score that
+        train.select_by keeps the best checkpoint by rests on such splits alone; a one-line
+        warning for other all-lone splits and for train.eval_k >= a val split's size."""
+        lone, k = {}, self.cfg.train.eval_k
+        for name, _, split in self.domains:
+            where = f"config.domains.{name}.{val_field(self.cfg.domains[name])}"
+            pipeline.check_decodable(split, self.preprocess.decode, where, "val")
+            if split.labels is not None and len(split.labels):
+                if np.unique(split.labels, return_counts=True)[1].max() == 1:
+                    lone[name] = (f"{where}: each class of its {len(split.labels)} val images "
+                                  "has one image, so every val query is lone and scores 0; "
+                                  "give >= 2 images per class")
+            if split.num_examples is not None and k >= split.num_examples:
+                logging.warning("config.train.eval_k: %d is not less than the %d val images "
+                                "of domain %s; its mAP@%d is over all of each query's "
+                                "positives", k, split.num_examples, name, k)
+        scored = [n for n, role, _ in self.domains
+                  if role in SCORED_ROLES[self.cfg.train.select_by]]
+        if scored and all(n in lone for n in scored):
+            raise errors.UserError(f"{lone[scored[0]]}, or another train.select_by than "
+                                   f"{self.cfg.train.select_by!r}, which keeps the best "
+                                   "checkpoint by these scores")
+        for message in lone.values():
+            logging.warning("%s", message)
 
     def run(self, backbone) -> dict:
         """-> {'<domain>/<metric>': ..., 'in-domain', 'out-of-domain', 'all', 'score'}."""
