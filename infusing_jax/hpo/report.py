@@ -9,6 +9,9 @@
   pareto.png    every trial's in-domain val gain against its out-of-domain val change
                 from the pretrained model, the Pareto front of the two, the pretrained
                 model and the baseline with its WiSE-FT curve
+  table.md      the same as a Markdown table: each trial's values, its val scores and
+                its test change from the pretrained model (its in-domain gain also as
+                a fraction of the baseline's), under the pretrained model and baseline
 and one progress line per finished trial (stderr).
 
 The paper's rule: the highest validation 'all', the mean of the in-domain and the
@@ -132,6 +135,53 @@ def plot(table: list, reference: Optional[dict], k: int, path: str,
     plt.close(fig)
 
 
+# The test headlines table.md shows as changes from the pretrained model.
+TABLE_TEST = ("text_to_image_r1", "generic_r1")
+
+
+def markdown(table: list, reference: Optional[dict], space, k: int,
+             best: Optional[dict]) -> str:
+    """table.md: a row per trial (its space values by their names; val in-domain,
+    out-of-domain and all; test in-domain mAP@k change and its ratio to the baseline's,
+    then TABLE_TEST's changes), the pretrained model and the baseline first."""
+    names = {entry.fields[0]: name for name, entry in space.items()}
+    key = f"in_domain_map{k}"
+    cols = ["trial", "state", *names.values(), "val in", "val out", "val all",
+            f"test in mAP@{k} change", "x baseline", *(f"test {t}" for t in TABLE_TEST)]
+    baseline = (reference or {}).get("baseline") or {}
+    base_gain = (_test_change(baseline.get("test")) or {}).get(key)
+
+    def number(x, signed=False):
+        if x is None:
+            return ""
+        if isinstance(x, int):
+            return str(x)
+        return f"{x:+.3f}" if signed else f"{x:.3g}" if abs(x) >= 1e3 or abs(x) < 1e-2 \
+            else f"{x:.3f}"
+
+    def line(label, state, params, val, test):
+        change = _test_change(test) or {}
+        ratio = (change[key] / base_gain if change.get(key) is not None and base_gain
+                 else None)
+        val = val or {}
+        return [label, state, *(number(params.get(f)) for f in names),
+                *(number(val.get(v)) for v in ("in-domain", "out-of-domain", "all")),
+                number(change.get(key), True), "" if ratio is None else f"{ratio:.2f}",
+                *(number(change.get(t), True) for t in TABLE_TEST)]
+
+    lines = []
+    pretrained = (reference or {}).get("pretrained")
+    if pretrained:
+        lines.append(line("pretrained", "", {}, pretrained.get("val"), None))
+    if baseline:
+        lines.append(line("baseline", "", {}, baseline.get("val"), baseline.get("test")))
+    for r in table:
+        label = f"**{r['number']}**" if best is not None and r is best else str(r["number"])
+        lines.append(line(label, r["state"], r["params"], r["val"], r["test"]))
+    rows_ = [cols, ["---"] * len(cols), *lines]
+    return "".join("| " + " | ".join(row) + " |\n" for row in rows_)
+
+
 def progress(row: dict, done: int, budget: int, best: Optional[dict]) -> str:
     """One line for a finished trial."""
     what = {"complete": ", ".join(f"{k} {v:.4f}" for k, v in (row["values"] or {}).items()),
@@ -155,6 +205,8 @@ def write(study, sweep, run_cfg, workdir: str, finished=None) -> None:
         run_checkpoints.write_json(os.path.join(workdir, "best.json"),
                                    best_report(best, reference, k))
     plot(table, reference, k, os.path.join(workdir, "pareto.png"), best)
+    _write_text(os.path.join(workdir, "table.md"),
+                markdown(table, reference, sweep.space, k, best))
     if finished is not None and not finished.user_attrs.get("skipped"):
         row = next(r for r in table if r["number"] == finished.number)
         done = len(study_lib.census(trials).done)
