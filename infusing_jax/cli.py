@@ -83,6 +83,10 @@ class _ConfigFileParser(config_flags.ConfigFileFlagParser):
         if not os.path.isfile(file):
             raise errors.UserError(f"{where}: cannot load the config file (no such file); "
                                    "give a configs/*.py file")
+        if not file.endswith(".py"):
+            raise errors.UserError(f"{where}: not a Python config file; give a configs/*.py "
+                                   "file (a run's config.json records its values, it is not "
+                                   "one)")
         try:
             loader = importlib.machinery.SourceFileLoader(f"{self.name}_config", file)
             module = importlib.util.module_from_spec(

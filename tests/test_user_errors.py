@@ -134,6 +134,7 @@ def test_main_refuses_bad_input_in_one_line(world, tmp_path):
     config = f"--config={train_world.CONFIG_FILE}:{world}"
     work = f"--workdir={tmp_path}/run"
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "config.json").write_text('{"train": {"num_steps": 4}}')
     truncated = tmp_path / "truncated.npz"
     data = open(os.path.join(world, "pretrained.npz"), "rb").read()
     truncated.write_bytes(data[:len(data) // 2])
@@ -146,6 +147,8 @@ def test_main_refuses_bad_input_in_one_line(world, tmp_path):
     cases = [
         ((f"--config={train_world.CONFIG_FILE}", work), [f"--config={train_world.CONFIG_FILE}"]),
         (("--config=configs/nope.py", work), ["cannot load the config file", "nope.py"]),
+        ((f"--config={tmp_path}/config.json", work), ["config.json: not a Python config file; "
+                                                      "give a configs/*.py"]),
         (("--config=configs/toy.py:method=bogus", work), ["method 'bogus'"]),
         ((config, f"--workdir={tmp_path}/a_file"), ["--workdir=", "is a file"]),
         ((config, f"--workdir={tmp_path}/a_file/run"), ["--workdir=", "cannot create"]),
