@@ -23,3 +23,16 @@ def world(tmp_path_factory):
     """The tiny training world (tests/helpers/train_world.py), with 2 undecodable target
     train images; one per test module."""
     return train_world.make_world(str(tmp_path_factory.mktemp("world")), broken=2)
+
+
+# The slowest files first: pytest-xdist (tests/run.sh) hands out files in this order, so
+# the two workers end together instead of one running the quickstart alone at the end.
+SLOWEST_FILES = ("test_quickstart.py", "test_notebooks.py", "test_user_errors.py",
+                 "test_sweep.py", "test_train.py", "test_bench.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return SLOWEST_FILES.index(name) if name in SLOWEST_FILES else len(SLOWEST_FILES)
+    items.sort(key=rank)

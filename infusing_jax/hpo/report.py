@@ -72,8 +72,9 @@ def _test_change(test: Optional[dict]) -> Optional[dict]:
     return _change((test or {}).get("fine-tuned"), (test or {}).get("pretrained"))
 
 
-def best_report(best: dict, reference: Optional[dict], k: int) -> dict:
-    """best.json: the chosen trial, its test change, and beside the baseline's."""
+def best_report(best: dict, reference: Optional[dict], k: int, test_k: int) -> dict:
+    """best.json: the chosen trial, its test change, and beside the baseline's (k: the
+    val kNN's, train.eval_k; test_k: the test sets', eval.k)."""
     out = dict(rule=f"the highest validation '{RULE}' (the mean of the in-domain and the "
                     f"out-of-domain val mAP@{k})", trial=best["number"], params=best["params"],
                val=best["val"], workdir=best["workdir"], test=best["test"],
@@ -81,7 +82,7 @@ def best_report(best: dict, reference: Optional[dict], k: int) -> dict:
     baseline = (reference or {}).get("baseline")
     if baseline:
         mine, theirs = out["change"] or {}, _test_change(baseline["test"]) or {}
-        key = f"in_domain_map{k}"
+        key = f"in_domain_map{test_k}"
         out["baseline"] = dict(workdir=baseline["workdir"], test=baseline["test"],
                                change=theirs)
         if mine.get(key) is not None and theirs.get(key):
@@ -142,7 +143,8 @@ TABLE_TEST = ("text_to_image_r1", "generic_r1")
 def markdown(table: list, reference: Optional[dict], space, k: int,
              best: Optional[dict]) -> str:
     """table.md: a row per trial (its space values by their names; val in-domain,
-    out-of-domain and all; test in-domain mAP@k change and its ratio to the baseline's,
+    out-of-domain and all; test in-domain mAP@k (eval.k) change and its ratio to the
+    baseline's,
     then TABLE_TEST's changes), the pretrained model and the baseline first."""
     names = {entry.fields[0]: name for name, entry in space.items()}
     key = f"in_domain_map{k}"
@@ -203,10 +205,10 @@ def write(study, sweep, run_cfg, workdir: str, finished=None) -> None:
     k = run_cfg.train.eval_k
     if best is not None:
         run_checkpoints.write_json(os.path.join(workdir, "best.json"),
-                                   best_report(best, reference, k))
+                                   best_report(best, reference, k, run_cfg.eval.k))
     plot(table, reference, k, os.path.join(workdir, "pareto.png"), best)
     _write_text(os.path.join(workdir, "table.md"),
-                markdown(table, reference, sweep.space, k, best))
+                markdown(table, reference, sweep.space, run_cfg.eval.k, best))
     if finished is not None and not finished.user_attrs.get("skipped"):
         row = next(r for r in table if r["number"] == finished.number)
         done = len(study_lib.census(trials).done)

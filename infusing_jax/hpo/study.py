@@ -53,7 +53,8 @@ def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.RDBStorage
     """An RDB storage with heartbeats; one-line error where it cannot be reached.
 
     Workers that start together may race to create the storage's tables; the loser's
-    CREATE fails (PostgreSQL: a unique violation in its catalogue) and is tried again.
+    CREATE fails (PostgreSQL: a unique violation in its catalogue; SQLite: 'table ...
+    already exists') and is tried again.
     """
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     for attempt in range(5):
@@ -61,9 +62,12 @@ def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.RDBStorage
             return optuna.storages.RDBStorage(
                 url, engine_kwargs=engine, heartbeat_interval=heartbeat_seconds,
                 grace_period=3 * heartbeat_seconds, heartbeat_stale_trial_callback=RETRY)
-        except sqlalchemy.exc.IntegrityError:
-            if attempt == 4:
-                raise
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as e:
+            lost_race = (isinstance(e, sqlalchemy.exc.IntegrityError)
+                         or "already exists" in str(e))
+            if not lost_race or attempt == 4:
+                raise errors.UserError(f"--storage={url}: cannot open it ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0][:200]})") from None
             time.sleep(1.0 + random.random())
         except Exception as e:  # SQLAlchemy's many errors: a bad URL, no server, no driver
             raise errors.UserError(f"--storage={url}: cannot open it ({type(e).__name__}: "
