@@ -18,7 +18,7 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 set +e
 export TF_CPP_MIN_LOG_LEVEL=3
-.venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"
+.venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder --durations=15 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "error: pytest collected no tests" >&2

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from tests.helpers import REPO
+from tests.helpers import processes
 
 WORKER = [sys.executable, "-m", "tests.helpers.data_worker"]
 STEPS = 4
@@ -31,13 +32,11 @@ def test_two_processes_feed_the_global_batch_one_process_would():
     assert reference[0]["devices"] == 8 and reference[0]["shape"] == [8, 8, 8, 3]
 
     port = _free_port()
-    procs = [subprocess.Popen([*WORKER, str(i), "2", str(port), str(STEPS)], cwd=REPO,
-                              env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
+    procs = [processes.start([*WORKER, str(i), "2", str(port), str(STEPS)], _env(4))
+             for i in range(2)]
     results = []
     for p in procs:
-        stdout, stderr = p.communicate(timeout=300)
-        assert p.returncode == 0, stderr[-3000:]
+        stdout, _ = processes.finish(p, timeout=300)
         results.append(json.loads(stdout.strip().splitlines()[-1]))
     for step in range(STEPS):
         ref = reference[step]

@@ -19,6 +19,7 @@ from infusing_jax.hpo import config as hpo_config
 from infusing_jax.hpo import space
 from infusing_jax.training import recipes
 from tests.helpers import REPO
+from tests.helpers import processes
 
 CONFIG = "tests/helpers/sweep_config.py"
 
@@ -27,27 +28,30 @@ def _env(**extra):
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", **extra)
 
 
+def _env_of_a_user():
+    """_env() without the tests' shared compilation cache (tests/conftest.py)."""
+    return {k: v for k, v in _env().items() if not k.startswith(("JAX_COMPILATION_CACHE",
+                                                                  "JAX_PERSISTENT_CACHE"))}
+
+
 def _command(workdir, arg, *flags, module="infusing_jax.sweep"):
     return [sys.executable, "-m", module, f"--config={CONFIG}:{arg}", f"--workdir={workdir}",
             *flags]
 
 
-def _run(workdir, arg, *flags, timeout=900):
-    done = subprocess.run(_command(workdir, arg, *flags), cwd=REPO, env=_env(),
+def _run(workdir, arg, *flags, timeout=900, env=None):
+    done = subprocess.run(_command(workdir, arg, *flags), cwd=REPO, env=env or _env(),
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
 
 def _start(workdir, arg, *flags):
-    return subprocess.Popen(_command(workdir, arg, *flags), cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return processes.start(_command(workdir, arg, *flags), _env())
 
 
 def _finish(proc, timeout=900):
-    _, stderr = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, stderr[-4000:]
-    return stderr
+    return processes.finish(proc, timeout)[1]
 
 
 def _rows(workdir):
@@ -69,7 +73,9 @@ def _distinct_runs(rows):
 
 def test_a_sweep_runs_its_trials_and_writes_its_reports(world, tmp_path):
     out = str(tmp_path / "sweep")
-    done = _run(out, f"root={world},trials=3,tests=true")
+    done = _run(out, f"root={world},trials=3,tests=true", env=_env_of_a_user())
+    # The trials share their compiled programs through JAX's cache in the sweep's folder.
+    assert os.listdir(os.path.join(out, "compile_cache"))
     rows = _rows(out)
     assert [r["number"] for r in rows] == [0, 1, 2]
     assert all(r["state"] == "complete" for r in rows)
@@ -135,9 +141,9 @@ def test_a_worker_killed_mid_trial_is_resumed_by_the_next(world, tmp_path):
     deadline = time.time() + 600
     while not os.path.exists(checkpoint) and first.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert first.poll() is None, first.communicate()[1][-3000:]
+    assert first.poll() is None, processes.output(first)[1][-3000:]
     first.send_signal(signal.SIGKILL)
-    first.communicate()
+    first.wait()
     stderr = _finish(_start(out, arg))
     rows = _rows(out)
     killed = rows[0]
@@ -209,11 +215,10 @@ def test_a_two_process_worker_trains_each_trial_on_both_processes(world, tmp_pat
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "sweep")
-    procs = [subprocess.Popen(
+    procs = [processes.start(
         [sys.executable, "-m", "tests.helpers.sweep_worker", str(i), "2", str(port),
          f"--config={CONFIG}:root={world},trials=2,steps=2", f"--workdir={out}"],
-        cwd=REPO, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=1"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        _env(XLA_FLAGS="--xla_force_host_platform_device_count=1")) for i in range(2)]
     second = [_finish(p) for p in procs][1]
     rows = _rows(out)
     assert len(rows) == 2 and all(r["state"] == "complete" for r in rows)

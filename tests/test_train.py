@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -284,7 +285,7 @@ def test_kill_9_and_resume_ends_bit_identical_to_an_uninterrupted_run(world, tmp
     proc = _main(killed, world, *common)
     first = os.path.join(killed, "checkpoints", "10")
     while proc.poll() is None and not os.path.isdir(first):
-        pass
+        time.sleep(0.05)
     proc.kill()
     proc.wait()
     assert not os.path.exists(os.path.join(killed, "train_summary.json")), "finished before kill"

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from tests.helpers import REPO
+from tests.helpers import processes
 from tests.helpers import train_world
 
 COMMON = ("--config.train.num_steps=6", "--config.train.log_every=1",
@@ -35,13 +36,10 @@ def test_two_processes_give_the_losses_of_one(world, tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     two = str(tmp_path / "two")
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.helpers.train_worker", str(i), "2",
-                               str(port), world, two, *COMMON], cwd=REPO, env=_env(1),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = [processes.start([sys.executable, "-m", "tests.helpers.train_worker", str(i), "2",
+                              str(port), world, two, *COMMON], _env(1)) for i in range(2)]
     for p in procs:
-        _, stderr = p.communicate(timeout=600)
-        assert p.returncode == 0, stderr[-3000:]
+        processes.finish(p, timeout=600)
     a = [m for m in train_world.read_metrics(one) if "loss" in m]
     b = [m for m in train_world.read_metrics(two) if "loss" in m]
     assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 7))
