@@ -12,6 +12,8 @@ import pytest
 
 from infusing_jax.training import config as config_lib
 from infusing_jax import errors
+from infusing_jax.data import pipeline
+from infusing_jax.training import feed as feed_lib
 from infusing_jax.training import objective
 from infusing_jax.training import backbone as backbone_lib
 from infusing_jax.training import step as step_lib
@@ -236,6 +238,54 @@ def test_an_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(world,
     state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "4" / "state")
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+
+
+def test_the_feed_reads_ahead_only_as_far_as_it_is_let_and_counts_what_steps_take():
+    read = []
+
+    def next_host():
+        read.append(len(read))
+        return dict(domain=np.zeros(2, np.int64), position=np.full(2, read[-1]))
+
+    counter = pipeline.SkipCounter(["target"])
+    feed = feed_lib.Feed(next_host, lambda host: host["position"][0], counter, depth=2)
+    taken = [feed.next(ahead=a) for a in (5, 5, 1, 0, 3)]
+    assert taken == [0, 1, 2, 3, 4] and feed.held == 2 and len(read) == 7
+    assert counter.seen == [10] and counter.last == [4]  # the 5 batches taken, not the 7 read
+    held = []
+    feed = feed_lib.Feed(next_host, lambda host: host["position"][0], counter, depth=2)
+    for a in (5, 1, 0):
+        feed.next(ahead=a)
+        held.append(feed.held)
+    assert held == [2, 1, 0]
+
+
+def test_a_preempted_run_trains_the_batches_it_read_saves_and_resumes_bit_identical(
+        world, tmp_path, monkeypatch):
+    """Preempted at step 5 with 2 batches on the devices: it trains them, saves step 7, and
+    the resumed run ends as an uninterrupted one, each step logged once."""
+    import orbax.checkpoint as ocp
+    c = train_world.world_config(world)
+    c.train.update(num_steps=12, checkpoint_every=10, eval_every=0, log_every=1)
+    c.data.device_prefetch = 2
+    straight = loop.train_and_evaluate(c, str(tmp_path / "straight"))
+    asked = []
+    monkeypatch.setattr(ocp.CheckpointManager, "reached_preemption",
+                        lambda self, step: asked.append(step) or step == 5)
+    summary = loop.train_and_evaluate(c, str(tmp_path / "preempted"))
+    assert summary["step"] == 7 and asked[:5] == [1, 2, 3, 4, 5] and 6 not in asked
+    assert sorted(os.listdir(tmp_path / "preempted" / "checkpoints")) == ["7"]
+    monkeypatch.undo()
+    resumed = loop.train_and_evaluate(c, str(tmp_path / "preempted"))
+    assert resumed["skipped"] == straight["skipped"] and straight["skipped"]["target"] > 0
+    step_a, a = _final_params(str(tmp_path / "straight"))
+    step_b, b = _final_params(str(tmp_path / "preempted"))
+    assert step_a == step_b == 12
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
+    logged = [[(m["step"], m["loss"]) for m in train_world.read_metrics(str(tmp_path / d))
+               if "loss" in m] for d in ("straight", "preempted")]
+    assert logged[0] == logged[1] and [s for s, _ in logged[0]] == list(range(1, 13))
 
 
 def _main(workdir, root, *overrides, devices=1, **popen):

@@ -286,9 +286,12 @@ class SkipCounter:
 
     def update(self, batch) -> None:
         """batch: a dict with 'domain' and 'position' arrays (N,)."""
-        for d, p in zip(np.asarray(batch["domain"]), np.asarray(batch["position"])):
-            self.seen[d] += 1
-            self.last[d] = max(self.last[d], int(p))
+        domains, positions = np.asarray(batch["domain"]), np.asarray(batch["position"])
+        seen = np.bincount(domains, minlength=len(self.names))
+        last = np.full(len(self.names), -1, np.int64)
+        np.maximum.at(last, domains, positions)
+        self.seen = [a + int(b) for a, b in zip(self.seen, seen)]
+        self.last = [max(a, int(b)) for a, b in zip(self.last, last)]
 
     def skipped(self) -> dict:
         """{domain name: examples dropped so far}."""

@@ -33,6 +33,7 @@ from infusing_jax.losses import retention
 from infusing_jax.training import backbone as backbone_lib
 from infusing_jax.training import config as config_lib
 from infusing_jax.training import domains as domains_lib
+from infusing_jax.training import feed as feed_lib
 from infusing_jax.training import objective
 from infusing_jax.training import optim
 from infusing_jax.training import run_checkpoints
@@ -312,21 +313,44 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
     stopped = validator.active and cfg.train.eval_at_start and step == 0 and validate(state, 0)
     bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", unit="step", file=sys.stderr,
                     disable=not (cfg.train.progress and is_main), dynamic_ncols=True)
+    feed = feed_lib.Feed(
+        lambda: _host_batch(_next_batch(iterator, splits, view)),
+        lambda host: sharding.global_batch({k: v for k, v in host.items()
+                                            if k in DEVICE_FIELDS}, mesh),
+        counter, depth=cfg.data.device_prefetch)
+    unchecked = []  # (step, metrics on the devices) since the last check
+
+    def check_finite():
+        """Fetch the unchecked steps' metrics (one host sync) into the log; a non-finite
+        loss stops the run, before any checkpoint of its weights is written."""
+        for at, metrics in zip([s for s, _ in unchecked],
+                               jax.device_get([m for _, m in unchecked])):
+            if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+                with _writing(mngr):
+                    mngr.wait_until_finished()
+                raise NonFiniteLoss(_non_finite(cfg, metrics, at, mngr.latest_step(), workdir))
+            log.add(metrics, cfg.data.batch_size)
+        unchecked.clear()
+
+    save_at = None  # the step a preempted run saves at: once the batches read are trained
     while step < num_steps and not stopped:
-        host = _host_batch(_next_batch(iterator, splits, view))
-        counter.update(host)
-        batch = sharding.global_batch({k: v for k, v in host.items() if k in DEVICE_FIELDS},
-                                      mesh)
+        every = cfg.train.checkpoint_every
+        next_save = min(num_steps, (step // every + 1) * every, save_at or num_steps)
+        batch = feed.next(ahead=next_save - step - 1)
         state, metrics = built.step(state, batch, reference)
-        metrics = jax.device_get(metrics)
         step += 1
-        if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-            with _writing(mngr):
-                mngr.wait_until_finished()
-            raise NonFiniteLoss(_non_finite(cfg, metrics, step, mngr.latest_step(), workdir))
-        log.add(metrics, cfg.data.batch_size)
+        unchecked.append((step, metrics))
         bar.update(1)
-        if step % cfg.train.log_every == 0 or step == num_steps:
+        if save_at is None and mngr.reached_preemption(step):
+            save_at = step + feed.held
+        preempted = step == save_at
+        log_now = step % cfg.train.log_every == 0 or step == num_steps
+        save_now = step % every == 0 or step == num_steps or preempted
+        eval_now = validator.active and (
+            (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == num_steps)
+        if log_now or save_now or eval_now:
+            check_finite()
+        if log_now:
             scalars = log.scalars()
             scalars.update({f"lr/{k}": float(s(step - 1))
                             for k, s in built.learning_rates.items()})
@@ -334,8 +358,7 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
             _write_scalars(writer, workdir, step, scalars)
             bar.set_postfix(loss=f"{scalars['loss']:.4g}", refresh=False)
             log.reset()
-        preempted = mngr.reached_preemption(step)
-        if step % cfg.train.checkpoint_every == 0 or step == num_steps or preempted:
+        if save_now:
             with _writing(mngr):
                 run_checkpoints.save(mngr, step, state, iterator, counter)
         if preempted:
@@ -343,8 +366,7 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
                 mngr.wait_until_finished()
             logging.warning("preempted: saved step %d; run the same command to resume", step)
             break
-        eval_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
-        if validator.active and (eval_now or step == num_steps):
+        if eval_now:
             stopped = validate(state, step)
     bar.close()
     with _writing(mngr):
