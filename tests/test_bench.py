@@ -1,6 +1,7 @@
 """bench/train_step.py runs end to end on a tiny model: its CPU figures, and its
 bfloat16 accelerator mode (forced onto the CPU here) with TensorFlow unimportable;
-bench/fsdp_memory.py runs alone as its own entry; bench/input_pipeline.py runs."""
+bench/fsdp_memory.py runs alone as its own entry; bench/input_pipeline.py and bench/loop.py
+run."""
 import json
 import os
 import subprocess
@@ -126,3 +127,24 @@ def test_input_pipeline_bench_runs_beside_the_trainers_step():
     assert out["pipeline_images_per_s"] > 0 and out["train_step_images_per_s"] > 0
     assert out["pipeline_vs_train_step"] == pytest.approx(
         out["pipeline_images_per_s"] / out["train_step_images_per_s"], abs=0.01)
+
+
+def test_loop_bench_times_the_loop_and_its_own_step_on_a_toy_world(tmp_path):
+    from infusing_jax.toy import world as toy_world
+    world = str(tmp_path / "world")
+    toy_world.make(world, seed=0, generic_train=96, generic_test=48, target_classes=(4, 2, 3),
+                   target_per_class=(3, 2, 2))
+    subprocess.run([sys.executable, "-m", "infusing_jax.toy.pretrain", "--verbosity=-1",
+                    f"--workdir={world}/vlm", f"--config=configs/toy_pretrain.py:world={world},"
+                    "steps=2"], env=_env(), cwd=ROOT, check=True, capture_output=True,
+                   timeout=600)
+    out = _last_json([sys.executable, os.path.join(ROOT, "bench", "loop.py"), f"--world={world}",
+                      "--rounds=2", "--steps=12", "--verbosity=-1"], _env())
+    assert len(out["rounds"]) == 2 and out["setup"]["steps"] == 12
+    for r in out["rounds"]:
+        assert r["loop_images_per_s"] > 0 and r["step_images_per_s"] > 0
+        assert r["loop_vs_step"] == pytest.approx(
+            r["loop_images_per_s"] / r["step_images_per_s"])
+    ratios = sorted(r["loop_vs_step"] for r in out["rounds"])
+    assert out["loop_vs_step"] == pytest.approx(sum(ratios) / 2)  # the median of two
+    assert out["spread"] == pytest.approx(ratios[1] - ratios[0])
