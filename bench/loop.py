@@ -1,7 +1,7 @@
 r"""The trainer's loop against its own step: how busy the loop keeps the device.
 
     python bench/loop.py --world=quickstart_out/world [--rounds=3] [--steps=120]
-        [--device_prefetch=2]
+        [--device_prefetch=2] [--keep_decoded_mb=2048]
 
 The run is configs/toy.py's full recipe (the quickstart's: two domains in turn,
 NormFace, distillation to precomputed features, anchoring; batches of 64 at 32 px)
@@ -44,9 +44,10 @@ _WORLD = flags.DEFINE_string("world", "quickstart_out/world", "A toy world with 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of (loop, step).")
 _STEPS = flags.DEFINE_integer("steps", 120, "Steps per round; a multiple of 6.")
 _PREFETCH = flags.DEFINE_integer("device_prefetch", 2, "config.data.device_prefetch.")
+_KEEP = flags.DEFINE_integer("keep_decoded_mb", 2048, "config.data.keep_decoded_mb (0: off).")
 
 
-def run_config(world: str, steps: int, prefetch: int):
+def run_config(world: str, steps: int, prefetch: int, keep_decoded_mb: int = 2048):
     cfg = recipes.config_from_file(os.path.join(REPO, "configs", "toy.py"),
                                    f"method=full,world={world},steps={steps}")
     cfg.train.update(log_every=steps // 6, checkpoint_every=steps, eval_every=0,
@@ -56,7 +57,7 @@ def run_config(world: str, steps: int, prefetch: int):
     for tests in (cfg.eval.retrieval, cfg.eval.text_retrieval, cfg.eval.zero_shot):
         for name in list(tests.keys()):
             del tests[name]
-    cfg.data.device_prefetch = prefetch
+    cfg.data.update(device_prefetch=prefetch, keep_decoded_mb=keep_decoded_mb)
     return cfg
 
 
@@ -106,7 +107,7 @@ def main(argv):
     scratch = tempfile.mkdtemp(prefix="bench_loop_")
     jax.config.update("jax_compilation_cache_dir", os.path.join(scratch, "compile_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cfg = run_config(world, steps, _PREFETCH.value)
+    cfg = run_config(world, steps, _PREFETCH.value, _KEEP.value)
     capture = StepCapture()
     step_lib.build = capture.build
     sampler, rounds = timing.Sampler(), []
@@ -135,7 +136,8 @@ def main(argv):
         loop_vs_step=statistics.median(ratios), spread=max(ratios) - min(ratios),
         rounds=rounds, setup=dict(
             steps=steps, batch_size=cfg.data.batch_size, image_size=cfg.model.image_size,
-            device_prefetch=cfg.data.device_prefetch, devices=jax.device_count(),
+            device_prefetch=cfg.data.device_prefetch,
+            keep_decoded_mb=cfg.data.keep_decoded_mb, devices=jax.device_count(),
             platform=jax.devices()[0].platform, cpu=timing.cpu_name(),
             jax=jax.__version__))))
 

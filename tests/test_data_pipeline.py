@@ -8,6 +8,7 @@ import tensorflow as tf
 from infusing_jax import errors
 from infusing_jax.data import mixing
 from infusing_jax.data import pipeline
+from infusing_jax.data import sources
 from infusing_jax.data import tf_views
 from tests.helpers.fake_data import SIZE, augment, fake_split, preprocess, two_domains
 
@@ -154,3 +155,117 @@ def test_a_failing_augmentation_stops_the_run_and_is_not_counted_as_undecodable(
     with pytest.raises(errors.UserError, match=r"^config\.domains\.target: its train "
                        r"augmentation fails on target/0, a 12x10 image: "):
         pipeline.check_views(domains, too_big)
+
+
+def _in_memory(domains):
+    return [dataclasses.replace(d, in_memory=True) for d in domains]
+
+
+IN_MEMORY_VIEW = dataclasses.replace(preprocess, decoded_shape=(10, 12, 3))  # the fake JPEGs'
+
+
+@pytest.mark.parametrize("shuffle_buffer,num_shards,mix,per_batch", [
+    (64, 1, "round_robin", True), (4, 2, "weights", False), (1, 1, "balanced", True)])
+def test_in_memory_streams_equal_decoded_as_read(shuffle_buffer, num_shards, mix, per_batch):
+    """Same batches (ids, positions, images) and skip counts over 3+ passes of each domain,
+    with undecodable images, several shards and any mix."""
+    make = lambda domains: pipeline.train_dataset(
+        domains, IN_MEMORY_VIEW, global_batch_size=4, seed=5, mix=mix,
+        one_domain_per_batch=per_batch, shuffle_buffer=shuffle_buffer, num_shards=num_shards)
+    on_disk, in_memory = _take(make(two_domains({0, 3, 29})), 70), \
+        _take(make(_in_memory(two_domains({0, 3, 29}))), 70)
+    _assert_same(on_disk, in_memory)
+    counts = []
+    for batches in (on_disk, in_memory):
+        counter = pipeline.SkipCounter(["target", "generic"], shards=num_shards)
+        for b in batches:
+            counter.update(b)
+        counts.append(counter.skipped())
+    assert counts[0] == counts[1] and counts[0]["target"] >= 6  # 3 broken, >= 2 passes
+
+
+def test_in_memory_resume_and_its_small_iterator_state(tmp_path):
+    make = lambda: pipeline.train_dataset(_in_memory(two_domains({5})), IN_MEMORY_VIEW,
+                                          global_batch_size=4, seed=7, mix="balanced",
+                                          shuffle_buffer=16)
+    uninterrupted = _take(make(), 30)
+    it, counter = iter(make()), pipeline.SkipCounter(["target", "generic"])
+    for _ in range(17):
+        counter.update(next(it))
+    pipeline.save_iterator(it, counter, str(tmp_path))
+    resumed, counter2 = iter(make()), pipeline.SkipCounter(["target", "generic"])
+    pipeline.restore_iterator(resumed, counter2, str(tmp_path))
+    assert counter2.skipped() == counter.skipped()
+    _assert_same(uninterrupted[17:], [{k: v.numpy() for k, v in next(resumed).items()}
+                                      for _ in range(13)])
+    images = 80 * 10 * 12 * 3  # the kept images' bytes: not in the saved state
+    saved = sum(p.stat().st_size for p in tmp_path.iterdir())
+    assert saved < images
+
+
+def test_in_memory_falls_back_to_the_disk_streams_failures(monkeypatch):
+    """A shard that the disk stream would fail on is read from disk, and fails the same way."""
+    monkeypatch.setattr(pipeline, "MAX_FAILURES_IN_A_ROW", 4)
+    for broken, reason in [(set(range(8)), "no image of a whole pass over its train split "
+                            "could be decoded"), ({2, 3, 4, 5}, "4 images in a row could not "
+                                                  "be decoded")]:
+        domains = _in_memory([pipeline.Domain("target", fake_split("target", 8, 2, broken))])
+        out = _first_batches(pipeline.train_dataset(domains, IN_MEMORY_VIEW,
+                                                    global_batch_size=4, seed=0,
+                                                    shuffle_buffer=1), 20)
+        assert pipeline.stream_failure(out) == ("target", reason)
+
+
+def test_memory_plan_takes_the_most_read_domains_that_fit():
+    domains = two_domains()  # target: 30 examples, generic: 50
+    image_bytes = 1000
+    plan, lines = pipeline.memory_plan(domains, reads=[90.0, 100.0], image_bytes=image_bytes,
+                                       budget_bytes=80_000)
+    assert [d.in_memory for d in plan] == [True, True]  # 3 and 2 passes, 30 + 50 kB
+    assert lines == ["target: decoded once and kept in memory (0.0 MB; the run reads it 3.0 "
+                     "times)", "generic: decoded once and kept in memory (0.0 MB; the run "
+                     "reads it 2.0 times)"]
+    plan, _ = pipeline.memory_plan(domains, reads=[90.0, 100.0], image_bytes=image_bytes,
+                                   budget_bytes=79_999)
+    assert [d.in_memory for d in plan] == [True, False]  # the most read first, then full
+    plan, _ = pipeline.memory_plan(domains, reads=[90.0, 100.0], image_bytes=image_bytes,
+                                   budget_bytes=50_000, process_count=2)
+    assert [d.in_memory for d in plan] == [True, True]  # 15 + 25 kB on each process
+    plan, lines = pipeline.memory_plan(domains, reads=[30.0, 400.0], image_bytes=image_bytes,
+                                       budget_bytes=10**9)
+    assert [d.in_memory for d in plan] == [False, True]
+    assert lines[1] == "target: decoded as read (the run reads it 1.00 times)"
+
+
+def test_in_memory_with_the_real_train_view_on_files(tmp_path):
+    """The trainer's own view (decode + squash, crop, flip) on a folder of JPEGs, PNGs of
+    several kinds and broken files: the same batches from memory as from disk, and an
+    iterator state that saves."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        folder = tmp_path / "data" / f"class{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (9 + i % 4, 11, 3), np.uint8)
+        image = Image.fromarray(pixels)
+        if i % 6 == 5:
+            (folder / f"{i}.png").write_bytes(b"\x89PNG broken")
+        elif i % 4 == 0:
+            image.save(folder / f"{i}.jpg")
+        else:
+            image = [image, image.convert("RGBA"), image.convert("P")][i % 3]
+            image.save(folder / f"{i}.png")
+    split = sources.load_source(f"folder:{tmp_path / 'data'}").split("train")
+    view = tf_views.train_fn("siglip", 8, 12)
+    make = lambda in_memory: pipeline.train_dataset(
+        [pipeline.Domain("target", split, in_memory=in_memory)], view, global_batch_size=4,
+        seed=1, shuffle_buffer=8)
+    on_disk, in_memory = _take(make(False), 16), _take(make(True), 16)  # 3 passes of 20
+    _assert_same(on_disk, in_memory)
+    counter = pipeline.SkipCounter(["target"])
+    for b in in_memory:
+        counter.update(b)
+    assert counter.skipped() == {"target": 12}  # 4 broken files in each of 3 passes
+    it = iter(make(True))
+    next(it)
+    pipeline.save_iterator(it, counter, str(tmp_path))

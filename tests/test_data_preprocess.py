@@ -143,7 +143,7 @@ def test_train_view_shape_range_and_seeds():
 
 def test_train_view_crops_the_squashed_image():
     image = _image(50, 70)
-    squashed = tf_views._resize(image, 48, 48).numpy()
+    squashed = tf_views.squash(image, 48).numpy().astype(np.float32)
     windows = [squashed[t:t + 32, l:l + 32] for t in range(17) for l in range(17)]
     windows += [w[:, ::-1] for w in windows]
     for s in range(5):

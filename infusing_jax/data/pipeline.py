@@ -13,14 +13,20 @@ in a row, stops the stream with an error (`stream_failure` reads it) instead of
 spinning for ever; augmentation runs after the drop, so its errors stop the run. The iterator (shuffle buffers, positions) is saved with
 `tf.train.Checkpoint`, so a resumed run sees the batches an uninterrupted one
 would have.
+
+A domain marked `in_memory` (`memory_plan`: read more than once, within a budget)
+is decoded once (`decode_shard`) and its stream read from memory (`_cached_passes`):
+the same elements in the same order as from disk, at a fraction of the CPU.
 """
 import dataclasses
 import json
 import os
+import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from infusing_jax import errors
 from infusing_jax.data import mixing
@@ -30,12 +36,14 @@ from infusing_jax.data import teacher
 
 @dataclasses.dataclass(frozen=True)
 class Domain:
-    """A training domain: its split, its weight for mix='weights', and optional
-    precomputed teacher descriptors (`teacher.Descriptors`) looked up by id."""
+    """A training domain: its split, its weight for mix='weights', optional precomputed
+    teacher descriptors (`teacher.Descriptors`) looked up by id, and whether its train
+    images are decoded once and kept in memory (`in_memory`, see `memory_plan`)."""
     name: str
     split: schema.SplitData
     weight: float = 1.0
     descriptors: Optional[object] = None
+    in_memory: bool = False
 
 
 MAX_FAILURES_IN_A_ROW = 1000  # consecutive undecodable images that stop a domain's stream
@@ -54,21 +62,9 @@ def _blank(spec):
         lambda s: tf.zeros([d or 0 for d in s.shape.as_list()], s.dtype), spec)
 
 
-def _decoded_passes(split: schema.SplitData, domain: int, name: str, decode: Callable,
-                    seed: int, process_index: int, process_count: int,
-                    shuffle_buffer: int) -> tf.data.Dataset:
-    """Infinite stream of (position, decoded uint8 image, record) over reshuffled passes of
-    this process's shard; undecodable images dropped, failing the stream (an
-    InvalidArgumentError whose message starts with _FAILED) when a whole pass or
-    MAX_FAILURES_IN_A_ROW images in a row are dropped.
-
-    Each pass ends with a marker record, so a pass never comes out empty (repeat()
-    of an empty pass would end the stream, and ignore_errors over an endless
-    stream of failures would spin for ever). Positions count records across
-    passes, dropped ones included: 0, 1, 2, ... as SkipCounter expects.
-    """
-    records = split.dataset(process_index, process_count).shuffle(
-        shuffle_buffer, seed=seed * 1000 + domain, reshuffle_each_iteration=True)
+def _decoded_pass(records: tf.data.Dataset, decode: Callable) -> tf.data.Dataset:
+    """One pass of (index, is_end, decoded uint8 image, record) over `records`, then an end
+    marker (is_end, index = the number of records); undecodable records dropped."""
     marker = tf.data.Dataset.from_tensors((True, _blank(records.element_spec)))
     one_pass = records.map(lambda ex: (False, ex)).concatenate(marker).enumerate()
 
@@ -78,8 +74,34 @@ def _decoded_passes(split: schema.SplitData, domain: int, name: str, decode: Cal
                         lambda: decode(ex["image"]))
         return index, is_end, image, ex
 
-    passes = one_pass.map(decoded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    passes = passes.ignore_errors().repeat()
+    return one_pass.map(decoded, num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=True).ignore_errors()
+
+
+def _shuffled(records: tf.data.Dataset, domain: int, seed: int,
+              shuffle_buffer: int) -> tf.data.Dataset:
+    """A domain's records reshuffled on every pass: the order depends on (seed, domain,
+    pass, number of records), not on what the records hold."""
+    return records.shuffle(shuffle_buffer, seed=seed * 1000 + domain,
+                           reshuffle_each_iteration=True)
+
+
+def _decoded_passes(split: schema.SplitData, domain: int, name: str, decode: Callable,
+                    seed: int, process_index: int, process_count: int,
+                    shuffle_buffer: int) -> tf.data.Dataset:
+    """Infinite stream of (position, is_end = False, decoded uint8 image, record) over
+    reshuffled passes of this process's shard; undecodable images dropped, failing the stream (an
+    InvalidArgumentError whose message starts with _FAILED) when a whole pass or
+    MAX_FAILURES_IN_A_ROW images in a row are dropped.
+
+    Each pass ends with a marker record, so a pass never comes out empty (repeat()
+    of an empty pass would end the stream, and ignore_errors over an endless
+    stream of failures would spin for ever). Positions count records across
+    passes, dropped ones included: 0, 1, 2, ... as SkipCounter expects.
+    """
+    records = _shuffled(split.dataset(process_index, process_count), domain, seed,
+                        shuffle_buffer)
+    passes = _decoded_pass(records, decode).repeat()
 
     def count(state, element):
         """state: (records before this pass, kept in this pass, last kept index, drops
@@ -105,14 +127,84 @@ def _decoded_passes(split: schema.SplitData, domain: int, name: str, decode: Cal
 
     zero = tf.constant(0, tf.int64)
     passes = passes.scan((zero, zero, tf.constant(-1, tf.int64), zero), count)
-    return passes.filter(lambda position, is_end, image, ex: tf.logical_not(is_end)).map(
-        lambda position, is_end, image, ex: (position, image, ex))
+    return passes.filter(lambda position, is_end, image, ex: tf.logical_not(is_end))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedShard:
+    """A shard's train records, decoded once and kept in memory.
+
+    images: uint8 (K, H, W, 3), the K decodable images in record order; row: int64 (N,),
+    each of the shard's N records' row in images, -1 for an undecodable one; label,
+    coarse_label: int64 (N,); id: bytes (N,) (-1 and b'' where undecodable).
+    """
+    images: np.ndarray
+    row: np.ndarray
+    label: np.ndarray
+    coarse_label: np.ndarray
+    id: np.ndarray
+
+    def usable(self) -> bool:
+        """Whether _cached_passes gives exactly what _decoded_passes would: a shard that
+        is not empty, has a decodable image and fewer undecodable ones than
+        MAX_FAILURES_IN_A_ROW (else the disk stream is the one to fail)."""
+        failed = int(np.sum(self.row < 0))
+        return len(self.row) > 0 and len(self.images) > 0 and failed < MAX_FAILURES_IN_A_ROW
+
+
+def decode_shard(split: schema.SplitData, decode: Callable, shape: tuple,
+                 process_index: int = 0, process_count: int = 1) -> DecodedShard:
+    """Decodes every record of a shard once, in parallel, in record order; `decode` gives
+    uint8 images of one `shape`. Takes twice the images' bytes while it stacks them."""
+    images, kept, label, coarse_label, ids = [], [], [], [], []
+    for index, is_end, image, ex in _decoded_pass(
+            split.dataset(process_index, process_count), decode).as_numpy_iterator():
+        if is_end:
+            break
+        images.append(image)
+        kept.append(index)
+        label.append(ex["label"])
+        coarse_label.append(ex["coarse_label"])
+        ids.append(ex["id"])
+    num_records, kept = index, np.asarray(kept, np.int64)  # the end marker's index
+    row = np.full(num_records, -1, np.int64)
+    row[kept] = np.arange(len(kept))
+
+    def spread(values, fill, dtype):
+        out = np.full(num_records, fill, dtype)
+        out[kept] = values
+        return out
+
+    stacked = np.stack(images) if images else np.zeros((0,) + tuple(shape), np.uint8)
+    return DecodedShard(stacked, row, spread(label, -1, np.int64),
+                        spread(coarse_label, -1, np.int64), spread(ids, b"", object))
+
+
+def _cached_passes(shard: DecodedShard, domain: int, seed: int, shuffle_buffer: int):
+    """_decoded_passes from memory, for a `usable` shard: -> (stream of (position, row),
+    fetch(row) -> (image, record)), which give the same (position, image, record) as
+    _decoded_passes, in the same order. The records are reshuffled as _decoded_passes
+    reshuffles them (_shuffled), and positions run over passes of N records, undecodable
+    ones left out.
+    Fetching is left to the caller, to do in its own map (one map less per element)."""
+    images, row = tf.constant(shard.images), tf.constant(shard.row)
+    records = {k: tf.constant(getattr(shard, k)) for k in ("label", "coarse_label", "id")}
+    order = _shuffled(tf.data.Dataset.range(len(shard.row)), domain, seed, shuffle_buffer)
+    order = order.repeat().enumerate()
+    if np.any(shard.row < 0):
+        order = order.filter(lambda position, i: row[i] >= 0)
+
+    def fetch(i):
+        return tf.gather(images, row[i]), {k: v[i] for k, v in records.items()}
+
+    return order, fetch
 
 
 def domain_stream(split: schema.SplitData, domain: int, view, *, seed: int,
                   process_index: int = 0, process_count: int = 1,
                   shuffle_buffer: int = 2048, descriptors=None,
-                  teacher_dim: int = 0, name: str = "") -> tf.data.Dataset:
+                  teacher_dim: int = 0, name: str = "",
+                  decoded: Optional[DecodedShard] = None) -> tf.data.Dataset:
     """Infinite stream of {'image' (S, S, 3) float32, 'label', 'coarse_label', 'domain',
     'id', 'position'} for this process's shard; undecodable images dropped.
 
@@ -120,30 +212,33 @@ def domain_stream(split: schema.SplitData, domain: int, view, *, seed: int,
     seed (2,) int64) -> float32 (S, S, 3). A broken file is dropped (and counted by
     its position); an augmentation that fails stops the stream, as does a domain
     whose images all fail to decode (_decoded_passes).
+    decoded: this shard decoded in memory (`decode_shard`, `usable`): the same stream,
+    read from memory instead of decoded on every pass.
     position: the example's index in this stream before dropping (see SkipCounter).
     With teacher_dim > 0, also 'teacher' (teacher_dim,) and 'has_teacher': the
     example's descriptor, or zeros and False for a domain without descriptors.
     """
-    ds = _decoded_passes(split, domain, name or f"#{domain}", view.decode, seed,
-                         process_index, process_count, shuffle_buffer)
-
-    def prepare(position, image, ex):
-        image = view.augment(image, _example_seed(seed, domain, position))
-        return dict(image=image, label=ex["label"], coarse_label=ex["coarse_label"],
-                    domain=tf.constant(domain, tf.int64), id=ex["id"], position=position)
-
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if not teacher_dim:
-        return ds
     # An id without a descriptor must fail, not vanish.
     lookup = teacher.lookup_fn(descriptors) if descriptors is not None else None
 
-    def add_teacher(ex):
-        if lookup is None:
-            return dict(ex, teacher=tf.zeros([teacher_dim]), has_teacher=tf.constant(False))
-        return dict(ex, teacher=lookup(ex["id"]), has_teacher=tf.constant(True))
+    def prepare(position, image, ex):
+        out = dict(image=view.augment(image, _example_seed(seed, domain, position)),
+                   label=ex["label"], coarse_label=ex["coarse_label"],
+                   domain=tf.constant(domain, tf.int64), id=ex["id"], position=position)
+        if teacher_dim and lookup is None:
+            out.update(teacher=tf.zeros([teacher_dim]), has_teacher=tf.constant(False))
+        elif teacher_dim:
+            out.update(teacher=lookup(ex["id"]), has_teacher=tf.constant(True))
+        return out
 
-    return ds.map(add_teacher, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if decoded is None:
+        stream = _decoded_passes(split, domain, name or f"#{domain}", view.decode, seed,
+                                 process_index, process_count, shuffle_buffer)
+        element = lambda position, is_end, image, ex: prepare(position, image, ex)
+    else:
+        stream, fetch = _cached_passes(decoded, domain, seed, shuffle_buffer)
+        element = lambda position, i: prepare(position, *fetch(i))
+    return stream.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def stream_failure(error: Exception) -> Optional[tuple]:
@@ -262,7 +357,8 @@ def _shard_dataset(domains, view, *, batch: int, seed: int, mix: str,
     teacher_dim = next(iter(dims), 0)
     streams = [domain_stream(d.split, i, view, seed=seed, process_index=shard,
                              process_count=num_shards, shuffle_buffer=shuffle_buffer,
-                             descriptors=d.descriptors, teacher_dim=teacher_dim, name=d.name)
+                             descriptors=d.descriptors, teacher_dim=teacher_dim, name=d.name,
+                             decoded=_in_memory(d, view, shard, num_shards))
                for i, d in enumerate(domains)]
     if one_domain_per_batch:
         streams = [s.batch(batch, drop_remainder=True) for s in streams]
@@ -271,31 +367,86 @@ def _shard_dataset(domains, view, *, batch: int, seed: int, mix: str,
     return ds.batch(batch, drop_remainder=True)
 
 
+def memory_plan(domains: Sequence[Domain], reads: Sequence[float], image_bytes: int,
+                budget_bytes: int, process_count: int = 1):
+    """-> (domains, one log line each): in_memory set on the domains whose decoded train
+    images to keep in memory.
+
+    A domain qualifies when the run reads its split more than once (reads: examples
+    read over the run, (D,)) and its size is known. Qualifying domains are taken, the
+    most often read first, while this process's share of their images,
+    ceil(num_examples / process_count) * image_bytes, fits in what is left of
+    budget_bytes.
+    """
+    lines, out, left = [], list(domains), budget_bytes
+    passes = [r / d.split.num_examples if d.split.num_examples else 0.0
+              for d, r in zip(domains, reads)]
+    for i in sorted(range(len(domains)), key=lambda i: -passes[i]):
+        d = domains[i]
+        need = -(-(d.split.num_examples or 0) // process_count) * image_bytes
+        why = ("its size is unknown" if d.split.num_examples is None else
+               f"the run reads it {passes[i]:.2f} times" if passes[i] <= 1 else
+               f"its {need / 2**20:.1f} MB of decoded images exceed the "
+               f"{left / 2**20:.1f} MB left of data.keep_decoded_mb" if need > left else "")
+        if why:
+            lines.append(f"{d.name}: decoded as read ({why})")
+            continue
+        left -= need
+        out[i] = dataclasses.replace(d, in_memory=True)
+        lines.append(f"{d.name}: decoded once and kept in memory ({need / 2**20:.1f} MB; "
+                     f"the run reads it {passes[i]:.1f} times)")
+    return out, lines
+
+
+def _in_memory(domain: Domain, view, shard: int, num_shards: int) -> Optional[DecodedShard]:
+    """The domain's shard decoded in memory where the domain asks for it and the shard is
+    `usable`, else None (it is then decoded as read); logged either way."""
+    if not domain.in_memory:
+        return None
+    start = time.perf_counter()
+    decoded = decode_shard(domain.split, view.decode, view.decoded_shape, shard, num_shards)
+    failed = int(np.sum(decoded.row < 0))
+    where = f"input pipeline: {domain.name}, shard {shard} of {num_shards}"
+    if not decoded.usable():
+        logging.info("%s: %d of %d images undecodable; decoded as read", where, failed,
+                     len(decoded.row))
+        return None
+    logging.info("%s: %d images decoded into memory (%.1f MB, %d undecodable) in %.1f s",
+                 where, len(decoded.images), decoded.images.nbytes / 2**20, failed,
+                 time.perf_counter() - start)
+    return decoded
+
+
 class SkipCounter:
     """Counts dropped (undecodable) examples per domain from the positions batches carry.
 
-    In a domain's stream, example positions run 0, 1, 2, ...; a dropped example
-    leaves a gap. After a batch, dropped = last position + 1 - examples seen.
-    Counts occurrences: a broken file is counted once per epoch it comes up in.
+    In each shard's stream of a domain, example positions run 0, 1, 2, ...; a dropped
+    example leaves a gap. After a batch, dropped = last position + 1 - examples seen,
+    per (shard, domain), summed over the shards. A process's batch holds its `shards`
+    shards' parts one after another, in equal parts (train_dataset). Counts
+    occurrences: a broken file is counted once per epoch it comes up in.
     """
 
-    def __init__(self, names: Sequence[str]):
-        self.names = list(names)
-        self.seen = [0] * len(names)
-        self.last = [-1] * len(names)
+    def __init__(self, names: Sequence[str], shards: int = 1):
+        self.names, self.shards = list(names), shards
+        self.seen = [0] * (shards * len(names))  # index: shard * len(names) + domain
+        self.last = [-1] * (shards * len(names))
 
     def update(self, batch) -> None:
-        """batch: a dict with 'domain' and 'position' arrays (N,)."""
+        """batch: a dict with 'domain' and 'position' arrays (N,), N a multiple of shards."""
         domains, positions = np.asarray(batch["domain"]), np.asarray(batch["position"])
-        seen = np.bincount(domains, minlength=len(self.names))
-        last = np.full(len(self.names), -1, np.int64)
-        np.maximum.at(last, domains, positions)
+        shard = np.arange(len(domains)) // (len(domains) // self.shards)
+        keys = shard * len(self.names) + domains
+        seen = np.bincount(keys, minlength=len(self.seen))
+        last = np.full(len(self.seen), -1, np.int64)
+        np.maximum.at(last, keys, positions)
         self.seen = [a + int(b) for a, b in zip(self.seen, seen)]
         self.last = [max(a, int(b)) for a, b in zip(self.last, last)]
 
     def skipped(self) -> dict:
         """{domain name: examples dropped so far}."""
-        return {n: self.last[i] + 1 - self.seen[i] if self.seen[i] else 0
+        dropped = [last + 1 - seen if seen else 0 for seen, last in zip(self.seen, self.last)]
+        return {n: sum(dropped[s * len(self.names) + i] for s in range(self.shards))
                 for i, n in enumerate(self.names)}
 
     def state(self) -> dict:

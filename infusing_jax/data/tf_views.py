@@ -9,19 +9,23 @@ decode: any JPEG / PNG / GIF / BMP / WebP -> uint8 RGB, matching
   decoder; both rare); an animated WebP raises (see `_decode_webp`).
   A broken file raises, so `Dataset.ignore_errors()` after the
   map drops it.
-train_view: squash-resize to (resize, resize), random crop (size, size), random
-  horizontal flip; stateless, so the same seed gives the same view.
+train_view: squash-resize to (resize, resize) and round to uint8 (`squash`, as PIL's
+  resize rounds), then random crop (size, size) and random horizontal flip
+  (`crop_and_flip`); stateless, so the same seed gives the same view.
 eval_view: shorter side to `size`, centre crop (size, size): the paper's eval
   protocol for every family.
 Views are float32 in [0, 255]; `normalize` maps them to each family's input range.
 train_fn / eval_fn return a `View`: decode, then augment (view + normalise), two
 stages the training pipeline runs apart (a broken file is dropped and counted;
-an augmentation that fails is a bug or a bad setting, and stops the run).
+an augmentation that fails is a bug or a bad setting, and stops the run). The
+train view's decode ends with the squash, so its decoded images all have one
+shape (`View.decoded_shape`, 1 byte a value) and the pipeline can keep them in
+memory.
 Resizing is bilinear with antialiasing (a triangle filter widened when
 downscaling, like PIL's BILINEAR).
 """
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import tensorflow as tf
 
@@ -57,13 +61,25 @@ def _decode_webp(image_bytes):
     return tf.cond(tf.shape(image)[-1] == 4, lambda: _on_white(image), lambda: image)
 
 
+def _decode_any_png(image_bytes):
+    """PNG -> uint8 (H, W, 3). An 8-bit gray or RGB one (its IHDR's bit depth and colour
+    type, bytes 24 and 25) has no alpha, no palette and no 16-bit values, so it decodes
+    straight to RGB (PIL too ignores a tRNS colour key on these); others go through
+    _decode_png. A PNG too short to hold an IHDR raises, as broken."""
+    depth_and_type = tf.strings.substr(image_bytes, 24, 2)
+    plain = tf.logical_or(tf.equal(depth_and_type, b"\x08\x02"),
+                          tf.equal(depth_and_type, b"\x08\x00"))
+    return tf.cond(plain, lambda: tf.io.decode_png(image_bytes, channels=3),
+                   lambda: _decode_png(image_bytes))
+
+
 def decode(image_bytes):
     """Encoded image file (scalar tf.string) -> uint8 (H, W, 3); raises on a broken file."""
     magic = tf.strings.substr(image_bytes, 0, 4)
-    image = tf.case(
+    image = tf.case(  # conds: a Case op would make the pipeline's iterator unsaveable
         [(tf.io.is_jpeg(image_bytes), lambda: tf.io.decode_jpeg(
             image_bytes, channels=3, dct_method="INTEGER_ACCURATE")),  # libjpeg's default, as PIL
-         (tf.equal(magic, b"\x89PNG"), lambda: _decode_png(image_bytes)),
+         (tf.equal(magic, b"\x89PNG"), lambda: _decode_any_png(image_bytes)),
          (tf.equal(magic, b"RIFF"), lambda: _decode_webp(image_bytes))],
         default=lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False))
     return tf.ensure_shape(image, [None, None, 3])
@@ -75,12 +91,27 @@ def _resize(image, height, width):
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def train_view(image, size: int, resize: int, seed):
-    """(H, W, 3) -> float32 (size, size, 3) in [0, 255]; seed: int (2,), same seed -> same view."""
+def squash(image, resize: int):
+    """uint8 (H, W, 3) -> uint8 (resize, resize, 3): resized, aspect not kept, rounded. An
+    image of that size already is returned as it is (which the resize gives back too)."""
+    same = tf.reduce_all(tf.equal(tf.shape(image)[:2], resize))
+    image = tf.cond(same, lambda: image,
+                    lambda: tf.cast(tf.round(_resize(image, resize, resize)), tf.uint8))
+    return tf.ensure_shape(image, (resize, resize, 3))
+
+
+def crop_and_flip(image, size: int, seed):
+    """uint8 (R, R, 3) -> float32 (size, size, 3): a random crop, flipped left-right with
+    probability 1/2; seed: int (2,), same seed -> same view."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    image = _resize(image, resize, resize)
-    image = tf.image.stateless_random_crop(image, (size, size, 3), crop_seed)
+    image = tf.image.stateless_random_crop(tf.cast(image, tf.float32), (size, size, 3),
+                                           crop_seed)
     return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+
+def train_view(image, size: int, resize: int, seed):
+    """(H, W, 3) -> float32 (size, size, 3) in [0, 255]: crop_and_flip(squash(image))."""
+    return crop_and_flip(squash(image, resize), size, seed)
 
 
 def eval_view(image, size: int):
@@ -109,9 +140,11 @@ def normalize(x, family: str):
 @dataclasses.dataclass(frozen=True)
 class View:
     """decode: image bytes -> uint8 (H, W, 3), raises on a broken file; augment:
-    (uint8 image, seed int (2,) or None) -> float32 (S, S, 3). Calling it runs both."""
+    (uint8 image, seed int (2,) or None) -> float32 (S, S, 3). Calling it runs both.
+    decoded_shape: the one shape decode gives every image, or None where it varies."""
     augment: Callable
     decode: Callable = decode
+    decoded_shape: Optional[tuple] = None
 
     def __call__(self, image_bytes, seed=None):
         return self.augment(self.decode(image_bytes), seed)
@@ -124,7 +157,9 @@ def train_fn(family: str, size: int, resize: int = None) -> View:
     """
     _check(family)
     resize = resize or round(size * 256 / 224)
-    return View(lambda image, seed: normalize(train_view(image, size, resize, seed), family))
+    return View(augment=lambda image, seed: normalize(crop_and_flip(image, size, seed), family),
+                decode=lambda image_bytes: squash(decode(image_bytes), resize),
+                decoded_shape=(resize, resize, 3))
 
 
 def eval_fn(family: str, size: int) -> View:

@@ -14,7 +14,10 @@ A run config (an ml_collections ConfigDict; configs/*.py return one):
                   shuffle_buffer, resize (train squash size; 0 = size * 256 / 224),
                   num_shards (0 = one per process; fix it to make the batches the
                   same whatever the number of hosts, see data/pipeline.py),
-                  device_prefetch (batches placed on the devices ahead of the step)
+                  device_prefetch (batches placed on the devices ahead of the step),
+                  keep_decoded_mb (host memory per process, in MiB, for keeping the
+                  decoded train images of domains the run reads more than once;
+                  0 = off; see pipeline.memory_plan)
   domains         one ConfigDict per domain, built by `domain(...)`: its source,
                   splits, role and its losses, one ConfigDict per loss (`loss(...)`)
   loss_aggregation  'weighted_sum' | 'weighted_average' of a domain's loss terms
@@ -139,7 +142,8 @@ def default_config() -> ml_collections.ConfigDict:
         scan=False, remat_policy="none", dtype="float32", param_dtype="float32"))
     c.data = ml_collections.ConfigDict(dict(
         data_dir="", batch_size=128, mix="round_robin", one_domain_per_batch=True,
-        shuffle_buffer=2048, resize=0, num_shards=0, device_prefetch=2))
+        shuffle_buffer=2048, resize=0, num_shards=0, device_prefetch=2,
+        keep_decoded_mb=2048))
     c.domains = ml_collections.ConfigDict()
     c.loss_aggregation = "weighted_sum"
     c.optim = optim.default_config()
@@ -223,7 +227,8 @@ MODEL = dict(
 DATA = dict(
     data_dir=fields.text(), batch_size=fields.integer(1), mix=fields.one_of(*mixing.MIXES),
     one_domain_per_batch=fields.boolean(), shuffle_buffer=fields.integer(1),
-    resize=fields.integer(0), num_shards=fields.integer(0), device_prefetch=fields.integer(0))
+    resize=fields.integer(0), num_shards=fields.integer(0), device_prefetch=fields.integer(0),
+    keep_decoded_mb=fields.integer(0))
 DOMAIN = dict(
     source=_source(*SOURCE_KINDS[:3]), role=fields.one_of(*ROLES), data_dir=fields.text(),
     train_split=fields.text(nonempty=True), val_split=fields.text(),

@@ -209,6 +209,19 @@ def check_inputs(cfg, splits) -> None:
                             size, name)
 
 
+def kept_in_memory(cfg, domains, view, num_steps: int):
+    """The domains, with `in_memory` set by pipeline.memory_plan for the whole run
+    (num_steps, whether resumed or not, so a resumed run's input pipeline is the same);
+    each domain's choice logged."""
+    reads = num_steps * cfg.data.batch_size * mixing.weights(domains, cfg.data.mix)
+    domains, lines = pipeline.memory_plan(
+        domains, reads, image_bytes=int(np.prod(view.decoded_shape)),
+        budget_bytes=cfg.data.keep_decoded_mb * 2**20, process_count=jax.process_count())
+    for line in lines:
+        logging.info("input pipeline: %s", line)
+    return domains
+
+
 def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = None) -> dict:
     """Train (or resume) the run in `workdir`; -> the run summary (also train_summary.json):
     step, num_steps, steps_per_epoch, skipped, best_step, domains, stopped_early, and `val`,
@@ -264,14 +277,16 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
     reference = built.place_reference(backbone)
 
     ds = pipeline.train_dataset(
-        [pipeline.Domain(n, splits[n].train, cfg.domains[n].weight, descriptors.get(n))
-         for n in names],
+        kept_in_memory(cfg, [pipeline.Domain(n, splits[n].train, cfg.domains[n].weight,
+                                             descriptors.get(n)) for n in names],
+                       view, num_steps),
         view, global_batch_size=cfg.data.batch_size, seed=cfg.seed, mix=cfg.data.mix,
         one_domain_per_batch=cfg.data.one_domain_per_batch,
         process_index=jax.process_index(), process_count=jax.process_count(),
         shuffle_buffer=cfg.data.shuffle_buffer, num_shards=cfg.data.num_shards)
     iterator = iter(ds)
-    counter = pipeline.SkipCounter(names)
+    counter = pipeline.SkipCounter(
+        names, shards=(cfg.data.num_shards or jax.process_count()) // jax.process_count())
     mngr = run_checkpoints.manager(workdir, cfg.train.keep_checkpoints,
                                    cfg.train.async_checkpoints)
     best = run_checkpoints.best_manager(workdir)
