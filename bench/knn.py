@@ -1,6 +1,6 @@
 r"""Exact kNN against faiss-cpu in one run: every index row is a query, itself left out.
 
-    python bench/knn.py [--num_rows=100000] [--dim=768] [--k=20] [--chunks=4]
+    python bench/knn.py [--num_rows=100000] [--dim=768] [--k=20] [--chunks=1]
 
 Data: `num_rows` x `dim` float32 standard normal rows, L2-normalised, seed 0.
 Ours: `evaluation.knn.knn` with the row numbers as ids, in a subprocess that
@@ -11,7 +11,11 @@ on normalised rows), search for k + 1, then each query's own row dropped.
 The queries go in `chunks` parts (whole multiples of 1024 queries, our default
 block), ours and faiss taking turns, so that both see the same load on a shared
 machine; each part is a whole call (ours: index upload and, the first time,
-compilation; faiss: index build and search). The last line
+compilation; faiss: index build and search). With one part (the default) ours is
+called with the index as its queries, `knn(x, x)`, as the retrieval evaluation
+calls it: the self-kNN, which scores each pair of rows once (evaluation/knn.py);
+with more, each part is a set of queries of its own (the general path, every
+pair scored from both sides, as faiss does). The last line
 is JSON: `our_seconds`, `faiss_seconds`, `speed_vs_faiss` (faiss / ours),
 `peak_memory_gb` (ours), `same_neighbours` (fraction of queries whose k
 neighbours equal faiss's, in order; float32 near-ties may swap), and, as the
@@ -32,7 +36,8 @@ from absl import flags
 _ROWS = flags.DEFINE_integer("num_rows", 100_000, "Index rows, each also a query.")
 _DIM = flags.DEFINE_integer("dim", 768, "Embedding dimension.")
 _K = flags.DEFINE_integer("k", 20, "Neighbours per query.")
-_CHUNKS = flags.DEFINE_integer("chunks", 4, "Query parts, ours and faiss taking turns.")
+_CHUNKS = flags.DEFINE_integer("chunks", 1, "Query parts, ours and faiss taking turns; 1: "
+                               "ours is the self-kNN.")
 _SERVE = flags.DEFINE_string("serve_ours_to", None,
                              "Internal: run ours on the 'start stop' lines of stdin, "
                              "saving neighbours in this folder.")
@@ -51,7 +56,8 @@ def serve_ours(x, k, folder):
     for line in sys.stdin:
         start, stop = map(int, line.split())
         begin, begin_cpu = time.perf_counter(), time.process_time()
-        _, neighbours = knn.knn(x[start:stop], x, k, query_ids=ids[start:stop], index_ids=ids)
+        queries = x if (start, stop) == (0, len(x)) else x[start:stop]  # x: the self-kNN
+        _, neighbours = knn.knn(queries, x, k, query_ids=ids[start:stop], index_ids=ids)
         seconds, cpu = time.perf_counter() - begin, time.process_time() - begin_cpu
         np.save(os.path.join(folder, f"{start}.npy"), neighbours)
         print(seconds, cpu, flush=True)
@@ -110,7 +116,8 @@ def main(argv):
                           same_neighbours=round(same / len(x), 5),
                           our_cpu_seconds=round(ours_cpu, 2),
                           faiss_cpu_seconds=round(faiss_cpu, 2),
-                          load_average=round(os.getloadavg()[0], 2))))
+                          load_average=round(os.getloadavg()[0], 2),
+                          self_knn=_CHUNKS.value == 1)))
 
 
 if __name__ == "__main__":

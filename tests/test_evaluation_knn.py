@@ -107,6 +107,29 @@ def test_knn_equals_dense_ranking(k, block_size, tile, monkeypatch):
     np.testing.assert_allclose(scores, ref_scores[:, :k], atol=1e-6)
 
 
+@pytest.mark.parametrize("k,block_size,tile,with_ids", [
+    (K, 64, None, True), (K, None, 256, True), (40, 128, None, True), (K, 48, 128, False),
+    (3, 100, 64, True)])
+def test_self_knn_equals_the_general_path(k, block_size, tile, with_ids, monkeypatch):
+    """knn(x, x): each pair scored once; the same neighbours as queries that are a copy of
+    the index (the general path), with duplicate rows, shared ids (crops of one image),
+    blocks that do not divide the rows, and no ids (each query then finds itself, or
+    its twin, first)."""
+    monkeypatch.setattr(knn_lib, "TILE", tile or knn_lib.TILE)
+    d = _data(n=1001)
+    ids = d["ids"].copy()
+    ids[[40, 41, 500]] = ids[40]  # three crops of one image: none is another's neighbour
+    kwargs = dict(query_ids=ids, index_ids=ids) if with_ids else {}
+    scores, neighbours = knn_lib.knn(d["x"], d["x"], k, block_size=block_size, **kwargs)
+    general = knn_lib.knn(d["x"], d["x"].copy(), k, block_size=block_size, **kwargs)
+    assert (neighbours == general[1]).mean() > 0.999  # float32 near-ties may swap
+    np.testing.assert_allclose(scores, general[0], atol=1e-6)
+    if with_ids:
+        assert not set(neighbours[40]) & {40, 41, 500}
+    else:
+        np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-6)  # itself, or its twin
+
+
 def test_knn_leaves_the_query_out_by_id_not_by_rank():
     d = _data()
     _, neighbours = knn_lib.knn(d["x"], d["x"], K, query_ids=d["ids"], index_ids=d["ids"])
