@@ -159,7 +159,8 @@ def _self_knn(x, ids, k: int, *, exclude_own: bool, block_size, mesh):
             jax.device_put(q, replicated), jax.device_put(qid, replicated), np.int32(start),
             index, index_ids, *running, k=k, tile=tile, exclude_own=exclude_own, mesh=mesh)
         direct.append([a[:stop - start] for a in jax.device_get((scores, found))])
-    running_scores, running_rows = (a[:len(x)] for a in jax.device_get(running))
+    gathered = jax.jit(lambda *a: a, out_shardings=replicated)(*running)  # from every host
+    running_scores, running_rows = (a[:len(x)] for a in jax.device_get(gathered))
     scores = np.concatenate([running_scores, np.concatenate([d[0] for d in direct])], axis=1)
     found = np.concatenate([running_rows, np.concatenate([d[1] for d in direct])], axis=1)
     best = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # running's rows are the lower
