@@ -144,12 +144,16 @@ class DecodedShard:
     coarse_label: np.ndarray
     id: np.ndarray
 
+    @property
+    def undecodable(self) -> int:
+        return int(np.sum(self.row < 0))
+
     def usable(self) -> bool:
         """Whether _cached_passes gives exactly what _decoded_passes would: a shard that
         is not empty, has a decodable image and fewer undecodable ones than
         MAX_FAILURES_IN_A_ROW (else the disk stream is the one to fail)."""
-        failed = int(np.sum(self.row < 0))
-        return len(self.row) > 0 and len(self.images) > 0 and failed < MAX_FAILURES_IN_A_ROW
+        return (len(self.row) > 0 and len(self.images) > 0
+                and self.undecodable < MAX_FAILURES_IN_A_ROW)
 
 
 def decode_shard(split: schema.SplitData, decode: Callable, shape: tuple,
@@ -405,15 +409,14 @@ def _in_memory(domain: Domain, view, shard: int, num_shards: int) -> Optional[De
         return None
     start = time.perf_counter()
     decoded = decode_shard(domain.split, view.decode, view.decoded_shape, shard, num_shards)
-    failed = int(np.sum(decoded.row < 0))
     where = f"input pipeline: {domain.name}, shard {shard} of {num_shards}"
     if not decoded.usable():
-        logging.info("%s: %d of %d images undecodable; decoded as read", where, failed,
-                     len(decoded.row))
+        logging.info("%s: %d of %d images undecodable; decoded as read", where,
+                     decoded.undecodable, len(decoded.row))
         return None
     logging.info("%s: %d images decoded into memory (%.1f MB, %d undecodable) in %.1f s",
-                 where, len(decoded.images), decoded.images.nbytes / 2**20, failed,
-                 time.perf_counter() - start)
+                 where, len(decoded.images), decoded.images.nbytes / 2**20,
+                 decoded.undecodable, time.perf_counter() - start)
     return decoded
 
 

@@ -85,9 +85,10 @@ def knn(queries, index, k: int, *, query_ids=None, index_ids=None, block_size: i
         mesh: Mesh = None):
     """The k index rows most similar (cosine) to each query.
 
-    queries (Q, D), index (N, D): host arrays; `queries is index` is a self-kNN
-    (each pair scored once, see the module doc) when the ids are the same or none. query_ids (Q,), index_ids (N,): optional
-    ids of any dtype; index row j is never a neighbour of query i if their ids are equal.
+    queries (Q, D), index (N, D): host arrays; `queries is index` is a self-kNN (each
+    pair scored once, see the module doc) when the ids are the same or none.
+    query_ids (Q,), index_ids (N,): optional ids of any dtype; index row j is never a
+    neighbour of query i if their ids are equal.
     mesh: a 1-D mesh to shard the index over (default: all devices).
     Returns scores (Q, k) float32, descending, and neighbours (Q, k) int64 rows of
     `index`, ties to the lowest row; -1 with score -inf where fewer than k rows qualify.
@@ -183,19 +184,20 @@ def _self_block(q, qid, start, x, ids, running_scores, running_rows, *, k, tile,
         out_specs=(P(None, axis), P(None, axis), P(axis), P(axis)))
     scores, rows, running_scores, running_rows = shards(q, qid, start, x, ids, running_scores,
                                                         running_rows)
-    scores, best = lax.top_k(scores, k)  # devices in row order: ties keep the lower row
-    rows = jnp.take_along_axis(rows, best, axis=1)
-    return (*lax.with_sharding_constraint((scores, rows), NamedSharding(mesh, P())),
-            running_scores, running_rows)
+    return (*_merge_devices(scores, rows, k, mesh), running_scores, running_rows)
 
 
-def _top_groups(scores, k):
-    """(R, C) scores, left-out entries -inf -> (R, m) candidate scores and columns, columns
-    ascending, holding each row's k best (the module doc's groups; all columns if few)."""
+def _top_groups(scores, k, left_out_groups=None):
+    """(R, C) scores -> (R, m) candidate scores and columns, columns ascending: the k groups
+    with the largest maxima (the module doc's groups; all columns if few). They hold each
+    row's k best where left-out entries are -inf; left_out_groups (C / GROUP,) bool:
+    groups never taken (the padding)."""
     r, c = scores.shape
     if k * GROUP >= c or c % GROUP:
         return scores, jnp.broadcast_to(jnp.arange(c), scores.shape)
     maxima = scores.reshape(r, c // GROUP, GROUP).max(axis=2)
+    if left_out_groups is not None:
+        maxima = jnp.where(left_out_groups[None, :], -jnp.inf, maxima)
     top = jnp.sort(lax.top_k(maxima, k)[1], axis=1)
     cols = (top[:, :, None] * GROUP + jnp.arange(GROUP)).reshape(r, k * GROUP)
     return jnp.take_along_axis(scores, cols, axis=1), cols
@@ -292,8 +294,13 @@ def _block_knn(q, qid, x, ids, *, k, own, tile, mesh):
     shards = jax.shard_map(
         functools.partial(_shard_top_k, k=k, own=own, tile=tile, axis=axis), mesh=mesh,
         in_specs=(P(), P(), P(axis), P(axis)), out_specs=P(None, axis))
-    scores, rows = shards(q, qid, x, ids)  # (B, devices * k), devices in row order
-    scores, best = lax.top_k(scores, k)  # stable: equal scores keep the lower row first
+    return _merge_devices(*shards(q, qid, x, ids), k, mesh)
+
+
+def _merge_devices(scores, rows, k, mesh):
+    """(B, devices * k) scores and rows, devices in row order -> the (B, k) best, replicated;
+    top_k is stable, so equal scores keep the lower row first."""
+    scores, best = lax.top_k(scores, k)
     rows = jnp.take_along_axis(rows, best, axis=1)
     return lax.with_sharding_constraint((scores, rows), NamedSharding(mesh, P()))
 
@@ -307,14 +314,9 @@ def _shard_top_k(q, qid, x, ids, *, k, own, tile, axis):
         """(B, C) scores and rows of one tile's candidates, rows ascending."""
         scores = jnp.matmul(q, lax.dynamic_slice_in_dim(x, start, tile).T,
                             precision=lax.Precision.HIGHEST)
-        if groups * GROUP >= tile:
-            return scores, jnp.broadcast_to(start + jnp.arange(tile), scores.shape)
-        maxima = scores.reshape(b, tile // GROUP, GROUP).max(axis=2)
         padding = lax.dynamic_slice_in_dim(ids, start, tile)[::GROUP] < 0  # padding comes last
-        maxima = jnp.where(padding[None, :], -jnp.inf, maxima)
-        top = jnp.sort(lax.top_k(maxima, groups)[1], axis=1)
-        cols = (top[:, :, None] * GROUP + jnp.arange(GROUP)).reshape(b, groups * GROUP)
-        return jnp.take_along_axis(scores, cols, axis=1), start + cols
+        scores, cols = _top_groups(scores, groups, padding)
+        return scores, start + cols
 
     scores, rows = lax.map(candidates, jnp.arange(0, n, tile))  # (tiles, B, C)
     scores = scores.transpose(1, 0, 2).reshape(b, -1)
