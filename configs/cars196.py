@@ -7,7 +7,7 @@ from infusing_jax.training import recipes
 
 
 def get_config(arg=None):
-    arg = recipes.parse_arg(arg, method=("full", "naive"), family=("siglip", "clip"),
+    arg = recipes.parse_arg(arg, method=recipes.METHODS, family=("siglip", "clip"),
                             data="/data", checkpoints="/checkpoints", tests=recipes.ALL_TESTS)
     c = config_lib.default_config()
     recipes.set_image_tower(c, arg.family, arg.checkpoints)  # B/16 at 224 px, its tokenizer
@@ -19,7 +19,7 @@ def get_config(arg=None):
         losses=dict(normface=dict(scale=16.0)))
     train_examples = 6_346
 
-    if arg.method == "full":
+    if recipes.paper_losses(arg.method):
         # Anchoring (x1e5) to the pretrained weights, and the generic domain: ImageNet-1k's
         # train split less a seeded 20% held out as its val, its features distilled (feature
         # MSE x1000) to the pretrained model's, precomputed once.
@@ -37,10 +37,13 @@ def get_config(arg=None):
     c.data.update(data_dir=recipes.tfds_dir(arg.data), batch_size=128, mix="round_robin",
                   one_domain_per_batch=True)
     c.train.num_steps = 3 * (train_examples // c.data.batch_size)
+    # method= spd / ftp: SPD's or FTP's projection around the backbone's AdamW; lp_ft: the
+    # first of the three epochs trains the heads alone (docs/method.md).
+    recipes.set_method(c, arg.method, linear_probe_steps=c.train.num_steps // 3)
     # Validation (kNN mAP@20 on the val splits) before training and every 2000 steps; the
     # best weights are kept, by both domains' mean (full) or the target's (naive).
     c.train.update(eval_at_start=True, eval_every=2000, checkpoint_every=1000,
-                   select_by="all" if arg.method == "full" else "in-domain")
+                   select_by="all" if recipes.paper_losses(arg.method) else "in-domain")
 
     # Tested at the end (tests= keeps some): the target's test split, ImageNet val, Flickr30k
     # and COCO image<->text, ImageNet zero-shot.

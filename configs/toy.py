@@ -9,7 +9,7 @@ from infusing_jax.training import recipes
 
 
 def get_config(arg=None):
-    arg = recipes.parse_arg(arg, method=("full", "naive"), world="toy_world", steps=400)
+    arg = recipes.parse_arg(arg, method=recipes.METHODS, world="toy_world", steps=400)
     world = arg.world
     c = config_lib.default_config()
     # The image tower of the two-tower VLM that configs/toy_pretrain.py trained, at 32 px.
@@ -28,7 +28,7 @@ def get_config(arg=None):
         f"folder:{world}/target", role="target", val_split="val",
         losses=dict(normface=dict(scale=16.0)))
 
-    if arg.method == "full":
+    if recipes.paper_losses(arg.method):
         # Anchoring to the pretrained weights, and the generic domain: colour + shape images
         # less a 5% hold-out (its val), distilled to the pretrained model's features.
         c.domains.target.losses.anchoring = config_lib.loss("anchoring", weight=anchor)
@@ -39,6 +39,9 @@ def get_config(arg=None):
 
     # AdamW as the paper's, the backbone's LR multiplier 0.3 (3e-4) for a model this small.
     c.optim.update(lr=1e-3, backbone_lr_mult=0.3)
+    # method= spd / ftp: SPD's or FTP's projection around the backbone's AdamW; lp_ft: the
+    # heads alone for the first quarter of the run, then all weights.
+    recipes.set_method(c, arg.method, linear_probe_steps=arg.steps // 4)
     # Batches of 64 from one domain, the domains in turn. resize=32: no random crop, the
     # glyph is aligned to the patch grid.
     c.data.update(batch_size=64, mix="round_robin", resize=32, shuffle_buffer=1024)

@@ -60,13 +60,16 @@ def test_every_config_validates(path, arg):
         assert c.model.family == "clip" and c.model.checkpoint.startswith("/c/")
 
 
-@pytest.mark.parametrize("method", ["full", "naive"])
+@pytest.mark.parametrize("method", recipes.METHODS)
 def test_the_toy_configs_validate(method):
-    c = _load(os.path.join(REPO, "configs", "toy.py"), f"method={method},world=/w,steps=7")
+    c = _load(os.path.join(REPO, "configs", "toy.py"), f"method={method},world=/w,steps=8")
     config_lib.validate(c)
-    assert c.train.num_steps == 7 and c.model.checkpoint == "/w/vlm/pretrained.npz:img"
-    assert set(config_lib.ordered_domains(c)) == ({"target", "generic"} if method == "full"
-                                                  else {"target"})
+    assert c.train.num_steps == 8 and c.model.checkpoint == "/w/vlm/pretrained.npz:img"
+    assert set(config_lib.ordered_domains(c)) == (
+        {"target", "generic"} if method.startswith("full") else {"target"})
+    extra = method.rpartition("+")[2]
+    assert c.optim.projection == (extra if extra in ("spd", "ftp") else "none")
+    assert c.optim.freeze_backbone_steps == (2 if extra == "lp_ft" else 0)
     p = _load(os.path.join(REPO, "configs", "toy_pretrain.py"), "world=/w,steps=9")
     assert "pretrain" in p and p.train.num_steps == 9 and p.pretrain.tokenizer == "/w/spm.model"
     assert not c.train.eval_at_start
@@ -78,11 +81,12 @@ def _all_but_the_target(c) -> dict:
     d = c.to_dict()
     target = config_lib.ordered_domains(c)[0]
     del d["domains"][target], d["train"]["num_steps"]
+    assert d["optim"].pop("freeze_backbone_steps") in (0, c.train.num_steps // 3)
     d["eval"]["retrieval"].pop(target, None)
     return d
 
 
-@pytest.mark.parametrize("arg", ["", "method=naive",
+@pytest.mark.parametrize("arg", ["", "method=naive", "method=full+lp_ft", "method=spd",
                                  "family=clip,data=/d,checkpoints=/c,tests=target+coco"])
 def test_the_paper_configs_agree_on_all_but_their_target(arg):
     """Each paper config spells the recipe out; a change meant for all must reach all six."""

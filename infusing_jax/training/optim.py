@@ -32,6 +32,13 @@ Layer-wise LR decay (BEiT rule) over a ViT with L = `depth` blocks:
   Needs `depth` and the unrolled layout (`scan=False`); the scanned layout's
   stacked `encoderblock` is refused.
 
+Projection towards the pretrained weights (`projection`, training/projection.py), on
+the backbone groups only (the heads keep plain AdamW):
+  * 'spd': selective projection decay of AdamW's update, strength `spd_strength`;
+  * 'ftp': fast trainable projection of AdamW's update, annealing `ftp_k`.
+  Both take theta0 from the params the state is initialised with (the pretrained
+  weights) and keep a copy of it in the optimiser state.
+
 Freezing the backbone:
   * freeze_backbone_epochs = N > 0: the backbone schedule is multiplied by
     optax.join_schedules([constant 0, constant 1], [N * steps_per_epoch]), so the
@@ -40,6 +47,8 @@ Freezing the backbone:
     Adam's moments (and its bias-correction count) still see the backbone
     gradients during the frozen steps; pass zero / stop-gradient backbone grads
     if that matters (PyTorch's requires_grad=False would start Adam fresh).
+  * freeze_backbone_steps = N > 0: the same, counted in steps (LP-FT's linear probe;
+    one of the two may be set).
   * freeze_backbone_epochs = -1: the backbone gets optax.set_to_zero() (no state).
   The global-norm clip is over every gradient passed in, backbone included.
 
@@ -57,8 +66,10 @@ import optax
 
 from infusing_jax import errors
 from infusing_jax import fields
+from infusing_jax.training import projection
 
 SCHEDULES = ("constant", "warmup_cosine")
+PROJECTIONS = ("none", "spd", "ftp")
 _INPUT_SIDE = ("embedding", "pos_embedding", "cls", "pre_norm")
 _BLOCK = re.compile(r"encoderblock_(\d+)$")
 
@@ -77,8 +88,12 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.total_steps = 0
     cfg.grad_clip_norm = 0.0
     cfg.freeze_backbone_epochs = 0
+    cfg.freeze_backbone_steps = 0
     cfg.layer_decay = ml_collections.config_dict.placeholder(float)
     cfg.ema_decay = ml_collections.config_dict.placeholder(float)
+    cfg.projection = "none"
+    cfg.spd_strength = 1.0
+    cfg.ftp_k = 1.0
     return cfg
 
 
@@ -87,11 +102,13 @@ RULES = dict(
     b1=fields.fraction(), b2=fields.fraction(), weight_decay=fields.number(at_least=0),
     schedule=fields.one_of(*SCHEDULES), warmup_steps=fields.integer(0),
     total_steps=fields.integer(0), grad_clip_norm=fields.number(at_least=0),
-    freeze_backbone_epochs=fields.integer(-1),
+    freeze_backbone_epochs=fields.integer(-1), freeze_backbone_steps=fields.integer(0),
     layer_decay=fields.optional(fields.Rule(lambda x: fields.is_number(x) and 0 < x <= 1,
                                             "a number in (0, 1]")),
     ema_decay=fields.optional(fields.Rule(lambda x: fields.is_number(x) and 0 < x < 1,
-                                          "a number in (0, 1)")))
+                                          "a number in (0, 1)")),
+    projection=fields.one_of(*PROJECTIONS), spd_strength=fields.number(at_least=0),
+    ftp_k=fields.Rule(lambda x: fields.is_number(x) and 0 <= x <= 1, "a number in [0, 1]"))
 
 
 def validate(cfg) -> None:
@@ -100,6 +117,10 @@ def validate(cfg) -> None:
     if cfg.schedule == "constant" and cfg.warmup_steps != 0:
         fields.fail("optim.warmup_steps", "must be 0 with schedule 'constant' (use "
                     "'warmup_cosine')")
+    if cfg.freeze_backbone_steps and cfg.freeze_backbone_epochs:
+        fields.fail("optim.freeze_backbone_steps", f"{cfg.freeze_backbone_steps} and "
+                    f"freeze_backbone_epochs {cfg.freeze_backbone_epochs} both freeze the "
+                    "backbone; set one of them to 0")
     if cfg.schedule == "warmup_cosine" and cfg.total_steps and cfg.total_steps <= cfg.warmup_steps:
         fields.fail("optim.total_steps", f"must be > warmup_steps ({cfg.warmup_steps}) with "
                     f"schedule 'warmup_cosine', or 0 for the run's length; got {cfg.total_steps!r}")
@@ -180,7 +201,7 @@ def learning_rates(cfg, steps_per_epoch: int, depth: Optional[int] = None,
                              f"encoder blocks>, got {depth!r}")
         peaks = {f"backbone_{k}": peak * cfg.layer_decay ** (depth + 1 - k)
                  for k in range(depth + 2)}
-    freeze = cfg.freeze_backbone_epochs * steps_per_epoch
+    freeze = cfg.freeze_backbone_steps or cfg.freeze_backbone_epochs * steps_per_epoch
     if freeze > 0:
         gate = optax.join_schedules(
             [optax.constant_schedule(0.0), optax.constant_schedule(1.0)], [freeze])
@@ -205,7 +226,8 @@ def make_optimizer(cfg, steps_per_epoch: int, depth: Optional[int] = None,
         raise errors.UserError(f"optim.freeze_backbone_epochs: needs steps_per_epoch >= 1, "
                          f"got {steps_per_epoch!r}")
     scheds = learning_rates(cfg, steps_per_epoch, depth, num_steps)
-    txs = {label: optax.adamw(s, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    txs = {label: _projected(cfg, label, optax.adamw(s, b1=cfg.b1, b2=cfg.b2,
+                                                      weight_decay=cfg.weight_decay))
            for label, s in scheds.items()}
     # Always frozen: one 'backbone' label whatever layer_decay says.
     layer_decay = cfg.layer_decay is not None and cfg.freeze_backbone_epochs != -1
@@ -216,6 +238,15 @@ def make_optimizer(cfg, steps_per_epoch: int, depth: Optional[int] = None,
     if cfg.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
     return tx
+
+
+def _projected(cfg, label: str, tx: optax.GradientTransformation):
+    """tx wrapped in optim.projection for the backbone groups; the heads' as it is."""
+    if label == "heads" or cfg.projection == "none":
+        return tx
+    if cfg.projection == "spd":
+        return projection.selective_projection_decay(tx, cfg.spd_strength)
+    return projection.trainable_projection(tx, cfg.ftp_k)
 
 
 def ema_init(params):

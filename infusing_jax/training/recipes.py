@@ -59,6 +59,30 @@ def _parse_value(key: str, text: str, default):
     return text
 
 
+# method=: the paper's ('full'), the baseline ('naive': the target's classifier alone), and
+# the retention methods of docs/method.md that are settings of the trainer, alone on the
+# naive objective or, after 'full+', on top of the paper's.
+METHODS = ("full", "naive", "spd", "ftp", "lp_ft", "full+spd", "full+ftp", "full+lp_ft")
+
+
+def paper_losses(method: str) -> bool:
+    """Whether `method` trains with the paper's distillation and anchoring."""
+    return method == "full" or method.startswith("full+")
+
+
+def set_method(c, method: str, linear_probe_steps: int) -> None:
+    """The optimiser side of `method` (METHODS): SPD or FTP around the backbone's AdamW
+    (optim.projection), or LP-FT's `linear_probe_steps` of heads alone before all weights
+    train (optim.freeze_backbone_steps). The losses are the config file's."""
+    if method not in METHODS:
+        raise errors.UserError(f"method {method!r}: use one of {', '.join(METHODS)}")
+    extra = method.rpartition("+")[2] if "+" in method else method
+    if extra in ("spd", "ftp"):
+        c.optim.projection = extra
+    elif extra == "lp_ft":
+        c.optim.freeze_backbone_steps = linear_probe_steps
+
+
 # Under CKPT (checkpoints=): each family's B/16 at 224 px and its tokenizer.
 CHECKPOINTS = {
     "siglip": "webli_en_b16_224_63724782.npz:img",  # big_vision's SigLIP B/16 224
