@@ -22,14 +22,14 @@ def interpolate(pretrained, finetuned, alpha: float):
     return jax.tree.map(mix, pretrained, finetuned)
 
 
-def parse_alphas(text: str) -> list:
-    """'0,0.25,0.5' -> [0.0, 0.25, 0.5], each in [0, 1]."""
+def parse_alphas(text: str, flag: str = "--wise_ft") -> list:
+    """'0,0.25,0.5' -> [0.0, 0.25, 0.5], each in [0, 1]; errors name `flag`."""
     try:
         alphas = [float(a) for a in text.split(",") if a.strip()]
     except ValueError:
-        raise errors.UserError(f"--wise_ft={text}: give comma-separated numbers in [0, 1], "
+        raise errors.UserError(f"{flag}={text}: give comma-separated numbers in [0, 1], "
                                "e.g. 0.25,0.5,0.75") from None
     bad = [a for a in alphas if not 0.0 <= a <= 1.0]
     if bad:
-        raise errors.UserError(f"--wise_ft: {bad} not in [0, 1]")
+        raise errors.UserError(f"{flag}: {bad} not in [0, 1]")
     return alphas
