@@ -40,8 +40,9 @@ def get_config(arg=None):
     # AdamW as the paper's, the backbone's LR multiplier 0.3 (3e-4) for a model this small.
     c.optim.update(lr=1e-3, backbone_lr_mult=0.3)
     # method= spd / ftp: SPD's or FTP's projection around the backbone's AdamW; lp_ft: the
-    # heads alone for the first quarter of the run, then all weights.
-    recipes.set_method(c, arg.method, linear_probe_steps=arg.steps // 4)
+    # heads alone for the first quarter of the run, then all weights; lora: rank-8 adapters
+    # at the heads' LR, the tower frozen.
+    recipes.set_method(c, arg.method, linear_probe_steps=arg.steps // 4, lora_lr_mult=1.0)
     # Batches of 64 from one domain, the domains in turn. resize=32: no random crop, the
     # glyph is aligned to the patch grid.
     c.data.update(batch_size=64, mix="round_robin", resize=32, shuffle_buffer=1024)

@@ -70,6 +70,7 @@ def test_the_toy_configs_validate(method):
     extra = method.rpartition("+")[2]
     assert c.optim.projection == (extra if extra in ("spd", "ftp") else "none")
     assert c.optim.freeze_backbone_steps == (2 if extra == "lp_ft" else 0)
+    assert c.model.lora.rank == (recipes.LORA_RANK if extra == "lora" else 0)
     p = _load(os.path.join(REPO, "configs", "toy_pretrain.py"), "world=/w,steps=9")
     assert "pretrain" in p and p.train.num_steps == 9 and p.pretrain.tokenizer == "/w/spm.model"
     assert not c.train.eval_at_start

@@ -5,6 +5,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from infusing_jax import checkpoints
 from infusing_jax.training import loop
@@ -16,30 +17,53 @@ STEPS = 24
 
 
 def _run(world, tmp_path, method):
+    """-> (the target's logged losses, the kept tower, the pretrained tower)."""
     c = train_world.world_config(world, "naive")
     c.train.update(num_steps=STEPS, log_every=4, checkpoint_every=STEPS, eval_every=0,
                    select_by="last")
-    recipes.set_method(c, method, linear_probe_steps=STEPS // 2)
+    recipes.set_method(c, method, linear_probe_steps=STEPS // 2,
+                       lora_lr_mult=c.optim.backbone_lr_mult)
     workdir = str(tmp_path / method)
     loop.train_and_evaluate(c, workdir)
     losses = [m["target/normface"] for m in train_world.read_metrics(workdir)
               if "target/normface" in m]
     pretrained = checkpoints.load(os.path.join(world, "pretrained.npz"))[0]["img"]
     _, backbone = run_checkpoints.kept_backbone(c, workdir, pretrained)
-    moved = np.sqrt(sum(np.sum((np.asarray(a, np.float64) - b) ** 2) for a, b in
-                        zip(jax.tree.leaves(backbone), jax.tree.leaves(pretrained))))
-    return losses, moved
+    return losses, backbone, pretrained
+
+
+def _distance(a, b) -> float:
+    return float(np.sqrt(sum(np.sum((np.asarray(x, np.float64) - y) ** 2)
+                             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))))
 
 
 @pytest.fixture(scope="module")
 def naive(world, tmp_path_factory):
-    return _run(world, tmp_path_factory.mktemp("naive"), "naive")
+    losses, backbone, pretrained = _run(world, tmp_path_factory.mktemp("naive"), "naive")
+    return losses, _distance(backbone, pretrained)
 
 
 @pytest.mark.parametrize("method", ["spd", "ftp", "lp_ft"])
 def test_each_method_trains_and_holds_the_backbone_nearer_than_naive(world, tmp_path, naive,
                                                                      method):
-    losses, moved = _run(world, tmp_path, method)
+    losses, backbone, pretrained = _run(world, tmp_path, method)
     assert losses[-1] < 0.8 * losses[0], losses
-    naive_losses, naive_moved = naive
+    moved, (_, naive_moved) = _distance(backbone, pretrained), naive
     assert 0 < moved < naive_moved, (moved, naive_moved)
+
+
+def test_lora_trains_a_low_rank_update_of_the_dense_layers_only(world, tmp_path):
+    losses, backbone, pretrained = _run(world, tmp_path, "lora")
+    assert losses[-1] < 0.8 * losses[0], losses
+    flat, flat0 = (traverse_util.flatten_dict(t, sep="/") for t in (backbone, pretrained))
+    adapted = 0
+    for path, w in flat.items():
+        update = np.asarray(w, np.float64) - flat0[path]
+        if path.endswith("kernel") and ("MlpBlock" in path or "MultiHead" in path):
+            n_in = 2 if path.endswith("out/kernel") else 1
+            matrix = update.reshape(int(np.prod(update.shape[:n_in])), -1)
+            assert np.linalg.matrix_rank(matrix, tol=1e-6) <= recipes.LORA_RANK, path
+            adapted += bool(np.abs(update).max() > 0)
+        else:  # biases, norms, embeddings: frozen
+            np.testing.assert_array_equal(update, 0, err_msg=path)
+    assert adapted > 0

@@ -318,13 +318,7 @@ def test_the_same_global_batch_gives_the_same_losses_on_1_and_8_devices(world, t
               "--config.train.eval_every=0")
     _run(str(tmp_path / "one"), world, *common)
     _run(str(tmp_path / "eight"), world, *common, "--config.train.fsdp=True", devices=8)
-    one = [m for m in train_world.read_metrics(str(tmp_path / "one")) if "loss" in m]
-    eight = [m for m in train_world.read_metrics(str(tmp_path / "eight")) if "loss" in m]
-    assert [m["step"] for m in one] == [m["step"] for m in eight] == list(range(1, 7))
-    for a, b in zip(one, eight):
-        for key in ("loss", "target/normface", "generic/feature_mse", "grad_norm"):
-            if key in a:
-                np.testing.assert_allclose(a[key], b[key], rtol=2e-4, err_msg=key)
+    train_world.assert_same_losses(str(tmp_path / "one"), str(tmp_path / "eight"), 6)
 
 
 def test_kill_9_and_resume_ends_bit_identical_to_an_uninterrupted_run(world, tmp_path):

@@ -2,16 +2,19 @@
 
     model, backbone, model_cfg = load_image_tower(config.model)
     embed = embed_fn(model)          # embed(backbone, images) -> (B, E), L2-normalised
+    embed(backbone, images, adapters)  # with LoRA adapters (models/lora.py), unmerged
 
 No TensorFlow in its imports (the step and the benchmarks use it as it is).
 """
 from typing import Callable
 
+import flax.linen as nn
 import jax
 
 from infusing_jax import checkpoints
 from infusing_jax import errors
 from infusing_jax import models
+from infusing_jax.models import lora
 
 
 def load_image_tower(model_cfg, abstract: bool = False):
@@ -55,8 +58,16 @@ def load_image_tower(model_cfg, abstract: bool = False):
     return model, backbone, cfg
 
 
-def embed_fn(model) -> Callable:
-    """(backbone params, images (B, S, S, 3)) -> L2-normalised embeddings (B, E)."""
-    def embed(backbone, images):
-        return model.apply({"params": {"img": backbone}}, images, method=model.encode_images)
+def embed_fn(model, lora_scale: float = 1.0) -> Callable:
+    """(backbone params, images (B, S, S, 3), adapters=None) -> L2-normalised embeddings
+    (B, E); with LoRA `adapters` (models/lora.py, scale alpha / rank = `lora_scale`) the
+    tower runs unmerged, x W + s (x A) B in every adapted Dense layer."""
+    def embed(backbone, images, adapters=None):
+        def run():
+            return model.apply({"params": {"img": backbone}}, images,
+                               method=model.encode_images)
+        if adapters is None:
+            return run()
+        with nn.intercept_methods(lora.intercept(adapters, lora_scale, root=("img",))):
+            return run()
     return embed

@@ -8,7 +8,9 @@ A run config (an ml_collections ConfigDict; configs/*.py return one):
                   tests and the toy world), image_size (the training resolution;
                   position embeddings are resampled), act (CLIP files that
                   record none: open_clip, big_vision),
-                  scan, remat_policy, dtype (compute), param_dtype (master weights)
+                  scan, remat_policy, dtype (compute), param_dtype (master weights),
+                  lora (rank, alpha, layers: models/lora.py; rank 0 = off, every
+                  weight trains)
   data            data_dir (the TFDS data folder, for tfds: sources without their own
                   data_dir), batch_size (global), mix, one_domain_per_batch,
                   shuffle_buffer, resize (train squash size; 0 = size * 256 / 224),
@@ -40,6 +42,7 @@ from infusing_jax import fields
 from infusing_jax.data import mixing
 from infusing_jax.training import optim
 from infusing_jax.losses import classification
+from infusing_jax.models import lora
 from infusing_jax.models import transformer
 
 ROLES = ("target", "generic")
@@ -139,7 +142,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(
         checkpoint="", family="siglip", variant="B/16", image_size=224, act="",
-        scan=False, remat_policy="none", dtype="float32", param_dtype="float32"))
+        scan=False, remat_policy="none", dtype="float32", param_dtype="float32",
+        lora=lora.default_config()))
     c.data = ml_collections.ConfigDict(dict(
         data_dir="", batch_size=128, mix="round_robin", one_domain_per_batch=True,
         shuffle_buffer=2048, resize=0, num_shards=0, device_prefetch=2,
@@ -223,7 +227,7 @@ MODEL = dict(
     scan=fields.boolean(),
     remat_policy=fields.Rule(_remat_policy, "'none' or a jax.checkpoint_policies name, e.g. "
                                             "'nothing_saveable'"),
-    dtype=fields.one_of(*DTYPES), param_dtype=fields.one_of(*DTYPES))
+    dtype=fields.one_of(*DTYPES), param_dtype=fields.one_of(*DTYPES), lora=fields.anything())
 DATA = dict(
     data_dir=fields.text(), batch_size=fields.integer(1), mix=fields.one_of(*mixing.MIXES),
     one_domain_per_batch=fields.boolean(), shuffle_buffer=fields.integer(1),
@@ -332,6 +336,9 @@ def validate(cfg) -> None:
     fields.check(cfg, "config", top)
     fields.check(cfg.model, "config.model", MODEL)
     m = cfg.model
+    fields.check(m.lora, "config.model.lora", lora.RULES)
+    if m.lora.rank and m.scan:
+        _err("model.lora.rank", "LoRA needs the unrolled layout; set model.scan=False")
     if not m.checkpoint:
         patch = transformer.decode_variant(m.variant).get("patch_size")
         if patch and m.image_size % patch:

@@ -31,6 +31,7 @@ from infusing_jax.data import teacher as teacher_lib
 from infusing_jax.data import tf_views
 from infusing_jax.losses import retention
 from infusing_jax.training import backbone as backbone_lib
+from infusing_jax.models import lora
 from infusing_jax.training import config as config_lib
 from infusing_jax.training import domains as domains_lib
 from infusing_jax.training import feed as feed_lib
@@ -245,7 +246,8 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
         raise errors.UserError(f"config.train.eval_batch_size: {cfg.train.eval_batch_size} is "
                                f"not divisible by the {mesh.size} devices")
     model, backbone, model_cfg = backbone_lib.load_image_tower(cfg.model)
-    embed = backbone_lib.embed_fn(model)
+    lora_cfg = cfg.model.lora
+    embed = backbone_lib.embed_fn(model, lora.scale(lora_cfg) if lora_cfg.rank else 1.0)
     splits = {n: domains_lib.load(cfg, n) for n in names}
     view = tf_views.train_fn(cfg.model.family, cfg.model.image_size, cfg.data.resize or None)
     inputs = [pipeline.Domain(n, splits[n].train, cfg.domains[n].weight) for n in names]
@@ -270,10 +272,14 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
                                                     cfg.model.image_size, 3))).shape[-1]
     heads = jax.device_get(objective.init_heads(cfg.domains, names, num_classes, dim,
                                                 jax.random.PRNGKey(cfg.seed)))
+    adapters = None
+    if lora_cfg.rank:
+        adapters = jax.device_get(lora.init(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1),
+                                            backbone, lora_cfg))
     ewc_domains = [n for n in names if "ewc" in cfg.domains[n].losses]
     built = step_lib.build(cfg, names, embed, backbone, heads, depth=model_cfg.image.depth,
                            steps_per_epoch=steps_per_epoch, num_steps=num_steps, mesh=mesh,
-                           ewc=bool(ewc_domains))
+                           ewc=bool(ewc_domains), adapters=adapters)
     reference = built.place_reference(backbone)
 
     ds = pipeline.train_dataset(
@@ -308,7 +314,7 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
             name = (generic or ewc_domains)[0]
             fisher = estimate_fisher(cfg, splits[name].train, name, embed, backbone, heads,
                                      view, descriptors, cfg.seed)
-        state = built.init(backbone, heads, fisher=fisher)
+        state = built.init(backbone, heads, fisher=fisher, adapters=adapters)
 
     run_checkpoints.write_json(os.path.join(workdir, "config.json"), config_json)
     is_main = jax.process_index() == 0
@@ -405,8 +411,9 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
 
 def evaluated_params(cfg, state):
     """The weights a run validates, keeps, tests and exports: the EMA's where
-    config_lib.uses_ema, else the raw ones ({'backbone', 'heads'})."""
-    return state.ema if config_lib.uses_ema(cfg) else state.params
+    config_lib.uses_ema, else the raw ones ({'backbone', 'heads'}), LoRA merged in."""
+    params = state.ema if config_lib.uses_ema(cfg) else state.params
+    return lora.merged_params(params, cfg.model.lora)
 
 
 def selected_backbone(cfg, state, best):
@@ -418,7 +425,7 @@ def selected_backbone(cfg, state, best):
             evaluated_params(cfg, state)["backbone"], tiled=True)
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local),
-                            state.params)
+                            jax.eval_shape(lambda: evaluated_params(cfg, state)))
     return step, jax.device_get(run_checkpoints.restore_best(best, step, abstract)["backbone"])
 
 

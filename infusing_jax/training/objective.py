@@ -30,6 +30,7 @@ from infusing_jax.training import config as config_lib
 from infusing_jax.losses import classification
 from infusing_jax.losses import metric
 from infusing_jax.losses import retention
+from infusing_jax.models import lora
 
 
 def init_heads(domains, names: Sequence[str], num_classes: dict, dim: int, rng) -> dict:
@@ -149,17 +150,36 @@ def needs_reference(domains, names: Sequence[str]) -> bool:
                for n in names for k in domains[n].losses.keys())
 
 
-def make_loss_fn(domains, names: Sequence[str], aggregation: str, embed: Callable) -> Callable:
+def student_embedding(embed: Callable, params, images):
+    """The student's embeddings; with LoRA (params['lora']) the tower runs unmerged on its
+    frozen base (no gradient into it)."""
+    if "lora" in params:
+        return embed(jax.lax.stop_gradient(params["backbone"]), images, params["lora"])
+    return embed(params["backbone"], images)
+
+
+def student_tower(params, lora_scale: float):
+    """The student's image tower as plain weights: with LoRA, base + s A B (models/lora.py)."""
+    if "lora" in params:
+        return lora.merge(jax.lax.stop_gradient(params["backbone"]), params["lora"],
+                          lora_scale)
+    return params["backbone"]
+
+
+def make_loss_fn(domains, names: Sequence[str], aggregation: str, embed: Callable,
+                 lora_scale: float = 1.0) -> Callable:
     """-> loss_fn(params, reference, fisher, batch) -> (loss, {'<domain>/<kind>': term,
     '<domain>/present': 0 or 1}).
 
     domains: config.domains; aggregation: config.loss_aggregation. params: {'backbone',
-    'heads'}; embed(backbone, images (B, S, S, 3)) -> (B, E) L2-normalised;
-    batch['domain'] (B,) indexes `names`.
+    'heads'} and, with LoRA, 'lora' (alpha / rank = lora_scale); embed(backbone,
+    images (B, S, S, 3)[, adapters]) -> (B, E) L2-normalised; batch['domain'] (B,)
+    indexes `names`. Parameter terms see the merged tower.
     """
     def loss_fn(params, reference, fisher, batch):
-        f = embed(params["backbone"], batch["image"]).astype(jnp.float32)
+        f = student_embedding(embed, params, batch["image"]).astype(jnp.float32)
         total, logged, parameter_values = jnp.zeros((), jnp.float32), {}, {}
+        tower = None
         for i, name in enumerate(names):
             losses = domains[name].losses
             mask = batch["domain"] == i
@@ -180,8 +200,8 @@ def make_loss_fn(domains, names: Sequence[str], aggregation: str, embed: Callabl
                 s = losses[kind]
                 key = (kind, s.get("reduction"), tuple(s.exclude))
                 if key not in parameter_values:
-                    parameter_values[key] = parameter_term(kind, s, params["backbone"],
-                                                           reference, fisher)
+                    tower = student_tower(params, lora_scale) if tower is None else tower
+                    parameter_values[key] = parameter_term(kind, s, tower, reference, fisher)
                 value = parameter_values[key]
                 total += share * s.weight / normaliser(losses, aggregation) * value
                 logged[f"{name}/{kind}"] = jnp.where(present, value, 0.0)

@@ -158,19 +158,25 @@ def layer_id(path, depth: int) -> int:
 
 
 def param_labels(params, layer_decay: bool = False, depth: Optional[int] = None):
-    """Labels tree for optax.multi_transform: 'heads', 'backbone' or 'backbone_{k}'."""
-    extra = set(params) - {"backbone", "heads"}
+    """Labels tree for optax.multi_transform: 'heads', 'backbone' or 'backbone_{k}'; with
+    LoRA adapters (params['lora']) they take the backbone's labels and the frozen tower
+    'frozen'."""
+    extra = set(params) - {"backbone", "heads", "lora"}
     if extra:
-        raise errors.UserError(f"optim: params must be {{'backbone', 'heads'}}, got extra {sorted(extra)}")
+        raise errors.UserError(f"optim: params must be {{'backbone', 'heads'}} (and 'lora'), "
+                               f"got extra {sorted(extra)}")
     labels = {}
     if "heads" in params:
         labels["heads"] = jax.tree.map(lambda _: "heads", params["heads"])
-    if "backbone" in params:
+    trained = "lora" if "lora" in params else "backbone"
+    if "lora" in params and "backbone" in params:
+        labels["backbone"] = jax.tree.map(lambda _: "frozen", params["backbone"])
+    if trained in params:
         if layer_decay:
-            labels["backbone"] = jax.tree_util.tree_map_with_path(
-                lambda p, _: f"backbone_{layer_id(p, depth)}", params["backbone"])
+            labels[trained] = jax.tree_util.tree_map_with_path(
+                lambda p, _: f"backbone_{layer_id(p, depth)}", params[trained])
         else:
-            labels["backbone"] = jax.tree.map(lambda _: "backbone", params["backbone"])
+            labels[trained] = jax.tree.map(lambda _: "backbone", params[trained])
     return labels
 
 
@@ -215,8 +221,10 @@ def learning_rates(cfg, steps_per_epoch: int, depth: Optional[int] = None,
 
 
 def make_optimizer(cfg, steps_per_epoch: int, depth: Optional[int] = None,
-                   num_steps: int = 0) -> optax.GradientTransformation:
-    """The optax transformation for {'backbone': ..., 'heads': {...}} (module doc).
+                   num_steps: int = 0, lora: bool = False) -> optax.GradientTransformation:
+    """The optax transformation for {'backbone': ..., 'heads': {...}} (module doc); with
+    `lora`, for {'backbone', 'lora', 'heads'}: the adapters train as the backbone would,
+    the tower is frozen (optax.set_to_zero()).
 
     `steps_per_epoch` turns freeze_backbone_epochs into steps; `depth` (the image
     tower's number of encoder blocks) is needed only with layer_decay; `num_steps`
@@ -233,6 +241,8 @@ def make_optimizer(cfg, steps_per_epoch: int, depth: Optional[int] = None,
     layer_decay = cfg.layer_decay is not None and cfg.freeze_backbone_epochs != -1
     if cfg.freeze_backbone_epochs == -1:
         txs["backbone"] = optax.set_to_zero()
+    if lora:
+        txs["frozen"] = optax.set_to_zero()
     tx = optax.multi_transform(
         txs, lambda params: param_labels(params, layer_decay, depth))
     if cfg.grad_clip_norm > 0:

@@ -62,7 +62,9 @@ def _parse_value(key: str, text: str, default):
 # method=: the paper's ('full'), the baseline ('naive': the target's classifier alone), and
 # the retention methods of docs/method.md that are settings of the trainer, alone on the
 # naive objective or, after 'full+', on top of the paper's.
-METHODS = ("full", "naive", "spd", "ftp", "lp_ft", "full+spd", "full+ftp", "full+lp_ft")
+METHODS = ("full", "naive", "spd", "ftp", "lp_ft", "lora",
+           "full+spd", "full+ftp", "full+lp_ft", "full+lora")
+LORA_RANK = 8  # alpha = rank: s = 1
 
 
 def paper_losses(method: str) -> bool:
@@ -70,10 +72,12 @@ def paper_losses(method: str) -> bool:
     return method == "full" or method.startswith("full+")
 
 
-def set_method(c, method: str, linear_probe_steps: int) -> None:
-    """The optimiser side of `method` (METHODS): SPD or FTP around the backbone's AdamW
-    (optim.projection), or LP-FT's `linear_probe_steps` of heads alone before all weights
-    train (optim.freeze_backbone_steps). The losses are the config file's."""
+def set_method(c, method: str, linear_probe_steps: int, lora_lr_mult: float) -> None:
+    """The trainer's side of `method` (METHODS): SPD or FTP around the backbone's AdamW
+    (optim.projection); LP-FT's `linear_probe_steps` of heads alone before all weights
+    train (optim.freeze_backbone_steps); or LoRA adapters of rank LORA_RANK on every
+    attention and MLP Dense layer (model.lora), trained at `lora_lr_mult` times the
+    heads' learning rate, the tower frozen. The losses are the config file's."""
     if method not in METHODS:
         raise errors.UserError(f"method {method!r}: use one of {', '.join(METHODS)}")
     extra = method.rpartition("+")[2] if "+" in method else method
@@ -81,6 +85,9 @@ def set_method(c, method: str, linear_probe_steps: int) -> None:
         c.optim.projection = extra
     elif extra == "lp_ft":
         c.optim.freeze_backbone_steps = linear_probe_steps
+    elif extra == "lora":
+        c.model.lora.update(rank=LORA_RANK, alpha=float(LORA_RANK))
+        c.optim.backbone_lr_mult = lora_lr_mult
 
 
 # Under CKPT (checkpoints=): each family's B/16 at 224 px and its tokenizer.

@@ -20,6 +20,7 @@ import tensorflow as tf
 from etils import epath
 
 from infusing_jax import errors
+from infusing_jax.models import lora
 from infusing_jax import paths
 from infusing_jax.data import pipeline
 from infusing_jax.training import config as config_lib
@@ -234,13 +235,18 @@ def restore_best(mngr: ocp.CheckpointManager, step: int, abstract_params):
 
 
 def restore_item(mngr: ocp.CheckpointManager, step: int, item: str):
-    """One item ('state', 'params') of a step as it was saved (arrays on this host), for
-    evaluation outside a run; the input pipeline is not touched. Unreadable where its
-    files cannot be read."""
+    """One item ('state', 'params') of a step as it was saved, onto this host's first
+    device whatever devices saved it (an FSDP run's shards included), for evaluation
+    outside a run; the input pipeline is not touched. Unreadable where its files cannot
+    be read."""
     _quiet_closed_event_loops()
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
+        saved = ocp.StandardCheckpointHandler().metadata(_step_path(mngr, step) / item)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
+                              saved)
         return mngr.restore(step, args=ocp.args.Composite(
-            **{item: ocp.args.StandardRestore()}))[item]
+            **{item: ocp.args.StandardRestore(target)}))[item]
     except Exception as e:  # pylint: disable=broad-except  # any way the files are bad
         raise Unreadable(_step_path(mngr, step), step, e) from None
 
@@ -279,7 +285,8 @@ def kept_backbone(cfg, workdir: str, pretrained):
     if state.get(weights) is None:
         raise errors.UserError(f"--workdir {workdir}: the run kept no EMA weights; evaluate "
                                "with the run's own config (or --config.train.eval_ema=False)")
-    return step, _restored(state[weights]["backbone"], like)
+    return step, _restored(lora.merged_params(state[weights], cfg.model.get("lora"))["backbone"],
+                           like)
 
 
 def _restored(params, like):

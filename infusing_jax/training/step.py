@@ -20,6 +20,7 @@ import optax
 from jax.sharding import Mesh
 
 from infusing_jax import sharding
+from infusing_jax.models import lora
 from infusing_jax.training import objective
 from infusing_jax.training import optim
 
@@ -27,15 +28,18 @@ from infusing_jax.training import optim
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    params: Any  # {'backbone': image tower, 'heads': {domain: {...}}}
+    params: Any  # {'backbone': image tower, 'heads': {domain: {...}}[, 'lora': adapters]}
     opt_state: Any
     ema: Any  # like params, or None
     fisher: Any  # like params['backbone'] (EWC), or None
 
 
 def create_train_state(backbone, heads, tx: optax.GradientTransformation,
-                       ema: bool = False, fisher=None) -> TrainState:
+                       ema: bool = False, fisher=None, adapters=None) -> TrainState:
+    """adapters: LoRA's (models/lora.py), trained beside the frozen backbone, or None."""
     params = {"backbone": backbone, "heads": heads}
+    if adapters is not None:
+        params["lora"] = adapters
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema=optim.ema_init(params) if ema else None, fisher=fisher)
 
@@ -61,7 +65,7 @@ def train_step(state: TrainState, batch: dict, reference, *, loss_fn: Callable,
 class Built:
     """The train step of a run, jitted over `mesh` with the state's shardings.
 
-    init(backbone, heads, fisher=None) -> the sharded TrainState;
+    init(backbone, heads, fisher=None, adapters=None) -> the sharded TrainState;
     step(state, batch, reference) -> (state, metrics), donating `state`;
     abstract_state: the state as ShapeDtypeStructs carrying their shardings;
     place_reference(backbone) -> the frozen reference on its shardings, or None
@@ -81,22 +85,29 @@ class Built:
 
 
 def build(cfg, names: Sequence[str], embed: Callable, backbone, heads, *, depth: int,
-          steps_per_epoch: int, num_steps: int, mesh: Mesh, ewc: bool = False) -> Built:
+          steps_per_epoch: int, num_steps: int, mesh: Mesh, ewc: bool = False,
+          adapters=None) -> Built:
     """The run's step: config.optim's optimiser, the objective of config.domains (in the
-    order `names`), EMA (optim.ema_decay) and FSDP (train.fsdp) as configured.
+    order `names`), EMA (optim.ema_decay), FSDP (train.fsdp) and LoRA (model.lora) as
+    configured.
 
     backbone, heads: arrays or jax.ShapeDtypeStructs (to compile without materialising);
-    embed(backbone, images) -> (B, E); depth: the tower's blocks (optim.layer_decay);
-    steps_per_epoch, num_steps: the schedule's (optim.freeze_backbone_epochs, cosine);
-    ewc: the state carries a Fisher like the backbone.
+    embed(backbone, images[, adapters]) -> (B, E); depth: the tower's blocks
+    (optim.layer_decay); steps_per_epoch, num_steps: the schedule's
+    (optim.freeze_backbone_*, cosine); ewc: the state carries a Fisher like the backbone;
+    adapters: LoRA's (models/lora.py init), with model.lora.rank > 0.
     """
-    tx = optim.make_optimizer(cfg.optim, steps_per_epoch, depth, num_steps)
+    tx = optim.make_optimizer(cfg.optim, steps_per_epoch, depth, num_steps,
+                              lora=adapters is not None)
     init = functools.partial(create_train_state, tx=tx, ema=cfg.optim.ema_decay is not None)
-    abstract = jax.eval_shape(init, backbone, heads, fisher=backbone if ewc else None)
+    abstract = jax.eval_shape(init, backbone, heads, fisher=backbone if ewc else None,
+                              adapters=adapters)
     state_sh = sharding.state_shardings(abstract, mesh, cfg.train.fsdp)
     reference_sh = sharding.state_shardings(jax.eval_shape(lambda: backbone), mesh,
                                             cfg.train.fsdp)
-    loss_fn = objective.make_loss_fn(cfg.domains, names, cfg.loss_aggregation, embed)
+    lora_scale = lora.scale(cfg.model.lora) if adapters is not None else 1.0
+    loss_fn = objective.make_loss_fn(cfg.domains, names, cfg.loss_aggregation, embed,
+                                     lora_scale)
     step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx,
                                      ema_decay=cfg.optim.ema_decay),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))

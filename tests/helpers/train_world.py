@@ -119,3 +119,18 @@ def read_metrics(workdir: str):
     """The lines of a run's metrics.jsonl, as dicts."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def logged_losses(workdir: str):
+    """The metrics.jsonl lines that log a loss."""
+    return [m for m in read_metrics(workdir) if "loss" in m]
+
+
+def assert_same_losses(workdir_a: str, workdir_b: str, steps: int, rtol: float = 2e-4):
+    """Two runs logged steps 1 .. steps with the same loss, loss terms and gradient norm."""
+    a, b = logged_losses(workdir_a), logged_losses(workdir_b)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, steps + 1))
+    terms = ("/normface", "/feature_mse", "/anchoring")
+    for x, y in zip(a, b):
+        for key in [k for k in x if k in ("loss", "grad_norm") or k.endswith(terms)]:
+            np.testing.assert_allclose(x[key], y[key], rtol=rtol, atol=1e-7, err_msg=key)
