@@ -39,8 +39,8 @@ def get_config(arg=None):
     c.train.num_steps = 3 * (train_examples // c.data.batch_size)
     # method= spd / ftp: SPD's or FTP's projection around the backbone's AdamW; lp_ft: the
     # first of the three epochs trains the heads alone; lora: rank-8 adapters at LR 2e-4, the
-    # tower frozen (docs/method.md).
-    recipes.set_method(c, arg.method, linear_probe_steps=c.train.num_steps // 3,
+    # tower frozen; lipsum: Lipsum-FT's energy gap on the target (docs/method.md).
+    recipes.set_method(c, arg.method, "inshop", linear_probe_steps=c.train.num_steps // 3,
                        lora_lr_mult=0.2)
     # Validation (kNN mAP@20 on the val splits) before training and every 2000 steps; the
     # best weights are kept, by both domains' mean (full) or the target's (naive).

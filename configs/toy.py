@@ -41,8 +41,9 @@ def get_config(arg=None):
     c.optim.update(lr=1e-3, backbone_lr_mult=0.3)
     # method= spd / ftp: SPD's or FTP's projection around the backbone's AdamW; lp_ft: the
     # heads alone for the first quarter of the run, then all weights; lora: rank-8 adapters
-    # at the heads' LR, the tower frozen.
-    recipes.set_method(c, arg.method, linear_probe_steps=arg.steps // 4, lora_lr_mult=1.0)
+    # at the heads' LR, the tower frozen; lipsum: Lipsum-FT's energy gap on the glyphs.
+    recipes.set_method(c, arg.method, "target", linear_probe_steps=arg.steps // 4,
+                       lora_lr_mult=1.0)
     # Batches of 64 from one domain, the domains in turn. resize=32: no random crop, the
     # glyph is aligned to the patch grid.
     c.data.update(batch_size=64, mix="round_robin", resize=32, shuffle_buffer=1024)

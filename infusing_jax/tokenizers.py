@@ -102,10 +102,20 @@ class SigLIPTokenizer:
 
     def __call__(self, texts) -> np.ndarray:
         """list of N strings (or one string) -> (N, seq_len) int32."""
-        texts = _texts(texts)
-        out = np.full((len(texts), self.seq_len), self.pad_value, np.int32)
-        for i, text in enumerate(texts):
-            ids = self.encode(text)
+        return self.rows([self.encode(text) for text in _texts(texts)])
+
+    @property
+    def special_ids(self) -> tuple:
+        return (self.eos_id, self.pad_value)
+
+    def wrap(self, ids: list) -> list:
+        """Token ids of a text's content -> with EOS, as `encode` gives them."""
+        return list(ids) + [self.eos_id]
+
+    def rows(self, encoded: list) -> np.ndarray:
+        """Encoded texts (each as `encode` gives it) -> (N, seq_len) int32, cut and padded."""
+        out = np.full((len(encoded), self.seq_len), self.pad_value, np.int32)
+        for i, ids in enumerate(encoded):
             if len(ids) > self.seq_len:
                 ids = ids[:self.seq_len - 1] + [self.eos_id]
             out[i, :len(ids)] = ids
@@ -243,10 +253,21 @@ class CLIPTokenizer:
     def __call__(self, texts) -> np.ndarray:
         """list of N strings (or one string) -> (N, seq_len) int32."""
         texts = _texts(texts)
-        out = np.full((len(texts), self.seq_len), self.pad_value, np.int32)
         encoded = self.tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []
-        for i, enc in enumerate(encoded):
-            ids = self._with_specials(enc.ids)
+        return self.rows([self._with_specials(enc.ids) for enc in encoded])
+
+    @property
+    def special_ids(self) -> tuple:
+        return (self.sot_id, self.eot_id, self.pad_value)
+
+    def wrap(self, ids: list) -> list:
+        """Token ids of a text's content -> with SOT and EOT, as `encode` gives them."""
+        return self._with_specials(list(ids))
+
+    def rows(self, encoded: list) -> np.ndarray:
+        """Encoded texts (each as `encode` gives it) -> (N, seq_len) int32, cut and padded."""
+        out = np.full((len(encoded), self.seq_len), self.pad_value, np.int32)
+        for i, ids in enumerate(encoded):
             if len(ids) > self.seq_len:
                 ids = ids[:self.seq_len - 1] + [self.eot_id]
             out[i, :len(ids)] = ids

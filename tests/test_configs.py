@@ -71,6 +71,7 @@ def test_the_toy_configs_validate(method):
     assert c.optim.projection == (extra if extra in ("spd", "ftp") else "none")
     assert c.optim.freeze_backbone_steps == (2 if extra == "lp_ft" else 0)
     assert c.model.lora.rank == (recipes.LORA_RANK if extra == "lora" else 0)
+    assert ("lipsum" in c.domains.target.losses) == (extra == "lipsum")
     p = _load(os.path.join(REPO, "configs", "toy_pretrain.py"), "world=/w,steps=9")
     assert "pretrain" in p and p.train.num_steps == 9 and p.pretrain.tokenizer == "/w/spm.model"
     assert not c.train.eval_at_start
@@ -88,6 +89,7 @@ def _all_but_the_target(c) -> dict:
 
 
 @pytest.mark.parametrize("arg", ["", "method=naive", "method=full+lp_ft", "method=spd",
+                                 "method=lipsum", "method=full+lora",
                                  "family=clip,data=/d,checkpoints=/c,tests=target+coco"])
 def test_the_paper_configs_agree_on_all_but_their_target(arg):
     """Each paper config spells the recipe out; a change meant for all must reach all six."""

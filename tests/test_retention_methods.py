@@ -19,9 +19,10 @@ STEPS = 24
 def _run(world, tmp_path, method):
     """-> (the target's logged losses, the kept tower, the pretrained tower)."""
     c = train_world.world_config(world, "naive")
+    c.eval.tokenizer = os.path.join(world, "spm.model")  # lipsum's random texts
     c.train.update(num_steps=STEPS, log_every=4, checkpoint_every=STEPS, eval_every=0,
                    select_by="last")
-    recipes.set_method(c, method, linear_probe_steps=STEPS // 2,
+    recipes.set_method(c, method, "target", linear_probe_steps=STEPS // 2,
                        lora_lr_mult=c.optim.backbone_lr_mult)
     workdir = str(tmp_path / method)
     loop.train_and_evaluate(c, workdir)
@@ -43,7 +44,7 @@ def naive(world, tmp_path_factory):
     return losses, _distance(backbone, pretrained)
 
 
-@pytest.mark.parametrize("method", ["spd", "ftp", "lp_ft"])
+@pytest.mark.parametrize("method", ["spd", "ftp", "lp_ft", "lipsum"])
 def test_each_method_trains_and_holds_the_backbone_nearer_than_naive(world, tmp_path, naive,
                                                                      method):
     losses, backbone, pretrained = _run(world, tmp_path, method)

@@ -46,6 +46,7 @@ class Source:
     name: str
     roles: Roles
     split_data: Mapping[str, SplitData]
+    class_names: Optional[tuple] = None  # label i's name, where the source names its classes
 
     @property
     def splits(self) -> tuple:
@@ -280,7 +281,7 @@ def _folder_source(rest: str, data_dir: Optional[str]) -> Source:
                              f"(extensions {' '.join(IMAGE_EXTENSIONS)})")
         split_data[s] = _file_split(s, root, records, num_classes=len(classes))
     return Source(name=posixpath.basename(root), roles=_roles(tuple(split_data)),
-                  split_data=split_data)
+                  split_data=split_data, class_names=tuple(classes))
 
 
 def _uned_source(rest: str, data_dir: Optional[str]) -> Source:

@@ -122,7 +122,8 @@ def recalls(image_embeddings, text_embeddings, image_index, ks=KS, block_size: i
 
 
 def text_embedder(cfg, params, tokenize, batch_size: int = 256):
-    """The frozen text tower as a function: texts (M strings) -> (M, E) float32, L2-normalised.
+    """The frozen text tower as a function: texts (M strings) -> (M, E) float32, L2-normalised;
+    its `.tokens` takes (M, seq_len) token rows instead.
 
     cfg, params: the ORIGINAL checkpoint's model config and parameters (fine-tuning
     never changes 'txt'); tokenize: its tokenizer (`tokenizers.load_tokenizer`).
@@ -141,17 +142,22 @@ def text_embedder(cfg, params, tokenize, batch_size: int = 256):
     text_params = jax.device_put({k: v for k, v in params.items() if k != "img"})
     encode = jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.encode_texts))
 
-    def embed(texts) -> np.ndarray:
-        texts = list(texts)
-        if not texts:
-            raise errors.UserError("text_embedder: no texts to embed")
+    def embed_tokens(rows) -> np.ndarray:
+        """(M, seq_len) token rows -> (M, E)."""
         out = []
-        for start in range(0, len(texts), batch_size):
-            chunk = tokenize(texts[start:start + batch_size])
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
             tokens = np.zeros((batch_size, tokenize.seq_len), np.int32)
             tokens[:len(chunk)] = chunk
             out.append(np.asarray(encode(text_params, tokens))[:len(chunk)])
         return np.concatenate(out).astype(np.float32)
+
+    def embed(texts) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            raise errors.UserError("text_embedder: no texts to embed")
+        return embed_tokens(tokenize(texts))
+    embed.tokens = embed_tokens
     return embed
 
 

@@ -4,7 +4,8 @@ Parameter terms (pull the weights theta towards the pretrained theta0):
   anchoring  sum_t mean((theta_t - theta0_t)^2)   the authors' term (or a plain sum)
   ewc        sum_t sum(F_t * (theta_t - theta0_t)^2), F = diagonal empirical Fisher
 Feature terms (pull the student embedding f towards the frozen teacher's f0):
-  feature_mse, feature_cosine, relational (batch Gram matrices), logit_kl.
+  feature_mse, feature_cosine, relational (batch Gram matrices), logit_kl, lipsum
+  (the gap in the features' energies against texts of random tokens).
 
 Parameters are nested dicts as Flax makes them; a tensor is named by its
 '/'-joined path, e.g. 'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'.
@@ -230,6 +231,19 @@ def feature_mse(f: jnp.ndarray, f0: jnp.ndarray, mask: Optional[jnp.ndarray] = N
     """
     f0 = _teacher(f0, mask)
     return _masked_mean(jnp.mean(jnp.square(f - f0), axis=-1), mask)
+
+
+def lipsum(f: jnp.ndarray, f0: jnp.ndarray, texts: jnp.ndarray,
+           mask: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """Lipsum-FT's energy gap: mean_b( (1/(2K)) sum_k (<f[b], t_k> - <f0[b], t_k>)^2 ).
+
+    f, f0: (B, D) student and teacher image embeddings (L2-normalised); texts: (K, D)
+    the frozen text tower's embeddings of K random token sequences; mask as in
+    feature_mse. No gradient into f0 or the texts.
+    """
+    f0 = _teacher(f0, mask)
+    gap = (f - f0) @ jax.lax.stop_gradient(texts).T.astype(f.dtype)
+    return _masked_mean(0.5 * jnp.mean(jnp.square(gap), axis=-1), mask)
 
 
 def feature_cosine(f: jnp.ndarray, f0: jnp.ndarray, mask: Optional[jnp.ndarray] = None) -> jnp.ndarray:

@@ -68,6 +68,9 @@ DISTILLATION = {
     "relational": dict(teacher="precomputed"),
     "logit_kl": dict(teacher="precomputed", student_temperature=1.0, teacher_temperature=1.0,
                      scale_by_t2=True),
+    # Lipsum-FT: K random texts of `tokens` random token ids each, through the frozen text
+    # tower once (frozen_text.py); the authors' teacher is the frozen model on the same images.
+    "lipsum": dict(teacher="online", texts=1024, tokens=8, text_seed=0),
 }
 PARAMETER = {
     "anchoring": dict(reduction="mean_per_tensor", exclude=()),
@@ -100,12 +103,16 @@ def domain(source: str, role: str = "target", losses: dict = None, **fields):
       held out of train by id hash, seeded by val_seed: the generic 80/20).
     weight: for data.mix 'weights'. teacher_descriptors: a precomputed teacher
       file ('' = extract into WORKDIR/teacher/ before training).
+    head_init: the classifier's start, 'random' or 'zero_shot' (the frozen text tower's
+      class embeddings of class_names, a file with one name per line ('' = the
+      source's: TFDS metadata or a folder's class folders), in `templates` (() = the
+      dataset's prompts); training/frozen_text.py).
     losses: {kind: loss(kind, ...)}.
     """
     cfg = ml_collections.ConfigDict(dict(
         source=source, role=role, data_dir="", train_split="train", val_split="",
         val_classes_fraction=0.0, holdout_fraction=0.0, val_seed=42, weight=1.0,
-        teacher_descriptors=""))
+        teacher_descriptors="", head_init="random", class_names="", templates=()))
     cfg.update(fields)
     cfg.losses = ml_collections.ConfigDict(
         {k: v if isinstance(v, ml_collections.ConfigDict) else loss(k, **v)
@@ -233,12 +240,16 @@ DATA = dict(
     one_domain_per_batch=fields.boolean(), shuffle_buffer=fields.integer(1),
     resize=fields.integer(0), num_shards=fields.integer(0), device_prefetch=fields.integer(0),
     keep_decoded_mb=fields.integer(0))
+TEMPLATES = fields.Rule(lambda t: isinstance(t, (tuple, list)) and all(
+    isinstance(s, str) and s.count("{}") == 1 for s in t),
+    "a tuple of prompt templates, each with one '{}' for the class name ((): the dataset's)")
 DOMAIN = dict(
     source=_source(*SOURCE_KINDS[:3]), role=fields.one_of(*ROLES), data_dir=fields.text(),
     train_split=fields.text(nonempty=True), val_split=fields.text(),
     val_classes_fraction=fields.fraction(), holdout_fraction=fields.fraction(),
     val_seed=fields.integer(0), weight=fields.number(at_least=0),
-    teacher_descriptors=fields.text(), losses=fields.anything())
+    teacher_descriptors=fields.text(), head_init=fields.one_of("random", "zero_shot"),
+    class_names=fields.text(), templates=TEMPLATES, losses=fields.anything())
 LOSS_SETTINGS = dict(
     weight=fields.number(at_least=0), scale=fields.number(above=0),
     trainable_scale=fields.boolean(), margin=fields.number(at_least=0),
@@ -249,7 +260,8 @@ LOSS_SETTINGS = dict(
     teacher=fields.one_of(*TEACHERS), student_temperature=fields.number(above=0),
     teacher_temperature=fields.number(above=0), scale_by_t2=fields.boolean(),
     reduction=fields.one_of("mean_per_tensor", "sum"), exclude=fields.strings(),
-    fisher_batches=fields.integer(1))
+    fisher_batches=fields.integer(1), texts=fields.integer(1), tokens=fields.integer(1),
+    text_seed=fields.integer(0))
 TRAIN = dict(
     num_steps=fields.integer(0), num_epochs=fields.number(at_least=0),
     log_every=fields.integer(1), checkpoint_every=fields.integer(1),
@@ -263,9 +275,6 @@ EVAL = dict(
     batch_size=fields.integer(1), k=fields.integer(1), tokenizer=fields.text(),
     text_checkpoint=fields.text(), validate_text=fields.boolean(),
     retrieval=fields.anything(), text_retrieval=fields.anything(), zero_shot=fields.anything())
-TEMPLATES = fields.Rule(lambda t: isinstance(t, (tuple, list)) and all(
-    isinstance(s, str) and s.count("{}") == 1 for s in t),
-    "a tuple of prompt templates, each with one '{}' for the class name ((): the dataset's)")
 TESTS = dict(
     retrieval=dict(source=_source(*SOURCE_KINDS), role=fields.one_of(*ROLES),
                    query_split=fields.text(), index_split=fields.text(), data_dir=fields.text()),
@@ -279,7 +288,7 @@ def _err(field: str, msg: str):
     fields.fail(f"config.{field}", msg)
 
 
-def _validate_loss(losses, kind: str, where: str):
+def _validate_loss(cfg, losses, kind: str, where: str):
     if kind not in LOSSES:
         _err(where, f"unknown loss kind; use one of {sorted(LOSSES)}")
     rules = {k: LOSS_SETTINGS[k] for k in ("weight", *LOSSES[kind])}
@@ -287,6 +296,10 @@ def _validate_loss(losses, kind: str, where: str):
     s = losses[kind]
     if kind == "arcface" and not s.margin < math.pi / 2:
         _err(f"{where}.margin", f"must be < pi/2 for arcface, got {s.margin!r}")
+    if kind == "lipsum" and not cfg.eval.tokenizer:
+        _err("eval.tokenizer", f"{where} embeds its random texts with the frozen text tower; "
+             "give the checkpoint's tokenizer (SigLIP: its sentencepiece .model; CLIP: "
+             "bpe_simple_vocab_16e6.txt.gz or vocab.json)")
     classifiers = [k for k in losses.keys() if k in CLASSIFIERS]
     if kind == "logit_kl" and len(classifiers) != 1:
         _err(where, "logit_kl distils the logits of the domain's classifier; give the domain "
@@ -302,8 +315,15 @@ def _validate_domain(cfg, name: str):
         _err(where, f"{' and '.join(carved)} each choose the validation split; keep one")
     if not d.losses.keys():
         _err(f"{where}.losses", "no loss configured; add e.g. losses=dict(normface=dict())")
+    if d.head_init == "zero_shot":
+        if not any(k in CLASSIFIERS for k in d.losses.keys()):
+            _err(f"{where}.head_init", "'zero_shot' initialises a classifier, and the domain "
+                 f"has none ({', '.join(CLASSIFIERS)}); add one or use 'random'")
+        if not cfg.eval.tokenizer:
+            _err("eval.tokenizer", f"{where}.head_init 'zero_shot' embeds the class names with "
+                 "the frozen text tower; give the checkpoint's tokenizer")
     for kind in d.losses.keys():
-        _validate_loss(d.losses, kind, f"{where}.losses.{kind}")
+        _validate_loss(cfg, d.losses, kind, f"{where}.losses.{kind}")
     if (cfg.loss_aggregation == "weighted_average"
             and not sum(d.losses[k].weight for k in d.losses.keys())):
         _err(f"{where}.losses", "all weights are 0, and loss_aggregation 'weighted_average' "

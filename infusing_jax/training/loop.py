@@ -32,6 +32,7 @@ from infusing_jax.data import tf_views
 from infusing_jax.losses import retention
 from infusing_jax.training import backbone as backbone_lib
 from infusing_jax.models import lora
+from infusing_jax.training import frozen_text
 from infusing_jax.training import config as config_lib
 from infusing_jax.training import domains as domains_lib
 from infusing_jax.training import feed as feed_lib
@@ -111,7 +112,7 @@ _ZERO_FISHER = ("config.domains.{}.losses.ewc: the Fisher is zero at the pretrai
 
 
 def estimate_fisher(cfg, split, loss_domain: str, embed, backbone, heads, view,
-                    descriptors, seed: int):
+                    descriptors, seed: int, texts=None):
     """EWC's diagonal empirical Fisher at the pretrained weights, per example, on
     `fisher_batches` batches of the domain `loss_domain` (its `split`) under its own data
     losses (objective.per_example_loss_fn)."""
@@ -129,7 +130,8 @@ def estimate_fisher(cfg, split, loss_domain: str, embed, backbone, heads, view,
         process_index=jax.process_index(), process_count=jax.process_count(),
         num_shards=cfg.data.num_shards)
     per_example = objective.per_example_loss_fn(losses, heads.get(loss_domain, {}),
-                                                cfg.loss_aggregation, embed, reference=backbone)
+                                                cfg.loss_aggregation, embed, reference=backbone,
+                                                texts=texts)
     batches = ({k: np.asarray(v) for k, v in b.items() if k in DEVICE_FIELDS}
                for b in ds.take(losses.ewc.fisher_batches))
     fisher = retention.estimate_fisher(per_example, backbone, batches)
@@ -272,14 +274,17 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
                                                     cfg.model.image_size, 3))).shape[-1]
     heads = jax.device_get(objective.init_heads(cfg.domains, names, num_classes, dim,
                                                 jax.random.PRNGKey(cfg.seed)))
+    for name, classifier in frozen_text.zero_shot_heads(cfg, names, num_classes).items():
+        heads[name]["classifier"] = classifier
     adapters = None
     if lora_cfg.rank:
         adapters = jax.device_get(lora.init(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1),
                                             backbone, lora_cfg))
+    banks = frozen_text.lipsum_banks(cfg, names)
     ewc_domains = [n for n in names if "ewc" in cfg.domains[n].losses]
     built = step_lib.build(cfg, names, embed, backbone, heads, depth=model_cfg.image.depth,
                            steps_per_epoch=steps_per_epoch, num_steps=num_steps, mesh=mesh,
-                           ewc=bool(ewc_domains), adapters=adapters)
+                           ewc=bool(ewc_domains), adapters=adapters, text_banks=banks)
     reference = built.place_reference(backbone)
 
     ds = pipeline.train_dataset(
@@ -313,7 +318,7 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
             generic = [n for n in names if cfg.domains[n].role == "generic"]
             name = (generic or ewc_domains)[0]
             fisher = estimate_fisher(cfg, splits[name].train, name, embed, backbone, heads,
-                                     view, descriptors, cfg.seed)
+                                     view, descriptors, cfg.seed, banks.get(name))
         state = built.init(backbone, heads, fisher=fisher, adapters=adapters)
 
     run_checkpoints.write_json(os.path.join(workdir, "config.json"), config_json)

@@ -71,12 +71,14 @@ def _masked_mean(values, mask):
     return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def domain_terms(losses, head: dict, f, batch: dict, mask, reference, embed: Callable) -> dict:
+def domain_terms(losses, head: dict, f, batch: dict, mask, reference, embed: Callable,
+                 texts=None) -> dict:
     """{kind: scalar} for one domain's data losses on the examples where `mask` (B,) holds.
 
     f (B, E): student embeddings; batch['label'] (B,); batch['teacher'] (B, E) and
     batch['has_teacher'] (B,) for a precomputed teacher. embed(backbone, images)
-    -> (B, E) runs the online teacher (on `reference`, the pretrained weights).
+    -> (B, E) runs the online teacher (on `reference`, the pretrained weights); texts:
+    (K, E) the domain's lipsum bank (frozen_text.py), where it has that loss.
     """
     labels = jnp.where(mask, batch["label"], 0)
     terms, online = {}, None
@@ -111,6 +113,10 @@ def domain_terms(losses, head: dict, f, batch: dict, mask, reference, embed: Cal
                 terms[kind] = retention.feature_cosine(f, f0, m)
             elif kind == "relational":
                 terms[kind] = retention.relational(f, f0, m)
+            elif kind == "lipsum":
+                if texts is None:
+                    raise ValueError("lipsum needs its bank of text embeddings (frozen_text.py)")
+                terms[kind] = retention.lipsum(f, f0, texts, m)
             else:
                 classifier = next(k for k in losses.keys() if k in config_lib.CLASSIFIERS)
                 student = _classifier_logits(classifier, losses[classifier], head, f, labels)
@@ -167,15 +173,17 @@ def student_tower(params, lora_scale: float):
 
 
 def make_loss_fn(domains, names: Sequence[str], aggregation: str, embed: Callable,
-                 lora_scale: float = 1.0) -> Callable:
+                 lora_scale: float = 1.0, text_banks: dict = None) -> Callable:
     """-> loss_fn(params, reference, fisher, batch) -> (loss, {'<domain>/<kind>': term,
     '<domain>/present': 0 or 1}).
 
     domains: config.domains; aggregation: config.loss_aggregation. params: {'backbone',
     'heads'} and, with LoRA, 'lora' (alpha / rank = lora_scale); embed(backbone,
     images (B, S, S, 3)[, adapters]) -> (B, E) L2-normalised; batch['domain'] (B,)
-    indexes `names`. Parameter terms see the merged tower.
+    indexes `names`. Parameter terms see the merged tower. text_banks: {domain: (K, E)}
+    for lipsum (frozen_text.lipsum_banks).
     """
+    text_banks = text_banks or {}
     def loss_fn(params, reference, fisher, batch):
         f = student_embedding(embed, params, batch["image"]).astype(jnp.float32)
         total, logged, parameter_values = jnp.zeros((), jnp.float32), {}, {}
@@ -186,7 +194,8 @@ def make_loss_fn(domains, names: Sequence[str], aggregation: str, embed: Callabl
             head = params["heads"].get(name, {})
 
             def compute(losses=losses, head=head, mask=mask):
-                terms = domain_terms(losses, head, f, batch, mask, reference, embed)
+                terms = domain_terms(losses, head, f, batch, mask, reference, embed,
+                                     text_banks.get(name))
                 return terms, aggregate(losses, terms, aggregation)
 
             present = jnp.any(mask)
@@ -217,7 +226,7 @@ def data_losses(losses) -> dict:
 
 
 def per_example_loss_fn(losses, head: dict, aggregation: str, embed: Callable,
-                        reference=None) -> Callable:
+                        reference=None, texts=None) -> Callable:
     """-> loss(backbone, batch) -> (B,): a domain's data losses (`data_losses`) on each
     example alone, for EWC's empirical Fisher (retention.estimate_fisher).
 
@@ -230,7 +239,8 @@ def per_example_loss_fn(losses, head: dict, aggregation: str, embed: Callable,
         def one(ex):
             ex = jax.tree.map(lambda x: x[None], ex)
             f = embed(backbone, ex["image"]).astype(jnp.float32)
-            terms = domain_terms(losses, head, f, ex, jnp.ones((1,), bool), reference, embed)
+            terms = domain_terms(losses, head, f, ex, jnp.ones((1,), bool), reference, embed,
+                                 texts)
             return aggregate(losses, terms, aggregation)
         return jax.vmap(one)(batch)
 

@@ -62,9 +62,12 @@ def _parse_value(key: str, text: str, default):
 # method=: the paper's ('full'), the baseline ('naive': the target's classifier alone), and
 # the retention methods of docs/method.md that are settings of the trainer, alone on the
 # naive objective or, after 'full+', on top of the paper's.
-METHODS = ("full", "naive", "spd", "ftp", "lp_ft", "lora",
-           "full+spd", "full+ftp", "full+lp_ft", "full+lora")
+METHODS = ("full", "naive", "spd", "ftp", "lp_ft", "lora", "lipsum",
+           "full+spd", "full+ftp", "full+lp_ft", "full+lora", "full+lipsum")
 LORA_RANK = 8  # alpha = rank: s = 1
+# Lipsum-FT's weight: the authors' 1 on energies scaled by CLIP's logit scale, 100; ours are
+# plain cosines, so 100^2.
+LIPSUM_WEIGHT = 1e4
 
 
 def paper_losses(method: str) -> bool:
@@ -72,12 +75,14 @@ def paper_losses(method: str) -> bool:
     return method == "full" or method.startswith("full+")
 
 
-def set_method(c, method: str, linear_probe_steps: int, lora_lr_mult: float) -> None:
-    """The trainer's side of `method` (METHODS): SPD or FTP around the backbone's AdamW
-    (optim.projection); LP-FT's `linear_probe_steps` of heads alone before all weights
-    train (optim.freeze_backbone_steps); or LoRA adapters of rank LORA_RANK on every
-    attention and MLP Dense layer (model.lora), trained at `lora_lr_mult` times the
-    heads' learning rate, the tower frozen. The losses are the config file's."""
+def set_method(c, method: str, target: str, linear_probe_steps: int,
+               lora_lr_mult: float) -> None:
+    """The trainer's side of `method` (METHODS) on top of the config file's losses: SPD or
+    FTP around the backbone's AdamW (optim.projection); LP-FT's `linear_probe_steps` of
+    heads alone before all weights train (optim.freeze_backbone_steps); LoRA adapters of
+    rank LORA_RANK on every attention and MLP Dense layer (model.lora), trained at
+    `lora_lr_mult` times the heads' learning rate, the tower frozen; or Lipsum-FT's
+    energy gap to the frozen model on the target domain `target`'s images."""
     if method not in METHODS:
         raise errors.UserError(f"method {method!r}: use one of {', '.join(METHODS)}")
     extra = method.rpartition("+")[2] if "+" in method else method
@@ -88,6 +93,8 @@ def set_method(c, method: str, linear_probe_steps: int, lora_lr_mult: float) -> 
     elif extra == "lora":
         c.model.lora.update(rank=LORA_RANK, alpha=float(LORA_RANK))
         c.optim.backbone_lr_mult = lora_lr_mult
+    elif extra == "lipsum":
+        c.domains[target].losses.lipsum = config_lib.loss("lipsum", weight=LIPSUM_WEIGHT)
 
 
 # Under CKPT (checkpoints=): each family's B/16 at 224 px and its tokenizer.

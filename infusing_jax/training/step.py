@@ -86,7 +86,7 @@ class Built:
 
 def build(cfg, names: Sequence[str], embed: Callable, backbone, heads, *, depth: int,
           steps_per_epoch: int, num_steps: int, mesh: Mesh, ewc: bool = False,
-          adapters=None) -> Built:
+          adapters=None, text_banks: dict = None) -> Built:
     """The run's step: config.optim's optimiser, the objective of config.domains (in the
     order `names`), EMA (optim.ema_decay), FSDP (train.fsdp) and LoRA (model.lora) as
     configured.
@@ -95,7 +95,8 @@ def build(cfg, names: Sequence[str], embed: Callable, backbone, heads, *, depth:
     embed(backbone, images[, adapters]) -> (B, E); depth: the tower's blocks
     (optim.layer_decay); steps_per_epoch, num_steps: the schedule's
     (optim.freeze_backbone_*, cosine); ewc: the state carries a Fisher like the backbone;
-    adapters: LoRA's (models/lora.py init), with model.lora.rank > 0.
+    adapters: LoRA's (models/lora.py init), with model.lora.rank > 0; text_banks:
+    {domain: (K, E)} for lipsum losses (frozen_text.lipsum_banks).
     """
     tx = optim.make_optimizer(cfg.optim, steps_per_epoch, depth, num_steps,
                               lora=adapters is not None)
@@ -107,7 +108,7 @@ def build(cfg, names: Sequence[str], embed: Callable, backbone, heads, *, depth:
                                             cfg.train.fsdp)
     lora_scale = lora.scale(cfg.model.lora) if adapters is not None else 1.0
     loss_fn = objective.make_loss_fn(cfg.domains, names, cfg.loss_aggregation, embed,
-                                     lora_scale)
+                                     lora_scale, text_banks)
     step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx,
                                      ema_decay=cfg.optim.ema_decay),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
