@@ -8,6 +8,8 @@ import pytest
 from flax import traverse_util
 
 from infusing_jax import checkpoints
+from infusing_jax import errors
+from infusing_jax.training import config as config_lib
 from infusing_jax.training import loop
 from infusing_jax.training import recipes
 from infusing_jax.training import run_checkpoints
@@ -68,3 +70,31 @@ def test_lora_trains_a_low_rank_update_of_the_dense_layers_only(world, tmp_path)
         else:  # biases, norms, embeddings: frozen
             np.testing.assert_array_equal(update, 0, err_msg=path)
     assert adapted > 0
+
+
+def test_a_validation_only_domain_is_scored_and_never_trained(world, tmp_path):
+    """The naive objective selected by the paper's 'all': the generic hold-out validated
+    (train=False), so methods that train on the target alone are chosen as the full one is."""
+    c = train_world.world_config(world, "full")
+    c.domains.generic.losses = {}
+    c.domains.generic.train = False
+    c.domains.target.losses = {"normface": c.domains.target.losses.normface}
+    c.train.update(num_steps=8, log_every=4, checkpoint_every=8, eval_every=4, select_by="all")
+    summary = loop.train_and_evaluate(c, str(tmp_path))
+    assert summary["domains"] == ["target"]
+    metrics = train_world.read_metrics(str(tmp_path))
+    val = [m for m in metrics if "val/score" in m]
+    assert [m["step"] for m in val] == [4, 8]
+    for m in val:
+        assert m["val/score"] == pytest.approx((m["val/in-domain"] + m["val/out-of-domain"]) / 2)
+        assert 0 <= m["val/generic/map@4"] <= 1
+    assert not any(k.startswith("generic/") for m in metrics for k in m)
+    c.domains.generic.losses = {"feature_mse": config_lib.loss("feature_mse")}
+    with pytest.raises(errors.UserError, match="config.domains.generic.losses: the domain is "
+                                               "only validated on"):
+        config_lib.validate(c)
+    c.domains.generic.losses = {}
+    c.domains.generic.holdout_fraction = 0.0
+    with pytest.raises(errors.UserError, match="config.domains.generic.train: False: the "
+                                               "domain is only validated on, and it has no val"):
+        config_lib.validate(c)

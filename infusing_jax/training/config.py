@@ -103,6 +103,9 @@ def domain(source: str, role: str = "target", losses: dict = None, **fields):
       held out of train by id hash, seeded by val_seed: the generic 80/20).
     weight: for data.mix 'weights'. teacher_descriptors: a precomputed teacher
       file ('' = extract into WORKDIR/teacher/ before training).
+    train: False for a domain only validated on (no losses; its val split counts in
+      train.select_by's score), e.g. the generic hold-out for a method that trains on
+      the target alone, so that every method is selected by the same protocol.
     head_init: the classifier's start, 'random' or 'zero_shot' (the frozen text tower's
       class embeddings of class_names, a file with one name per line ('' = the
       source's: TFDS metadata or a folder's class folders), in `templates` (() = the
@@ -112,7 +115,8 @@ def domain(source: str, role: str = "target", losses: dict = None, **fields):
     cfg = ml_collections.ConfigDict(dict(
         source=source, role=role, data_dir="", train_split="train", val_split="",
         val_classes_fraction=0.0, holdout_fraction=0.0, val_seed=42, weight=1.0,
-        teacher_descriptors="", head_init="random", class_names="", templates=()))
+        teacher_descriptors="", head_init="random", class_names="", templates=(),
+        train=True))
     cfg.update(fields)
     cfg.losses = ml_collections.ConfigDict(
         {k: v if isinstance(v, ml_collections.ConfigDict) else loss(k, **v)
@@ -199,8 +203,14 @@ def data_dir(cfg, entry) -> str:
 
 
 def ordered_domains(cfg) -> list:
-    """Domain names in training order: targets, then generic ones, each sorted."""
+    """Domain names in training order: targets, then generic ones, each sorted; the
+    validation-only ones (train=False) included."""
     return sorted(cfg.domains.keys(), key=lambda n: (ROLES.index(cfg.domains[n].role), n))
+
+
+def trained_domains(cfg) -> list:
+    """The domains the run trains on (ordered_domains less the train=False ones)."""
+    return [n for n in ordered_domains(cfg) if cfg.domains[n].train]
 
 
 SOURCE_KINDS = ("tfds", "folder", "uned", "captions")  # data/sources.py
@@ -249,7 +259,8 @@ DOMAIN = dict(
     val_classes_fraction=fields.fraction(), holdout_fraction=fields.fraction(),
     val_seed=fields.integer(0), weight=fields.number(at_least=0),
     teacher_descriptors=fields.text(), head_init=fields.one_of("random", "zero_shot"),
-    class_names=fields.text(), templates=TEMPLATES, losses=fields.anything())
+    class_names=fields.text(), templates=TEMPLATES, train=fields.boolean(),
+    losses=fields.anything())
 LOSS_SETTINGS = dict(
     weight=fields.number(at_least=0), scale=fields.number(above=0),
     trainable_scale=fields.boolean(), margin=fields.number(at_least=0),
@@ -313,6 +324,15 @@ def _validate_domain(cfg, name: str):
     carved = [k for k in ("val_split", "val_classes_fraction", "holdout_fraction") if d[k]]
     if len(carved) > 1:
         _err(where, f"{' and '.join(carved)} each choose the validation split; keep one")
+    if not d.train:
+        if d.losses.keys():
+            _err(f"{where}.losses", "the domain is only validated on (train=False), so its "
+                 f"losses {sorted(d.losses.keys())} would never run; drop them or set "
+                 "train=True")
+        if not carved:
+            _err(f"{where}.train", "False: the domain is only validated on, and it has no val "
+                 "split; give val_split, val_classes_fraction or holdout_fraction")
+        return
     if not d.losses.keys():
         _err(f"{where}.losses", "no loss configured; add e.g. losses=dict(normface=dict())")
     if d.head_init == "zero_shot":
@@ -376,6 +396,8 @@ def validate(cfg) -> None:
         _err("domains", "no domain configured; a configs/ file adds them with config.domain(...)")
     for name in cfg.domains.keys():
         _validate_domain(cfg, name)
+    if not trained_domains(cfg):
+        _err("domains", "every domain has train=False; train on at least one")
     try:
         optim.validate(cfg.optim)
     except errors.UserError as e:

@@ -238,7 +238,7 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
     tf.io.gfile.makedirs(workdir)
     config_json = json.loads(cfg.to_json_best_effort())
     previous = run_checkpoints.read_json(os.path.join(workdir, "config.json"))
-    names = config_lib.ordered_domains(cfg)
+    names = config_lib.trained_domains(cfg)
     mesh = sharding.make_mesh()
     if cfg.data.batch_size % mesh.size:
         raise errors.UserError(f"config.data.batch_size: {cfg.data.batch_size} is not divisible by "
@@ -250,13 +250,14 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
     model, backbone, model_cfg = backbone_lib.load_image_tower(cfg.model)
     lora_cfg = cfg.model.lora
     embed = backbone_lib.embed_fn(model, lora.scale(lora_cfg) if lora_cfg.rank else 1.0)
-    splits = {n: domains_lib.load(cfg, n) for n in names}
+    validated = config_lib.ordered_domains(cfg)  # the trained ones and the val-only ones
+    splits = {n: domains_lib.load(cfg, n) for n in validated}
     view = tf_views.train_fn(cfg.model.family, cfg.model.image_size, cfg.data.resize or None)
     inputs = [pipeline.Domain(n, splits[n].train, cfg.domains[n].weight) for n in names]
     pipeline.check_views(inputs, view)
-    check_inputs(cfg, splits)
+    check_inputs(cfg, {n: splits[n] for n in names})
     mixing.weights(inputs, cfg.data.mix)  # a mix that cannot work fails before any work
-    validator = validation.Validator(cfg, names, splits, embed, mesh, pretrained=backbone)
+    validator = validation.Validator(cfg, validated, splits, embed, mesh, pretrained=backbone)
     if suite.has_tests(cfg):
         suite.check(cfg)
     fingerprint = teacher_lib.fingerprint(checkpoints.to_flat({"img": backbone}), model_cfg)
