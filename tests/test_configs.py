@@ -77,6 +77,20 @@ def test_the_toy_configs_validate(method):
     assert not c.train.eval_at_start
 
 
+@pytest.mark.parametrize("method", recipes.METHODS)
+def test_the_toy_sweep_searches_every_method_under_one_protocol(method):
+    from infusing_jax import sweep
+    from infusing_jax.hpo import config as hpo_config
+    c, search = sweep.split(_load(os.path.join(REPO, "configs", "toy_sweep.py"),
+                                  f"method={method},world=/w"))
+    hpo_config.validate(search, c)
+    assert c.train.select_by == "all" and c.domains.generic.holdout_fraction == 0.05
+    assert c.domains.generic.train == method.startswith("full")
+    own = set(search.space.keys()) - {"backbone_lr_mult", "steps", "distill", "anchor"}
+    assert len(own) == (0 if method in ("full", "naive") else 1), own
+    assert list(search.baseline.domains.keys()) == ["target"]
+
+
 def _all_but_the_target(c) -> dict:
     """The config as a dict, less what a paper config's target decides: its domain, its test
     set and the run's length (3 epochs over its train images and ImageNet's 80%)."""
