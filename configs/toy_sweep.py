@@ -59,9 +59,13 @@ def get_config(arg=None):
     elif extra == "ftp":
         c.sweep.space.ftp_k = space.uniform(0.0, 1.0, "optim.ftp_k")
     elif extra == "lp_ft":
-        c.sweep.space.probe = space.integer(quarter // 4, quarter, "optim.freeze_backbone_steps")
+        # at most half the shortest trial: every trial fine-tunes after its probe
+        c.sweep.space.probe = space.integer(max(1, quarter // 8), max(1, quarter // 2),
+                                            "optim.freeze_backbone_steps")
     elif extra == "lora":
-        c.sweep.space.rank = space.categorical((2, 4, 8, 16), "model.lora.rank")
+        # alpha = rank, so s = alpha / rank stays 1 and the LR means the same at every rank
+        c.sweep.space.rank = space.categorical((2, 4, 8, 16), "model.lora.rank",
+                                               "model.lora.alpha")
     elif extra == "lipsum":
         c.sweep.space.lipsum = space.log_uniform(1e2, 1e6, "domains.target.losses.lipsum.weight")
 

@@ -203,15 +203,37 @@ def main(argv):
     if FLAGS.export_alpha != 1.0 and FLAGS.export_model != "fine-tuned":
         raise errors.UserError(f"--export_alpha mixes the fine-tuned model; with "
                                f"--export_model={FLAGS.export_model} leave it at 1")
-    kind, at, value = FLAGS.export_model.partition("@")
-    if at and kind in ("wise_ft", "lines") and len(
-            wise_ft.parse_alphas(value, "--export_model")) != 1:
-        raise errors.UserError(f"--export_model={FLAGS.export_model}: give one alpha, e.g. "
-                               f"{kind}@0.5")
+    export_model = export_model_name(FLAGS.export_model, bool(FLAGS.runs))
     alphas = wise_ft.parse_alphas(FLAGS.wise_ft)
     lines_alphas = wise_ft.parse_alphas(FLAGS.lines, "--lines")
     evaluate(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, alphas, FLAGS.export,
-             FLAGS.export_alpha, FLAGS.test, lines_alphas, FLAGS.runs, FLAGS.export_model)
+             FLAGS.export_alpha, FLAGS.test, lines_alphas, FLAGS.runs, export_model)
+
+
+MERGED = ("uniform_soup", "greedy_soup", "model_stock")
+
+
+def export_model_name(name: str, runs: bool) -> str:
+    """--export_model as the model's name in results.json ('wise_ft@.50' -> 'wise_ft@0.5',
+    'wise_ft@1' -> 'fine-tuned'); a one-line error for a name no evaluation makes."""
+    kind, at, value = name.partition("@")
+    want = ("give fine-tuned, wise_ft@A, lines@A (A in [0, 1]), or with --runs uniform_soup, "
+            "greedy_soup or model_stock")
+    if name == "fine-tuned" or (name in MERGED and runs):
+        return name
+    if name in MERGED:
+        raise errors.UserError(f"--export_model={name}: needs --runs, the other runs to merge")
+    if not (at and kind in ("wise_ft", "lines")):
+        raise errors.UserError(f"--export_model={name}: unknown; {want}")
+    alpha = wise_ft.parse_alphas(value, "--export_model")
+    if len(alpha) != 1:
+        raise errors.UserError(f"--export_model={name}: give one alpha, e.g. {kind}@0.5")
+    if kind == "wise_ft" and alpha[0] == 0.0:
+        raise errors.UserError("--export_model=wise_ft@0: that is the pretrained model; export "
+                               "the original checkpoint instead")
+    if kind == "wise_ft" and alpha[0] == 1.0:
+        return "fine-tuned"
+    return f"{kind}@{alpha[0]:g}"
 
 
 if __name__ == "__main__":

@@ -144,3 +144,48 @@ def test_a_lora_run_with_fsdp_on_8_devices_matches_1_device_and_exports_plain_we
     assert set(exported) == set(original)  # plain weights: no adapter in the file
     changed = [k for k in original if not np.array_equal(exported[k], original[k])]
     assert changed and all(k.endswith("kernel") for k in changed), changed
+
+
+def test_remat_gives_the_adapters_the_same_gradients(family):
+    cfg, backbone = _tower(family)
+    settings = _cfg()
+    adapters = _random_adapters(backbone, settings)
+    images = tiny.random_images(2)
+
+    def grads(remat_policy):
+        cfg.remat_policy = remat_policy
+        embed = backbone_lib.embed_fn(models.build(cfg), lora.scale(settings))
+        return jax.grad(lambda a: jnp.sum(embed(backbone, images, a) ** 2))(adapters)
+    plain, remat = grads("none"), grads("nothing_saveable")
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(plain)) > 0
+
+
+def test_merging_with_another_rank_is_refused():
+    _, backbone = _tower("siglip")
+    adapters = lora.init(jax.random.PRNGKey(0), backbone, _cfg(rank=4))
+    params = {"backbone": backbone, "lora": adapters, "heads": {}}
+    with pytest.raises(errors.UserError, match=r"model.lora.rank: 8, but the run's adapters "
+                                               r"have rank \[4\]"):
+        lora.merged_params(params, _cfg(rank=8))
+    assert set(lora.merged_params(params, _cfg(rank=4))) == {"backbone", "heads"}
+
+
+def test_with_an_ema_the_frozen_tower_stays_exactly_pretrained(world, tmp_path):
+    c = train_world.world_config(world, "naive")
+    c.model.lora.rank = 4
+    c.optim.update(ema_decay=0.9, backbone_lr_mult=1.0)
+    c.train.update(num_steps=4, log_every=2, checkpoint_every=4, eval_every=0,
+                   select_by="last")
+    from infusing_jax.training import loop
+    from infusing_jax.training import run_checkpoints
+    loop.train_and_evaluate(c, str(tmp_path))
+    state = run_checkpoints.restore_item(run_checkpoints.manager(str(tmp_path), 1, False), 4,
+                                         "state")
+    pretrained = checkpoints.load(os.path.join(world, "pretrained.npz"))[0]["img"]
+    for a, b in zip(jax.tree.leaves(state["ema"]["backbone"]), jax.tree.leaves(pretrained)):
+        np.testing.assert_array_equal(a, b)
+    moved = jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()),
+                         state["ema"]["lora"], state["params"]["lora"])
+    assert max(jax.tree.leaves(moved)) > 0  # the adapters are averaged, not copied

@@ -150,3 +150,25 @@ def test_evaluate_names_a_model_it_cannot_export(two_runs, tmp_path):
     with pytest.raises(errors.UserError, match="--export_model=model_stock: not a model"):
         evaluate.evaluate(c, first, export=str(tmp_path / "x.npz"), export_model="model_stock",
                           run_tests=False)
+
+
+@pytest.mark.parametrize("name, runs, want", [
+    ("fine-tuned", False, "fine-tuned"), ("wise_ft@.50", False, "wise_ft@0.5"),
+    ("wise_ft@1", False, "fine-tuned"), ("lines@0.30", False, "lines@0.3"),
+    ("greedy_soup", True, "greedy_soup"), ("model_stock", True, "model_stock"),
+])
+def test_export_model_names_are_read_as_results_names_them(name, runs, want):
+    assert evaluate.export_model_name(name, runs) == want
+
+
+@pytest.mark.parametrize("name, runs, words", [
+    ("greedy_soup", False, "--export_model=greedy_soup: needs --runs"),
+    ("wise_ft", False, "--export_model=wise_ft: unknown; give fine-tuned"),
+    ("lines@", False, "--export_model=lines@: give one alpha"),
+    ("lines@2", False, r"--export_model: \[2.0\] not in \[0, 1\]"),
+    ("wise_ft@0", False, "that is the pretrained model"),
+    ("soup", True, "--export_model=soup: unknown"),
+])
+def test_bad_export_model_names_are_one_line(name, runs, words):
+    with pytest.raises(errors.UserError, match=words):
+        evaluate.export_model_name(name, runs)

@@ -10,6 +10,7 @@ from flax import traverse_util
 from infusing_jax import checkpoints
 from infusing_jax import errors
 from infusing_jax.training import config as config_lib
+from infusing_jax.training import domains as domains_lib
 from infusing_jax.training import loop
 from infusing_jax.training import recipes
 from infusing_jax.training import run_checkpoints
@@ -82,6 +83,9 @@ def test_a_validation_only_domain_is_scored_and_never_trained(world, tmp_path):
     c.train.update(num_steps=8, log_every=4, checkpoint_every=8, eval_every=4, select_by="all")
     summary = loop.train_and_evaluate(c, str(tmp_path))
     assert summary["domains"] == ["target"]
+    # an epoch is the trained domains' examples only
+    target_train = domains_lib.load(c, "target").train.num_examples
+    assert summary["steps_per_epoch"] == target_train // c.data.batch_size
     metrics = train_world.read_metrics(str(tmp_path))
     val = [m for m in metrics if "val/score" in m]
     assert [m["step"] for m in val] == [4, 8]

@@ -100,6 +100,11 @@ def merged_params(params: dict, cfg) -> dict:
     if cfg is None or not cfg.rank:
         raise errors.UserError("the run trained LoRA adapters, and the config given has none "
                                "(model.lora.rank 0); evaluate with the run's own config")
+    ranks = {a.shape[-1] for path, a in traverse_util.flatten_dict(params["lora"]).items()
+             if path[-1] == "lora_a"}
+    if ranks != {cfg.rank}:
+        raise errors.UserError(f"model.lora.rank: {cfg.rank}, but the run's adapters have rank "
+                               f"{sorted(ranks)}; evaluate with the run's own config")
     rest = {k: v for k, v in params.items() if k not in ("backbone", "lora")}
     return dict(rest, backbone=merge(params["backbone"], params["lora"], scale(cfg)))
 

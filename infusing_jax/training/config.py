@@ -332,6 +332,9 @@ def _validate_domain(cfg, name: str):
         if not carved:
             _err(f"{where}.train", "False: the domain is only validated on, and it has no val "
                  "split; give val_split, val_classes_fraction or holdout_fraction")
+        if d.head_init != "random":
+            _err(f"{where}.head_init", f"{d.head_init!r}: the domain is only validated on "
+                 "(train=False) and has no classifier; leave it 'random'")
         return
     if not d.losses.keys():
         _err(f"{where}.losses", "no loss configured; add e.g. losses=dict(normface=dict())")

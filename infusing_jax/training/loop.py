@@ -265,7 +265,7 @@ def train_and_evaluate(cfg, workdir: str, on_validation: Optional[Callable] = No
     descriptors = {n: teacher_descriptors(cfg, splits[n].train, n, encode, fingerprint, workdir)
                    for n in names if _precomputed(cfg, n)}
 
-    steps_per_epoch, num_steps = schedule_length(cfg, splits)
+    steps_per_epoch, num_steps = schedule_length(cfg, {n: splits[n] for n in names})
     try:  # a warm-up that leaves nothing of the run to decay over
         optim.schedule_steps(cfg.optim, num_steps)
     except errors.UserError as e:

@@ -5,7 +5,7 @@ Parameter tree expected by `make_optimizer` (and `param_labels`):
     {'backbone': <Flax image-tower params, e.g. init_params(...)['img']>,
      'heads': {domain_name: (D, C) array, ...}}
 
-Any other top-level key is an error.
+and, with LoRA, 'lora' (models/lora.py's adapters). Any other top-level key is an error.
 
 Transformation (all optax):
 

@@ -14,6 +14,7 @@ import sys
 from typing import Any, Optional
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
@@ -265,7 +266,8 @@ def write_json(path: str, obj) -> None:
 def kept_backbone(cfg, workdir: str, pretrained):
     """-> (step, image tower as numpy) that the run in `workdir` keeps: best/ (as
     train.select_by kept it), else its last checkpoint (the EMA weights where
-    config.uses_ema, as the run tested them). pretrained: the tower, for its structure."""
+    config.uses_ema, as the run tested them; LoRA adapters merged with the run's own
+    model.lora, from its config.json). pretrained: the tower, for its structure."""
     best, last = best_manager(workdir), manager(workdir, 1, False)
     like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pretrained)
     try:
@@ -285,8 +287,11 @@ def kept_backbone(cfg, workdir: str, pretrained):
     if state.get(weights) is None:
         raise errors.UserError(f"--workdir {workdir}: the run kept no EMA weights; evaluate "
                                "with the run's own config (or --config.train.eval_ema=False)")
-    return step, _restored(lora.merged_params(state[weights], cfg.model.get("lora"))["backbone"],
-                           like)
+    own = read_json(os.path.join(workdir, "config.json")) or {}
+    settings = own.get("model", {}).get("lora") or cfg.model.get("lora")
+    if isinstance(settings, dict):
+        settings = ml_collections.ConfigDict(settings)
+    return step, _restored(lora.merged_params(state[weights], settings)["backbone"], like)
 
 
 def _restored(params, like):

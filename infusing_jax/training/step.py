@@ -56,6 +56,8 @@ def train_step(state: TrainState, batch: dict, reference, *, loss_fn: Callable,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema if ema_decay is None else optim.ema_update(state.ema, params, ema_decay)
+    if ema is not None and "lora" in params:  # the frozen tower: its own value, not an average
+        ema = dict(ema, backbone=params["backbone"])
     metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(grads),
                    param_norm=optax.global_norm(params), update_norm=optax.global_norm(updates))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
