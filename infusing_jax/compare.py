@@ -5,13 +5,17 @@
 
 Reads each WORKDIR/results.json (python -m infusing_jax.evaluate, or the end of a
 run); a sweep's folder (python -m infusing_jax.sweep) stands for its baseline run and
-the trial its best.json chose. Writes to --output:
+the trial its best.json chose, and brings its trials' test changes (trials.jsonl):
+their Pareto front is drawn through the chosen trial, so sweeps of several methods
+(configs/toy_sweep.py:method=...) compare on one plot. Writes to --output:
   comparison.json  {"pretrained": headline, "runs": {run: {"fine-tuned": headline,
                    "change": headline - pretrained, "wise_ft": [{"alpha", ...}]}}}
   comparison.md    the same as a markdown table (changes in points, x100)
   summary.json     {"pretrained": headline, run: its fine-tuned headline, ...}
   tradeoff.png     in-domain retrieval gain (y) against the out-of-domain change (x):
-                   image->image (left) and image<->text (right); WiSE-FT curves as lines
+                   image->image (left) and image<->text (right); WiSE-FT curves as lines,
+                   a sweep's trials as dots and their Pareto front as a dotted line,
+                   evaluate's post-hoc models (LiNeS, soups, Model Stock) as crosses
 Changes are against each run's own pretrained numbers.
 """
 import json
@@ -21,6 +25,7 @@ from absl import flags
 
 from infusing_jax import cli
 from infusing_jax import errors
+from infusing_jax.hpo import report as report_lib
 
 FLAGS = flags.FLAGS
 
@@ -31,6 +36,8 @@ def define_flags():
     flags.mark_flag_as_required("output")
 
 
+# evaluate's post-hoc models besides WiSE-FT (evaluation/merging.py), drawn as crosses.
+POST_HOC = ("lines", "uniform_soup", "greedy_soup", "model_stock")
 COLUMNS = ("in_domain_r1", "in_domain_map{k}", "generic_r1", "generic_map{k}",
            "image_to_text_r1", "text_to_image_r1", "zero_shot_top1")
 
@@ -65,10 +72,28 @@ def _text(headline: dict):
     return sum(values) / len(values) if values else None
 
 
+def _trial_changes(sweep: str) -> list:
+    """The test change from the pretrained model of each complete trial of a sweep
+    (trials.jsonl), the test numbers that never chose."""
+    path = os.path.join(sweep, "trials.jsonl")
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            test = row.get("test") or {}
+            if row.get("state") == "complete" and test.get("fine-tuned") and test.get(
+                    "pretrained"):
+                out.append(_change(test["fine-tuned"], test["pretrained"]))
+    return out
+
+
 def expand_sweeps(workdirs) -> tuple:
-    """-> (workdirs, names): a sweep's folder (it has best.json) becomes its baseline run
-    and its chosen trial, named '<sweep>/baseline' and '<sweep>/trial N'."""
-    runs, names = [], []
+    """-> (workdirs, names, trials): a sweep's folder (it has best.json) becomes its
+    baseline run and its chosen trial, named '<sweep>/baseline' and '<sweep>/trial N';
+    trials: {chosen trial's name: every complete trial's test change}."""
+    runs, names, trials = [], [], {}
     for workdir in workdirs:
         best_path = os.path.join(workdir, "best.json")
         base = os.path.basename(os.path.normpath(workdir))
@@ -87,17 +112,18 @@ def expand_sweeps(workdirs) -> tuple:
             names.append(f"{base}/baseline")
         runs.append(best["workdir"])
         names.append(f"{base}/trial {best['trial']}")
-    return runs, names
+        trials[names[-1]] = _trial_changes(workdir)
+    return runs, names, trials
 
 
 def comparison(workdirs, names=None) -> dict:
-    workdirs, default_names = expand_sweeps(workdirs)
+    workdirs, default_names, trials = expand_sweeps(workdirs)
     names = names or default_names
     if len(names) != len(workdirs):
         raise errors.UserError(f"--names: {len(names)} names for {len(workdirs)} runs "
                                f"({', '.join(default_names)})")
     out = {"pretrained": None, "runs": {}}
-    for name, workdir in zip(names, workdirs):
+    for name, default, workdir in zip(names, default_names, workdirs):
         results = _load(workdir)
         pretrained = results["models"]["pretrained"]["headline"]
         out["pretrained"] = out["pretrained"] or pretrained
@@ -108,6 +134,12 @@ def comparison(workdirs, names=None) -> dict:
             wise_ft=[dict(alpha=p["alpha"], change=_change(
                 {k: v for k, v in p.items() if k != "alpha"}, pretrained))
                 for p in results.get("wise_ft", [])])
+        if default in trials:
+            out["runs"][name]["trials"] = trials[default]
+        post_hoc = {m: _change(r["headline"], pretrained)
+                    for m, r in results["models"].items() if m.split("@")[0] in POST_HOC}
+        if post_hoc:
+            out["runs"][name]["post_hoc"] = post_hoc
     return out
 
 
@@ -157,8 +189,20 @@ def plot(report: dict, path: str) -> None:
                 ax.plot(*zip(*curve), "-", alpha=0.5)
             x, y = x_of(run["change"]), run["change"].get(y_key)
             if x is not None and y is not None:
-                ax.plot([100 * x], [100 * y], "o")
+                (point,) = ax.plot([100 * x], [100 * y], "o")
                 ax.annotate(name, (100 * x, 100 * y), textcoords="offset points", xytext=(4, 4))
+                dots = [(100 * x_of(c), 100 * c[y_key]) for c in run.get("trials", [])
+                        if x_of(c) is not None and c.get(y_key) is not None]
+                if dots:
+                    ax.plot(*zip(*dots), ".", color=point.get_color(), alpha=0.35)
+                    ax.plot(*zip(*report_lib.pareto_front(dots)), ":",
+                            color=point.get_color(), lw=1.2)
+                for model, c in run.get("post_hoc", {}).items():
+                    if x_of(c) is not None and c.get(y_key) is not None:
+                        ax.plot([100 * x_of(c)], [100 * c[y_key]], "x",
+                                color=point.get_color())
+                        ax.annotate(model, (100 * x_of(c), 100 * c[y_key]), fontsize=7,
+                                    textcoords="offset points", xytext=(3, -8))
         ax.set_xlabel(label)
     axes[0].set_ylabel(f"in-domain mAP@{k} gain")
     fig.tight_layout()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from infusing_jax import checkpoints
+from infusing_jax import compare
 from infusing_jax import errors
 from infusing_jax import evaluate
 from infusing_jax.evaluation import merging
@@ -143,6 +144,16 @@ def test_evaluate_makes_soups_model_stock_and_lines_and_exports_them(world, two_
     assert ((0 <= ratios) & (ratios <= 1)).all() and 0 < ratios.mean() < 1
     with open(os.path.join(first, "results.json")) as f:
         assert set(json.load(f)["models"]) == set(results["models"])
+    # compare draws them beside the run, as changes from the pretrained model
+    run = compare.comparison([first])["runs"][os.path.basename(first)]
+    assert set(run["post_hoc"]) == {"lines@0.5", "uniform_soup", "greedy_soup", "model_stock"}
+    pretrained = results["models"]["pretrained"]["headline"]
+    for model, change in run["post_hoc"].items():
+        for key, value in change.items():
+            if value is not None:
+                assert value == pytest.approx(
+                    results["models"][model]["headline"][key] - pretrained[key])
+    compare.plot(compare.comparison([first]), str(tmp_path / "tradeoff.png"))
 
 
 def test_evaluate_names_a_model_it_cannot_export(two_runs, tmp_path):

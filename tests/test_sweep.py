@@ -128,7 +128,11 @@ def test_a_sweep_runs_its_trials_and_writes_its_reports(world, tmp_path):
     subprocess.run([sys.executable, "-m", "infusing_jax.compare", out, f"--output={report}"],
                    cwd=REPO, env=_env(), check=True, capture_output=True)
     with open(report / "comparison.json") as f:
-        assert sorted(json.load(f)["runs"]) == ["sweep/baseline", f"sweep/trial {best['trial']}"]
+        compared = json.load(f)["runs"]
+    assert sorted(compared) == ["sweep/baseline", f"sweep/trial {best['trial']}"]
+    # and its trials' test changes, for their Pareto front on the plot
+    chosen = compared[f"sweep/trial {best['trial']}"]
+    assert len(chosen["trials"]) == 3 and chosen["change"] in chosen["trials"]
 
 
 def test_a_worker_killed_mid_trial_is_resumed_by_the_next(world, tmp_path):
