@@ -67,7 +67,7 @@ def get_config(arg=None):
         c.sweep.space.rank = space.categorical((2, 4, 8, 16), "model.lora.rank",
                                                "model.lora.alpha")
     elif extra == "lipsum":
-        c.sweep.space.lipsum = space.log_uniform(1e2, 1e6, "domains.target.losses.lipsum.weight")
+        c.sweep.space.lipsum = space.log_uniform(1e-2, 1e2, "domains.target.losses.lipsum.weight")
 
     # The baseline beside the trials: the quickstart's naive fine-tuning (400 steps).
     c.sweep.baseline = recipes.config_from_file(TOY, f"method=naive,world={arg.world}")

@@ -111,7 +111,10 @@ def test_lipsum_banks_embed_the_random_texts(world):
     c.domains.target.losses.lipsum = config_lib.loss("lipsum", texts=16, tokens=4)
     banks = frozen_text.lipsum_banks(c, ["target"])
     assert banks["target"].shape == (16, 32)
-    np.testing.assert_allclose(np.linalg.norm(banks["target"], axis=1), 1.0, rtol=1e-5)
+    params, _ = suite.load_text_checkpoint(c)
+    scale = np.exp(float(params["t"][0]))  # the energies are the pretrained model's logits
+    assert abs(scale - 1) > 1e-2  # so the check below tells scaled from unscaled
+    np.testing.assert_allclose(np.linalg.norm(banks["target"], axis=1), scale, rtol=1e-5)
     assert frozen_text.lipsum_banks(_config(world), ["target"]) == {}
 
 

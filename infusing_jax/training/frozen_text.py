@@ -7,9 +7,11 @@ so the train step runs no text tower.
 Lipsum-FT's bank: each text is `tokens` ids drawn uniformly from the tokenizer's
 vocabulary less its special ids (CLIP's start / end of text, SigLIP's EOS and padding),
 wrapped as the tokenizer wraps a text (CLIP: SOT ... EOT; SigLIP: ... EOS, padded),
-seeded by `text_seed`. The authors draw 80 new texts every step; a bank of K >= E
-fixed texts gives the same expected penalty, (f - f0)^T E[t t^T] (f - f0) / 2, without
-the sampling noise.
+seeded by `text_seed`. Each embedding is L2-normalised and multiplied by the pretrained
+model's logit scale s = exp(t), so <f, t_k> is the pretrained model's logit, as in the
+authors' energies, and the loss weight means the same (the authors' 1) on every backbone.
+The authors draw 80 new texts every step; a bank of K >= E fixed texts gives the same
+expected penalty, (f - f0)^T E[t t^T] (f - f0) / 2, without the sampling noise.
 
 Zero-shot heads (a domain's head_init='zero_shot'): class c's column is its class
 embedding from the prompt templates (evaluation/zero_shot.classifier: normalise each
@@ -40,7 +42,7 @@ def random_rows(tokenize, count: int, length: int, seed: int) -> np.ndarray:
 
 
 def _text_tower(cfg, needed_by: str):
-    """-> (texts -> (M, E) embedder with .tokens, its tokenizer)."""
+    """-> (texts -> (M, E) embedder with .tokens, its tokenizer, the logit scale exp(t))."""
     params, model_cfg = suite.load_text_checkpoint(cfg)
     if model_cfg.get("text") is None:
         raise errors.UserError(f"config.model.checkpoint: {suite.text_checkpoint(cfg)} has no "
@@ -49,25 +51,30 @@ def _text_tower(cfg, needed_by: str):
     try:
         tokenize = tokenizers.load_tokenizer(cfg.eval.tokenizer, model_cfg.family,
                                              model_cfg.text.seq_len)
-        return text_retrieval.text_embedder(model_cfg, params, tokenize,
-                                            cfg.eval.batch_size), tokenize
+        embed = text_retrieval.text_embedder(model_cfg, params, tokenize, cfg.eval.batch_size)
     except (errors.UserError, OSError) as e:
         raise errors.UserError(f"config.eval.tokenizer: {e}") from None
+    if "t" not in params:
+        raise errors.UserError(f"config.model.checkpoint: {suite.text_checkpoint(cfg)} has no "
+                               f"logit scale (t), which {needed_by} needs; name a two-tower "
+                               "checkpoint with eval.text_checkpoint")
+    return embed, tokenize, float(np.exp(np.asarray(params["t"]).reshape(())))
 
 
 def lipsum_banks(cfg, names) -> dict:
-    """{domain: (K, E) L2-normalised text embeddings} for the domains with a lipsum loss."""
+    """{domain: (K, E) text embeddings, L2-normalised x the logit scale} for the domains
+    with a lipsum loss."""
     wanted = {n: cfg.domains[n].losses.lipsum for n in names
               if "lipsum" in cfg.domains[n].losses}
     if not wanted:
         return {}
-    embed, tokenize = _text_tower(cfg, "lipsum")
+    embed, tokenize, scale = _text_tower(cfg, "lipsum")
     banks = {}
     for name, s in wanted.items():
         rows = random_rows(tokenize, s.texts, s.tokens, s.text_seed)
-        banks[name] = embed.tokens(rows)
-        logging.info("lipsum: %d random texts of %d tokens for domain %s", s.texts, s.tokens,
-                     name)
+        banks[name] = scale * embed.tokens(rows)
+        logging.info("lipsum: %d random texts of %d tokens for domain %s, logit scale %.4g",
+                     s.texts, s.tokens, name, scale)
     return banks
 
 
@@ -104,7 +111,7 @@ def zero_shot_heads(cfg, names, num_classes: dict) -> dict:
     wanted = [n for n in names if cfg.domains[n].head_init == "zero_shot"]
     if not wanted:
         return {}
-    embed, _ = _text_tower(cfg, "head_init='zero_shot'")
+    embed, _, _ = _text_tower(cfg, "head_init='zero_shot'")
     heads = {}
     for name in wanted:
         d = cfg.domains[name]

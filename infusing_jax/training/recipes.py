@@ -65,9 +65,8 @@ def _parse_value(key: str, text: str, default):
 METHODS = ("full", "naive", "spd", "ftp", "lp_ft", "lora", "lipsum",
            "full+spd", "full+ftp", "full+lp_ft", "full+lora", "full+lipsum")
 LORA_RANK = 8  # alpha = rank: s = 1
-# Lipsum-FT's weight: the authors' 1 on energies scaled by CLIP's logit scale, 100; ours are
-# plain cosines, so 100^2.
-LIPSUM_WEIGHT = 1e4
+# Lipsum-FT's weight: the authors' 1 (the energies are the pretrained model's logits).
+LIPSUM_WEIGHT = 1.0
 
 
 def paper_losses(method: str) -> bool:
