@@ -89,11 +89,22 @@ def _trial_changes(sweep: str) -> list:
     return out
 
 
+def _config_text(workdir):
+    """The run's config.json, as text, or None where it has none."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            return f.read()
+    except (OSError, TypeError):
+        return None
+
+
 def expand_sweeps(workdirs) -> tuple:
     """-> (workdirs, names, trials): a sweep's folder (it has best.json) becomes its
-    baseline run and its chosen trial, named '<sweep>/baseline' and '<sweep>/trial N';
-    trials: {chosen trial's name: every complete trial's test change}."""
-    runs, names, trials = [], [], {}
+    baseline run and its chosen trial, named '<sweep>/baseline' and '<sweep>/trial N'
+    (a baseline trained with the config of one listed before is listed once: method
+    sweeps share theirs); trials: {chosen trial's name: every complete trial's test
+    change}."""
+    runs, names, trials, baselines = [], [], {}, set()
     for workdir in workdirs:
         best_path = os.path.join(workdir, "best.json")
         base = os.path.basename(os.path.normpath(workdir))
@@ -107,9 +118,12 @@ def expand_sweeps(workdirs) -> tuple:
         except (OSError, json.JSONDecodeError) as e:
             raise errors.UserError(f"{best_path}: cannot read it ({e}); let the sweep "
                                    "rewrite it (run its command again)") from None
-        if best.get("baseline"):
-            runs.append(best["baseline"]["workdir"])
+        baseline = best.get("baseline") or {}
+        config = _config_text(baseline.get("workdir"))
+        if baseline and (config is None or config not in baselines):
+            runs.append(baseline["workdir"])
             names.append(f"{base}/baseline")
+            baselines.add(config)
         runs.append(best["workdir"])
         names.append(f"{base}/trial {best['trial']}")
         trials[names[-1]] = _trial_changes(workdir)
