@@ -37,7 +37,8 @@ def get_config(arg=None):
     c.data.update(data_dir=recipes.tfds_dir(arg.data), batch_size=128, mix="round_robin",
                   one_domain_per_batch=True)
     c.train.num_steps = 3 * (train_examples // c.data.batch_size)
-    # method= spd / ftp: SPD's or FTP's projection around the backbone's AdamW; lp_ft: the
+    # method= l2sp: L2-SP's ||theta - theta0||^2 on the target; spd / ftp: SPD's or FTP's
+    # projection around the backbone's AdamW; lp_ft: the
     # first of the three epochs trains the heads alone; lora: rank-8 adapters at LR 2e-4, the
     # tower frozen; lipsum: Lipsum-FT's energy gap on the target (docs/method.md).
     recipes.set_method(c, arg.method, "food101", linear_probe_steps=c.train.num_steps // 3,

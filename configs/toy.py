@@ -39,7 +39,8 @@ def get_config(arg=None):
 
     # AdamW as the paper's, the backbone's LR multiplier 0.3 (3e-4) for a model this small.
     c.optim.update(lr=1e-3, backbone_lr_mult=0.3)
-    # method= spd / ftp: SPD's or FTP's projection around the backbone's AdamW; lp_ft: the
+    # method= l2sp: L2-SP's ||theta - theta0||^2 on the target; spd / ftp: SPD's or FTP's
+    # projection around the backbone's AdamW; lp_ft: the
     # heads alone for the first quarter of the run, then all weights; lora: rank-8 adapters
     # at the heads' LR, the tower frozen; lipsum: Lipsum-FT's energy gap on the glyphs.
     recipes.set_method(c, arg.method, "target", linear_probe_steps=arg.steps // 4,

@@ -54,7 +54,9 @@ def get_config(arg=None):
             1e-1, 1e4, "domains.target.losses.anchoring.weight",
             "domains.generic.losses.anchoring.weight")
     extra = arg.method.rpartition("+")[2]
-    if extra == "spd":
+    if extra == "l2sp":
+        c.sweep.space.l2sp = space.log_uniform(1e-3, 1e3, "domains.target.losses.anchoring.weight")
+    elif extra == "spd":
         c.sweep.space.spd_strength = space.uniform(0.05, 1.0, "optim.spd_strength")
     elif extra == "ftp":
         c.sweep.space.ftp_k = space.uniform(0.0, 1.0, "optim.ftp_k")

@@ -72,6 +72,10 @@ def test_the_toy_configs_validate(method):
     assert c.optim.freeze_backbone_steps == (2 if extra == "lp_ft" else 0)
     assert c.model.lora.rank == (recipes.LORA_RANK if extra == "lora" else 0)
     assert ("lipsum" in c.domains.target.losses) == (extra == "lipsum")
+    anchoring = c.domains.target.losses.get("anchoring")
+    assert (anchoring is not None) == (method.startswith("full") or extra == "l2sp")
+    if extra == "l2sp":
+        assert anchoring.reduction == "sum" and anchoring.weight == recipes.L2SP_WEIGHT
     p = _load(os.path.join(REPO, "configs", "toy_pretrain.py"), "world=/w,steps=9")
     assert "pretrain" in p and p.train.num_steps == 9 and p.pretrain.tokenizer == "/w/spm.model"
     assert not c.train.eval_at_start

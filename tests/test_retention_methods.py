@@ -47,7 +47,7 @@ def naive(world, tmp_path_factory):
     return losses, _distance(backbone, pretrained)
 
 
-@pytest.mark.parametrize("method", ["spd", "ftp", "lp_ft", "lipsum"])
+@pytest.mark.parametrize("method", ["l2sp", "spd", "ftp", "lp_ft", "lipsum"])
 def test_each_method_trains_and_holds_the_backbone_nearer_than_naive(world, tmp_path, naive,
                                                                      method):
     losses, backbone, pretrained = _run(world, tmp_path, method)

@@ -62,9 +62,11 @@ def _parse_value(key: str, text: str, default):
 # method=: the paper's ('full'), the baseline ('naive': the target's classifier alone), and
 # the retention methods of docs/method.md that are settings of the trainer, alone on the
 # naive objective or, after 'full+', on top of the paper's.
-METHODS = ("full", "naive", "spd", "ftp", "lp_ft", "lora", "lipsum",
+METHODS = ("full", "naive", "l2sp", "spd", "ftp", "lp_ft", "lora", "lipsum",
            "full+spd", "full+ftp", "full+lp_ft", "full+lora", "full+lipsum")
 LORA_RANK = 8  # alpha = rank: s = 1
+# L2-SP's (alpha / 2) ||theta - theta0||^2 on the backbone, alpha = 0.1.
+L2SP_WEIGHT = 0.05
 # Lipsum-FT's weight: the authors' 1 (the energies are the pretrained model's logits).
 LIPSUM_WEIGHT = 1.0
 
@@ -76,7 +78,8 @@ def paper_losses(method: str) -> bool:
 
 def set_method(c, method: str, target: str, linear_probe_steps: int,
                lora_lr_mult: float) -> None:
-    """The trainer's side of `method` (METHODS) on top of the config file's losses: SPD or
+    """The trainer's side of `method` (METHODS) on top of the config file's losses: L2-SP's
+    plain ||theta - theta0||^2 on the target (the anchoring loss, reduction 'sum'); SPD or
     FTP around the backbone's AdamW (optim.projection); LP-FT's `linear_probe_steps` of
     heads alone before all weights train (optim.freeze_backbone_steps); LoRA adapters of
     rank LORA_RANK on every attention and MLP Dense layer (model.lora), trained at
@@ -85,7 +88,10 @@ def set_method(c, method: str, target: str, linear_probe_steps: int,
     if method not in METHODS:
         raise errors.UserError(f"method {method!r}: use one of {', '.join(METHODS)}")
     extra = method.rpartition("+")[2] if "+" in method else method
-    if extra in ("spd", "ftp"):
+    if extra == "l2sp":
+        c.domains[target].losses.anchoring = config_lib.loss("anchoring", weight=L2SP_WEIGHT,
+                                                             reduction="sum")
+    elif extra in ("spd", "ftp"):
         c.optim.projection = extra
     elif extra == "lp_ft":
         c.optim.freeze_backbone_steps = linear_probe_steps
