@@ -13,7 +13,8 @@ their Pareto front is drawn through the chosen trial, so sweeps of several metho
   comparison.md    the same as a markdown table (changes in points, x100)
   summary.json     {"pretrained": headline, run: its fine-tuned headline, ...}
   tradeoff.png     in-domain retrieval gain (y) against the out-of-domain change (x):
-                   image->image (left) and image<->text (right); WiSE-FT curves as lines,
+                   image->image (left) and image<->text (right); WiSE-FT curves as lines
+                   (runs evaluated at alphas between 0 and 1),
                    a sweep's trials as dots and their Pareto front as a dotted line,
                    evaluate's post-hoc models (LiNeS, soups, Model Stock) as crosses
 Changes are against each run's own pretrained numbers.
@@ -188,38 +189,45 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     k = _k(report["pretrained"])
     y_key, x_image = f"in_domain_map{k}", f"generic_map{k}"
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
     axes_x = ((axes[0], lambda c: c.get(x_image), f"out-of-domain image->image mAP@{k} change"),
               (axes[1], _text, "image<->text R@1 change (mean of both directions)"))
+    # one colour per run for its point, its WiSE-FT curve, its trials and its post-hoc models
+    palette = plt.get_cmap("tab10" if len(report["runs"]) <= 10 else "tab20")
+    colours = {name: palette(i % palette.N) for i, name in enumerate(report["runs"])}
     for ax, x_of, label in axes_x:
         ax.axhline(0, color="0.8", lw=0.8)
         ax.axvline(0, color="0.8", lw=0.8)
         ax.plot([0], [0], "ko")
         ax.annotate("pretrained", (0, 0), textcoords="offset points", xytext=(4, -10))
         for name, run in report["runs"].items():
+            colour = colours[name]
             curve = [(x_of(p["change"]), p["change"].get(y_key)) for p in run["wise_ft"]]
             curve = [(100 * x, 100 * y) for x, y in curve if x is not None and y is not None]
-            if len(curve) > 1:
-                ax.plot(*zip(*curve), "-", alpha=0.5)
+            if any(0 < p["alpha"] < 1 for p in run["wise_ft"]) and len(curve) > 1:
+                ax.plot(*zip(*curve), "-", color=colour, alpha=0.5, lw=1)
             x, y = x_of(run["change"]), run["change"].get(y_key)
-            if x is not None and y is not None:
-                (point,) = ax.plot([100 * x], [100 * y], "o")
-                ax.annotate(name, (100 * x, 100 * y), textcoords="offset points", xytext=(4, 4))
-                dots = [(100 * x_of(c), 100 * c[y_key]) for c in run.get("trials", [])
-                        if x_of(c) is not None and c.get(y_key) is not None]
-                if dots:
-                    ax.plot(*zip(*dots), ".", color=point.get_color(), alpha=0.35)
-                    ax.plot(*zip(*report_lib.pareto_front(dots)), ":",
-                            color=point.get_color(), lw=1.2)
-                for model, c in run.get("post_hoc", {}).items():
-                    if x_of(c) is not None and c.get(y_key) is not None:
-                        ax.plot([100 * x_of(c)], [100 * c[y_key]], "x",
-                                color=point.get_color())
-                        ax.annotate(model, (100 * x_of(c), 100 * c[y_key]), fontsize=7,
-                                    textcoords="offset points", xytext=(3, -8))
+            if x is None or y is None:
+                continue
+            ax.plot([100 * x], [100 * y], "o", color=colour, label=name,
+                    markeredgecolor="k", markeredgewidth=0.5)
+            dots = [(100 * x_of(c), 100 * c[y_key]) for c in run.get("trials", [])
+                    if x_of(c) is not None and c.get(y_key) is not None]
+            if dots:
+                ax.plot(*zip(*dots), ".", color=colour, alpha=0.35)
+                ax.plot(*zip(*report_lib.pareto_front(dots)), ":", color=colour, lw=1.2)
+            for model, c in run.get("post_hoc", {}).items():
+                if x_of(c) is not None and c.get(y_key) is not None:
+                    ax.plot([100 * x_of(c)], [100 * c[y_key]], "x", color=colour)
+                    ax.annotate(model, (100 * x_of(c), 100 * c[y_key]), fontsize=7,
+                                textcoords="offset points", xytext=(3, -8))
         ax.set_xlabel(label)
     axes[0].set_ylabel(f"in-domain mAP@{k} gain")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # a legend below, not labels on the points: method sweeps bunch together
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8,
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 5) if handles else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
