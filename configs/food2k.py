@@ -7,7 +7,7 @@ from infusing_jax.training import recipes
 
 
 def get_config(arg=None):
-    arg = recipes.parse_arg(arg, method=recipes.METHODS, family=("siglip", "clip"),
+    arg = recipes.parse_arg(arg, method=recipes.METHODS, family=recipes.FAMILIES,
                             data="/data", checkpoints="/checkpoints", tests=recipes.ALL_TESTS)
     c = config_lib.default_config()
     recipes.set_image_tower(c, arg.family, arg.checkpoints)  # B/16 at 224 px, its tokenizer

@@ -101,7 +101,8 @@ def _texts_and_tokenizer(cfg):
     if not texts:
         raise errors.UserError(f"--texts={FLAGS.texts}: no non-empty line")
     try:
-        tokenize = tokenizers.load_tokenizer(FLAGS.tokenizer, cfg.family, cfg.text.seq_len)
+        tokenize = tokenizers.load_tokenizer(FLAGS.tokenizer, tokenizers.convention(cfg),
+                                             cfg.text.seq_len)
     except errors.UserError as e:
         raise errors.UserError(f"--tokenizer: {e}") from None
     if tokenize.vocab_size > cfg.text.vocab_size:

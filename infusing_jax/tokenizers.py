@@ -4,12 +4,14 @@ Both return fixed-length int32 arrays of shape (N, seq_len), ready for
 `models.build(cfg).apply(..., tokens)`:
 
 * `SigLIPTokenizer`: a sentencepiece `.model` file, big_vision's convention
-  (ASCII lowercasing, EOS appended and kept when truncating, padded with 1).
+  (ASCII lowercasing, EOS appended and kept when truncating, padded with 1);
+  for SigLIP 2, Gemma's 256k-piece model, padded with its `<pad>` (0).
 * `CLIPTokenizer`: OpenAI's byte-level BPE, from open_clip's
   `bpe_simple_vocab_16e6.txt.gz` or a Hugging Face `vocab.json` + `merges.txt`;
   `<|startoftext|>` text `<|endoftext|>`, zero-padded (OpenAI / open_clip).
 
-`load_tokenizer(path, family, seq_len)` picks the class.
+`load_tokenizer(path, convention(model_cfg), seq_len)` picks the class and its
+settings.
 """
 import gzip
 import json
@@ -26,6 +28,10 @@ from infusing_jax import paths
 
 SIGLIP_SEQ_LEN = 64
 CLIP_SEQ_LEN = 77
+# SigLIP 2's text tower: Gemma's sentencepiece vocabulary, whose '<pad>' is id 0.
+GEMMA_VOCAB = 256_000
+GEMMA_PAD = 0
+CONVENTIONS = ("siglip", "siglip2", "clip")
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
@@ -106,7 +112,9 @@ class SigLIPTokenizer:
 
     @property
     def special_ids(self) -> tuple:
-        return (self.eos_id, self.pad_value)
+        """EOS, the pad value, and BOS where the model has one (Gemma's, not T5's)."""
+        bos = self.sp.bos_id()
+        return (self.eos_id, self.pad_value) + ((bos,) if bos >= 0 else ())
 
     def wrap(self, ids: list) -> list:
         """Token ids of a text's content -> with EOS, as `encode` gives them."""
@@ -274,11 +282,28 @@ class CLIPTokenizer:
         return out
 
 
+def convention(model_cfg) -> str:
+    """The text convention of a model config: 'siglip2' for a SigLIP text tower with Gemma's
+    vocabulary (SigLIP 2: the same towers as SigLIP), else its family."""
+    text = model_cfg.get("text")
+    if model_cfg.family == "siglip" and text is not None and text.vocab_size == GEMMA_VOCAB:
+        return "siglip2"
+    return model_cfg.family
+
+
 def load_tokenizer(path, family: str, seq_len: int | None = None):
-    """The tokenizer of `family` ('siglip' or 'clip') from `path`; seq_len defaults 64 / 77."""
+    """The tokenizer of a text convention (CONVENTIONS; `convention(model_cfg)`) from `path`;
+    seq_len defaults 64 / 77.
+
+    siglip2 is big_vision's SigLIP 2 text preprocessing, `lower | tok(length=64,
+    model='gemma', bos='no', eos='sticky')`: SigLIP's, padded with Gemma's '<pad>'.
+    """
     family = family.lower()
     if family == "siglip":
         return SigLIPTokenizer(path, seq_len or SIGLIP_SEQ_LEN)
+    if family == "siglip2":
+        return SigLIPTokenizer(path, seq_len or SIGLIP_SEQ_LEN, pad_value=GEMMA_PAD)
     if family == "clip":
         return CLIPTokenizer(path, seq_len or CLIP_SEQ_LEN)
-    raise errors.UserError(f"unknown tokenizer family {family!r} for {path}: use 'siglip' or 'clip'")
+    raise errors.UserError(f"unknown tokenizer family {family!r} for {path}: use one of "
+                           f"{', '.join(CONVENTIONS)}")

@@ -33,7 +33,8 @@ def test_there_are_the_papers_targets():
 
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: os.path.basename(p))
-@pytest.mark.parametrize("arg", ["", "method=naive", "family=clip,data=/d,checkpoints=/c"])
+@pytest.mark.parametrize("arg", ["", "method=naive", "family=clip,data=/d,checkpoints=/c",
+                                 "family=siglip2,checkpoints=/c"])
 def test_every_config_validates(path, arg):
     c = _load(path, arg)
     config_lib.validate(c)
@@ -58,6 +59,10 @@ def test_every_config_validates(path, arg):
     assert set(c.eval.text_retrieval.keys()) == {"flickr30k", "coco"}
     if "family=clip" in arg:
         assert c.model.family == "clip" and c.model.checkpoint.startswith("/c/")
+    if "family=siglip2" in arg:  # SigLIP's towers and view, SigLIP 2's files
+        assert c.model.family == "siglip"
+        assert c.model.checkpoint == "/c/siglip2_b16_224.npz:img"
+        assert c.eval.tokenizer == "/c/gemma_tokenizer.model"
 
 
 @pytest.mark.parametrize("method", recipes.METHODS)
@@ -143,7 +148,8 @@ def test_the_argument_is_typed():
         assert "\n" not in str(e.value)
     with pytest.raises(errors.UserError, match="on 'yes': use true or false"):
         recipes.parse_arg("on=yes", on=False)
-    with pytest.raises(errors.UserError, match="family 'vit': use one of 'siglip', 'clip'"):
+    with pytest.raises(errors.UserError,
+                       match="family 'vit': use one of 'siglip', 'siglip2', 'clip'"):
         _load(PAPER_CONFIGS[0], "family=vit")
 
 

@@ -63,6 +63,11 @@ def read(path: str) -> dict:
     if "img/embedding/kernel" not in flat:
         raise errors.UserError(f"{path}: no image tower (img/embedding/kernel); name a sub-tree "
                          "with file.npz:SUB if the model is nested")
+    if flat["img/embedding/kernel"].ndim == 2:
+        raise errors.UserError(f"{path}: a NaFlex image tower (a Dense patch embedding over "
+                               "flattened patches, SigLIP 2's variable resolution), which is "
+                               "not supported; use a fixed-resolution SigLIP 2 checkpoint "
+                               "(e.g. siglip2_b16_224.npz)")
     return flat
 
 

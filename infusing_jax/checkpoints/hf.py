@@ -111,6 +111,11 @@ def read(path: str):
                                "re-save the model with save_pretrained")
     model_type = cfg.get("model_type", "")
     family = model_type.split("_")[0]
+    if family == "siglip2":
+        raise errors.UserError(f"{path}/config.json: model_type {model_type!r} is SigLIP 2's "
+                               "NaFlex (variable resolution), which is not supported; use a "
+                               "fixed-resolution SigLIP 2 (model_type 'siglip', e.g. "
+                               "google/siglip2-base-patch16-224)")
     if family not in TABLES:
         raise errors.UserError(f"{path}/config.json: model_type {model_type!r} is not a SigLIP "
                          "or CLIP model")

@@ -49,7 +49,7 @@ def _text_tower(cfg, needed_by: str):
                                f"text tower, which {needed_by} needs; name one with "
                                "eval.text_checkpoint")
     try:
-        tokenize = tokenizers.load_tokenizer(cfg.eval.tokenizer, model_cfg.family,
+        tokenize = tokenizers.load_tokenizer(cfg.eval.tokenizer, tokenizers.convention(model_cfg),
                                              model_cfg.text.seq_len)
         embed = text_retrieval.text_embedder(model_cfg, params, tokenize, cfg.eval.batch_size)
     except (errors.UserError, OSError) as e:

@@ -105,9 +105,15 @@ def set_method(c, method: str, target: str, linear_probe_steps: int,
 # Under CKPT (checkpoints=): each family's B/16 at 224 px and its tokenizer.
 CHECKPOINTS = {
     "siglip": "webli_en_b16_224_63724782.npz:img",  # big_vision's SigLIP B/16 224
+    "siglip2": "siglip2_b16_224.npz:img",           # big_vision's SigLIP 2 B/16 224
     "clip": "clip-vit-base-patch16",                # a Hugging Face save_pretrained folder
 }
-TOKENIZERS = {"siglip": "c4_en.model", "clip": "clip-vit-base-patch16"}
+TOKENIZERS = {"siglip": "c4_en.model", "siglip2": "gemma_tokenizer.model",
+              "clip": "clip-vit-base-patch16"}
+FAMILIES = tuple(CHECKPOINTS)  # a config's family= choices, the first the default
+# SigLIP 2 (fixed resolution) has SigLIP's towers and eval view: model.family 'siglip'; its
+# Gemma tokenizer's convention follows from the text tower's vocabulary (tokenizers.convention).
+MODEL_FAMILY = {"siglip2": "siglip"}
 
 # 80% of ImageNet-1k's 1,281,167 train images: the generic domain, less its val hold-out.
 IMAGENET_TRAIN_KEPT = 1_024_934
@@ -115,7 +121,7 @@ IMAGENET_TRAIN_KEPT = 1_024_934
 
 def set_image_tower(c, family: str, checkpoints: str) -> None:
     """model.family, model.checkpoint and eval.tokenizer: the family's files under CKPT."""
-    c.model.family = family
+    c.model.family = MODEL_FAMILY.get(family, family)
     c.model.checkpoint = os.path.join(checkpoints, CHECKPOINTS[family])
     c.eval.tokenizer = os.path.join(checkpoints, TOKENIZERS[family])
 

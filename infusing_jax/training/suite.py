@@ -78,7 +78,8 @@ def load_text_side(cfg) -> Optional[TextSide]:
         raise errors.UserError(f"config.eval.text_checkpoint: {path} has no text tower; name one "
                          "with eval.text_checkpoint or give text_embeddings files")
     try:
-        tokenize = tokenizers.load_tokenizer(e.tokenizer, model_cfg.family, model_cfg.text.seq_len)
+        tokenize = tokenizers.load_tokenizer(e.tokenizer, tokenizers.convention(model_cfg),
+                                             model_cfg.text.seq_len)
         return TextSide(text_retrieval.text_embedder(model_cfg, params, tokenize, e.batch_size))
     except (errors.UserError, OSError) as err:
         raise errors.UserError(f"config.eval.tokenizer: {err}") from None
