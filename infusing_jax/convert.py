@@ -1,7 +1,7 @@
 r"""Convert a SigLIP / CLIP checkpoint, or a run's fine-tuned model, to another format.
 
-    python -m infusing_jax.convert SRC DST [--to=big_vision|hf|open_clip|onnx]
-                                   [--image_size=N]
+    python -m infusing_jax.convert SRC DST
+        [--to=big_vision|hf|open_clip|tips_scenic|tips_pytorch|onnx] [--image_size=N]
 
 SRC is a checkpoint, whose format is inferred (`file.npz[:img]`, a save_pretrained
 directory, an open_clip .safetensors / .bin), or the workdir of a run of
@@ -10,7 +10,8 @@ EMA and LoRA as the run's config.json says) with the pretrained text tower, as
 `evaluate --export` writes it. Without --to, DST's name decides: .npz ->
 big_vision, .safetensors / .bin -> open_clip, .onnx -> the image tower as an
 ONNX graph (a dynamic batch axis; outputs 'embedding' and 'features'),
-anything else -> an HF directory.
+anything else -> an HF directory. TIPS image towers go to big_vision, onnx or
+their own two layouts (--to=tips_scenic, --to=tips_pytorch: .npz files).
 """
 import os
 

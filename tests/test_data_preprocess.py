@@ -196,10 +196,15 @@ def test_normalize(family):
 
 
 def test_unknown_family():
-    for call in (lambda: tf_views.normalize(tf.zeros(3), "tips"),
-                 lambda: tf_views.train_fn("tips", 224), lambda: tf_views.eval_fn("tips", 224)):
+    for call in (lambda: tf_views.normalize(tf.zeros(3), "blip"),
+                 lambda: tf_views.train_fn("blip", 224), lambda: tf_views.eval_fn("blip", 224)):
         with pytest.raises(ValueError, match="unknown family"):
             call()
+
+
+def test_tips_takes_pixels_in_0_1():
+    x = tf.constant([[0.0, 127.5, 255.0]])
+    np.testing.assert_allclose(tf_views.normalize(x, "tips").numpy(), [[0.0, 0.5, 1.0]])
 
 
 def test_train_fn_default_resize():

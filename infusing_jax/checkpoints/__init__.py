@@ -1,5 +1,5 @@
-"""Checkpoint import and export: big_vision `.npz`, Hugging Face directories, open_clip;
-export of the image tower to ONNX.
+"""Checkpoint import and export: big_vision `.npz`, Hugging Face directories, open_clip,
+TIPS image towers (Scenic and PyTorch `.npz`); export of the image tower to ONNX.
 
     params, cfg = checkpoints.load("webli_en_b16_224_63724782.npz")
     checkpoints.save(params, cfg, "out_dir", "hf")
@@ -23,11 +23,14 @@ from infusing_jax.checkpoints import mapping
 from infusing_jax.checkpoints import onnx_graph
 from infusing_jax.checkpoints import open_clip
 from infusing_jax.checkpoints import state_dict
+from infusing_jax.checkpoints import tips
 from infusing_jax.checkpoints import tree
 from infusing_jax.models import config as model_config_lib
 from infusing_jax.models import transformer
 
-FORMATS = ("big_vision", "hf", "open_clip")  # what `load` reads and `save` writes
+# What `load` reads and `save` writes. A TIPS .npz is told from a big_vision one by its
+# keys; tips_scenic / tips_pytorch are written only when asked for (--to).
+FORMATS = ("big_vision", "hf", "open_clip", "tips_scenic", "tips_pytorch")
 EXPORT_FORMATS = FORMATS + ("onnx",)  # what `save` writes
 
 
@@ -70,7 +73,16 @@ def detect_format(path: str) -> str:
 def _read_flat(path: str, fmt: str):
     """-> (canonical flat params, hints for config inference)."""
     if fmt == "big_vision":
-        return big_vision.read(path), {}
+        arrays = big_vision.read_arrays(path)
+        kind = tips.layout(arrays)
+        if kind == "scenic":
+            return tips.from_scenic(arrays, path)
+        if kind == "pytorch":
+            return tips.from_pytorch(arrays, path)
+        if kind == "scenic_text":
+            raise errors.UserError(f"{path}: a TIPS text tower (_text.npz), which is not "
+                                   "supported yet; load the image tower's _vision.npz")
+        return big_vision.canonical(arrays, path), {}
     if fmt == "hf":
         theirs, hints = hf.read(path)
         heads = {t: hints[t]["num_heads"] for t in ("img", "txt") if t in hints}
@@ -121,7 +133,7 @@ def load(path: str, image_size: int = None, act: str = None, scan: bool = False,
                             "act='quick_gelu' (OpenAI weights, '-quickgelu' models) or "
                             "act='gelu' (LAION, DataComp, DFN weights), --act on the "
                             "command line")
-    fixed = cfg.family == "siglip" or hints.get("img", {}).get("act")  # or a HF config's
+    fixed = cfg.family in ("siglip", "tips") or hints.get("img", {}).get("act")  # or HF's
     own = model_config_lib.resolved_towers(cfg)[0]["act"]
     if act and fixed and act != own:
         raise ArgumentError("act", f"{path} is a {fmt} {cfg.family} checkpoint, whose "
@@ -177,9 +189,15 @@ def save(params, cfg: ml_collections.ConfigDict, path: str, fmt: str = None) -> 
     if fmt not in EXPORT_FORMATS:
         raise errors.UserError(f"unknown format {fmt!r}; use one of {EXPORT_FORMATS}")
     flat = to_flat(params)
-    if fmt == "onnx":
+    if fmt == "onnx" or fmt.startswith("tips_"):  # image towers only
         flat = {k: v for k, v in flat.items() if k.startswith("img/")}
         cfg = ml_collections.ConfigDict(dict(cfg.to_dict(), text=None))
+    tips_only = fmt.startswith("tips_")
+    if (tips_only and cfg.family != "tips") or (fmt in ("hf", "open_clip")
+                                                 and cfg.family == "tips"):
+        raise errors.UserError(f"export to {path}: a {cfg.family} model cannot be written as "
+                               f"{fmt}; TIPS towers go to tips_scenic or tips_pytorch (or "
+                               "big_vision, onnx), the others to big_vision, hf or open_clip")
     check_shapes(flat, cfg, f"saving {path}")
     if not paths.is_remote(path):
         _write(flat, cfg, path, fmt)
@@ -202,8 +220,24 @@ def _write(flat: dict, cfg, path: str, fmt: str) -> None:
                                 f"export to {path}")
         _check_open_clip_heads(theirs, cfg, path)
         state_dict.write(path, theirs)
+    elif fmt == "tips_scenic":
+        big_vision.write(path, tips.to_scenic(flat))
+    elif fmt == "tips_pytorch":
+        _check_tips_pytorch_heads(cfg, path)
+        big_vision.write(path, tips.to_pytorch(flat))
     else:
         onnx_graph.write(onnx_graph.image_tower(_float32(flat), cfg), path)
+
+
+def _check_tips_pytorch_heads(cfg, path):
+    """TIPS's PyTorch files carry no head count: refuse towers whose count would not come
+    back."""
+    width, heads = cfg.image.width, cfg.image.num_heads
+    implied = tips.PYTORCH_HEADS.get(width, max(1, width // 64))
+    if heads != implied:
+        raise errors.UserError(f"export to {path}: TIPS's PyTorch layout stores no head "
+                               f"count, and this tower ({heads} heads of width {width}) would "
+                               f"load back with {implied}; use tips_scenic")
 
 
 def _upload(local_dir: str, remote_dir: str) -> None:

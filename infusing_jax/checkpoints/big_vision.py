@@ -36,16 +36,27 @@ def _decode(key, value, file):
     return value
 
 
-def read(path: str) -> dict:
-    """'file.npz[:sub/tree]' -> canonical flat params ('img/...', 'txt/...', 't', 'b').
-
-    A file with a `params/` sub-tree (e.g. a training state with `opt/` beside
-    it) is read from that sub-tree. The file may be remote (gs://big_vision/...).
-    """
-    file, sub = split_path(path)
+def read_arrays(path: str) -> dict:
+    """'file.npz[:sub/tree]' -> the file's arrays by key, bfloat16 decoded (local or
+    remote, e.g. gs://big_vision/...)."""
+    file, _ = split_path(path)
     if not paths.exists(file):
         raise errors.UserError(f"{file}: no such checkpoint file")
-    flat = {k: _decode(k, v, file) for k, v in paths.read_npz(file).items()}
+    return {k: _decode(k, v, file) for k, v in paths.read_npz(file).items()}
+
+
+def read(path: str) -> dict:
+    """'file.npz[:sub/tree]' -> canonical flat params ('img/...', 'txt/...', 't', 'b')."""
+    return canonical(read_arrays(path), path)
+
+
+def canonical(flat: dict, path: str) -> dict:
+    """A big_vision file's arrays -> canonical flat params.
+
+    A file with a `params/` sub-tree (e.g. a training state with `opt/` beside
+    it) is read from that sub-tree; 'file.npz:sub' reads the sub-tree `sub`.
+    """
+    file, sub = split_path(path)
     if any(k.startswith("params/") for k in flat):
         flat = {k[len("params/"):]: v for k, v in flat.items() if k.startswith("params/")}
     if sub:

@@ -26,14 +26,19 @@ def heads_for_width(width: int) -> int:
 def _family(flat, hints):
     if hints.get("family"):
         return hints["family"]
+    if "img/pos_embedding" in flat and flat["img/pos_embedding"].ndim == 4:
+        return "tips"  # a (1, G, G, W) position grid
     return "clip" if "img/pre_norm/scale" in flat else "siglip"
 
 
 def _block(flat, prefix):
     attn = flat[f"{prefix}encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"]
     mlp = flat[f"{prefix}encoderblock_0/MlpBlock_0/Dense_0/kernel"]
-    return dict(depth=tree.count_blocks(flat, prefix), num_heads=int(attn.shape[1]),
-                mlp_dim=int(mlp.shape[1]))
+    out = dict(depth=tree.count_blocks(flat, prefix), num_heads=int(attn.shape[1]),
+               mlp_dim=int(mlp.shape[1]))
+    if f"{prefix}encoderblock_0/MlpBlock_0/Dense_2/kernel" in flat:
+        out["act"] = transformer.SWIGLU  # a gated MLP: three Dense layers
+    return out
 
 
 def _image(flat, hints):
@@ -42,7 +47,13 @@ def _image(flat, hints):
     out = dict(patch_size=patch, width=width, **_block(flat, "img/Transformer/"))
     out["pool_type"] = ("map" if "img/MAPHead_0/probe" in flat else
                         "tok" if "img/cls" in flat else "gap")
-    out["posemb"] = "learn" if "img/pos_embedding" in flat else "sincos2d"
+    posemb = flat.get("img/pos_embedding")
+    out["posemb"] = ("sincos2d" if posemb is None else
+                     "learn_2d" if posemb.ndim == 4 else "learn")
+    if out["posemb"] == "learn_2d":  # TIPS: the grid is resized to any input
+        out["posemb_grid"] = int(posemb.shape[1])
+    if out["pool_type"] == "tok" and flat["img/cls"].shape[1] > 1:
+        out["num_cls"] = int(flat["img/cls"].shape[1])  # TIPS: 2
     out["out_dim"] = int(flat["img/head/kernel"].shape[1]) if "img/head/kernel" in flat else None
     out["patch_bias"] = "img/embedding/bias" in flat
     if out["out_dim"]:
@@ -59,6 +70,8 @@ def _image(flat, hints):
             image_size = grid * patch  # e.g. So400m/14 at 384 px: a 27 x 27 grid
     else:
         out["cls_posemb"] = False
+        if out["posemb"] == "learn_2d" and not image_size:
+            image_size = out["posemb_grid"] * patch
     return out, image_size or 224
 
 

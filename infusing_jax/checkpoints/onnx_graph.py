@@ -7,6 +7,7 @@ The graph is models/vit.py's forward pass, written op by op from the canonical
 flat parameters (float32):
 
   images (N, S, S, 3) -> patch Conv -> [cls] + position embedding -> [pre_norm]
+  (TIPS: its position grid resized to S's patch grid here; two cls tokens)
   -> depth x (x + MHA(LN(x)); x + MLP(LN(x))) -> encoder_norm
   -> pool (MAP head | token 0 | mean) -> [head]  = features (N, E)
   embedding = features / (||features|| + 1e-8)  (as `TwoTowers` normalises)
@@ -17,6 +18,7 @@ attention is softmax(q k^T / sqrt(d)) v per head on (N, H, L, d) tensors.
 """
 import os
 
+import jax
 import numpy as np
 
 from infusing_jax import errors
@@ -91,6 +93,11 @@ class _Graph:
         return self.op("Mul", half, self.op("Add", inner, self.const(1.0)))
 
     def mlp(self, x, prefix, act) -> str:
+        if act == transformer.SWIGLU:  # silu(x W0 + b0) * (x W1 + b1) -> Dense_2
+            gate = self.dense(x, f"{prefix}/Dense_0")
+            gate = self.op("Mul", gate, self.op("Sigmoid", gate))
+            value = self.dense(x, f"{prefix}/Dense_1")
+            return self.dense(self.op("Mul", gate, value), f"{prefix}/Dense_2")
         return self.dense(self.activation(self.dense(x, f"{prefix}/Dense_0"), act),
                           f"{prefix}/Dense_1")
 
@@ -114,9 +121,9 @@ class _Graph:
         return self.dense(out, f"{prefix}/out", inputs=2)
 
     def batch_of(self, x, key) -> str:
-        """The (1, 1, W) parameter `key` repeated along x's batch axis -> (N, 1, W)."""
+        """The (1, T, W) parameter `key` repeated along x's batch axis -> (N, T, W)."""
         n = self.op("Slice", self.op("Shape", x), self.const([0]), self.const([1]))
-        shape = self.op("Concat", n, self.const([1, self.flat[key].shape[-1]]), axis=0)
+        shape = self.op("Concat", n, self.const(self.flat[key].shape[1:]), axis=0)
         return self.op("Expand", self.param(key), shape)
 
 
@@ -146,6 +153,11 @@ def image_tower(flat: dict, cfg):
         x = g.op("Concat", cls, x, axis=1)
     if arch["posemb"] == "learn":
         posemb = g.param("img/pos_embedding")
+    elif arch["posemb"] == "learn_2d":  # resized to the patch grid once, here
+        table = np.asarray(flat["img/pos_embedding"], np.float32)
+        if table.shape[1] != grid:
+            table = np.asarray(jax.image.resize(table, (1, grid, grid, width), "bilinear"))
+        posemb = g.const(table.reshape(1, grid * grid, width), "img/pos_embedding")
     else:
         posemb = g.const(np.asarray(transformer.posemb_sincos_2d(grid, grid, width)))
     x = g.op("Add", x, posemb)

@@ -1,7 +1,7 @@
 """Decoding any image to RGB, and each family's eval preprocessing (PIL / numpy).
 
 Eval view, as each family's own code does it: SigLIP (big_vision) squash-resizes
-to S x S bilinearly and scales pixels to [-1, 1]; CLIP (OpenAI) resizes the
+to S x S bilinearly and scales pixels to [-1, 1] (TIPS: to [0, 1]); CLIP (OpenAI) resizes the
 shorter side to S bicubically, centre crops S x S, and normalises with OpenAI's
 mean and std. (The paper's retrieval protocol, shorter side + centre crop for
 both, belongs to the data pipeline.)
@@ -11,9 +11,11 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-NORMALIZATION = {"siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "clip": (CLIP_MEAN, CLIP_STD)}
-# big_vision resizes SigLIP inputs bilinearly; OpenAI CLIP bicubically.
-RESAMPLE = {"siglip": Image.Resampling.BILINEAR, "clip": Image.Resampling.BICUBIC}
+NORMALIZATION = {"siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "clip": (CLIP_MEAN, CLIP_STD),
+                 "tips": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
+# big_vision resizes SigLIP inputs bilinearly, TIPS's code too; OpenAI CLIP bicubically.
+RESAMPLE = {"siglip": Image.Resampling.BILINEAR, "clip": Image.Resampling.BICUBIC,
+            "tips": Image.Resampling.BILINEAR}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                     ".ppm", ".pgm", ".pbm")
 
@@ -41,7 +43,7 @@ def load_rgb(path: str) -> Image.Image:
 
 def eval_view(image: Image.Image, size: int, family: str) -> np.ndarray:
     """RGB image -> (size, size, 3) float32, the family's eval view (module docstring)."""
-    if family == "siglip":
+    if family in ("siglip", "tips"):
         image = image.resize((size, size), RESAMPLE[family])
     else:
         w, h = image.size

@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from infusing_jax.data.pil_views import CLIP_MEAN, CLIP_STD
 
-FAMILIES = ("siglip", "clip")
+FAMILIES = ("siglip", "clip", "tips")
 
 
 def _on_white(rgba):
@@ -129,11 +129,14 @@ def _check(family: str):
 
 
 def normalize(x, family: str):
-    """float32 (..., 3) in [0, 255] -> the family's input: siglip [-1, 1]; clip OpenAI mean/std."""
+    """float32 (..., 3) in [0, 255] -> the family's input: siglip [-1, 1]; clip OpenAI
+    mean/std; tips [0, 1]."""
     _check(family)
     x = x / 255.0
     if family == "siglip":
         return (x - 0.5) / 0.5
+    if family == "tips":
+        return x
     return (x - tf.constant(CLIP_MEAN)) / tf.constant(CLIP_STD)
 
 

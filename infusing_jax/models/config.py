@@ -1,9 +1,10 @@
-"""Model configs: a family (siglip | clip), tower sizes, dtypes; and `build`.
+"""Model configs: a family (siglip | clip | tips), tower sizes, dtypes; and `build`.
 
 A model config is an ml_collections ConfigDict:
-  family: 'siglip' | 'clip'
+  family: 'siglip' | 'clip' | 'tips' (TIPS's image tower; its text tower is not in yet)
   image_size: int, the resolution the position embedding was trained at
   image: patch_size, width, depth, mlp_dim, num_heads, posemb, pool_type, out_dim
+    (TIPS: posemb 'learn_2d' with posemb_grid, num_cls 2; act 'swiglu' for g/14)
   text: vocab_size, seq_len, width, depth, mlp_dim, num_heads, out_dim; or None
   dtype, param_dtype: 'float32' | 'bfloat16'; scan: bool; remat_policy: str
 Architecture details that a family fixes (activation, LayerNorm epsilon, CLIP's
@@ -34,11 +35,23 @@ FAMILIES = {
                   head_bias=False),
         logit_bias=False, t_init=float(np.log(1 / 0.07)), b_init=0.0,
     ),
+    # TIPS (Scenic's ViT): flax's defaults, tanh GELU and LayerNorm eps 1e-6, no heads.
+    "tips": dict(
+        image=dict(act="gelu_tanh", ln_eps=1e-6, patch_bias=True, cls_posemb=False,
+                   pre_norm=False, head_bias=True),
+        text=None, logit_bias=False, t_init=float(np.log(100.0)), b_init=0.0,
+    ),
 }
+# TIPS's sizes by image variant: (width, depth, mlp_dim, heads, MLP act); its g is not
+# big_vision's (width 1536, 24 heads, a SwiGLU MLP of Scenic's 2/3 x 6144 = 4096 wide).
+TIPS_VARIANTS = {"S": (384, 12, 1536, 6, "gelu_tanh"), "B": (768, 12, 3072, 12, "gelu_tanh"),
+                 "L": (1024, 24, 4096, 16, "gelu_tanh"),
+                 "So400m": (1152, 27, 4304, 16, "gelu_tanh"),
+                 "g": (1536, 40, 4096, 24, transformer.SWIGLU)}
 
 _IMAGE_FIELDS = ("patch_size", "width", "depth", "mlp_dim", "num_heads", "posemb",
-                 "pool_type", "out_dim", "act", "ln_eps", "patch_bias", "cls_posemb",
-                 "pre_norm", "head_bias")
+                 "posemb_grid", "num_cls", "pool_type", "out_dim", "act", "ln_eps",
+                 "patch_bias", "cls_posemb", "pre_norm", "head_bias")
 _TEXT_FIELDS = ("vocab_size", "width", "depth", "mlp_dim", "num_heads", "pool_type",
                 "out_dim", "act", "ln_eps", "causal", "head_bias")
 
@@ -62,7 +75,10 @@ def model_config(family: str = "siglip", variant: str = "B/16", image_size: int 
     or a big_vision variant for other sizes (embed_dim then the image width).
     """
     if family not in FAMILIES:
-        raise errors.UserError(f"model.family: unknown family {family!r}; use siglip or clip")
+        raise errors.UserError(f"model.family: unknown family {family!r}; use one of "
+                               f"{', '.join(FAMILIES)}")
+    if family == "tips":
+        return _tips_config(variant, image_size, text_variant, overrides)
     img = transformer.decode_variant(variant)
     if family == "siglip":
         img.update(posemb="learn", pool_type="map", out_dim=None)
@@ -87,10 +103,33 @@ def model_config(family: str = "siglip", variant: str = "B/16", image_size: int 
     return cfg
 
 
+def _tips_config(variant, image_size, text_variant, overrides):
+    """TIPS's image tower, e.g. 'B/14' (v1: a 16 x 16 position grid; v2: posemb_grid=32)."""
+    if text_variant:
+        raise errors.UserError("model.family 'tips': the TIPS text tower is not supported "
+                               "yet; load its image tower alone (text_variant=None)")
+    name, _, patch = variant.partition("/")
+    if name not in TIPS_VARIANTS:
+        raise errors.UserError(f"unknown TIPS variant {variant!r}; known: "
+                               f"{', '.join(v + '/14' for v in TIPS_VARIANTS)}")
+    width, depth, mlp_dim, heads, act = TIPS_VARIANTS[name]
+    img = dict(patch_size=int(patch or 14), width=width, depth=depth, mlp_dim=mlp_dim,
+               num_heads=heads, act=act, posemb="learn_2d", posemb_grid=16, num_cls=2,
+               pool_type="tok", out_dim=None)
+    cfg = ml_collections.ConfigDict(dict(
+        family="tips", image_size=image_size, image=img, text=None,
+        dtype="float32", param_dtype="float32", scan=False, remat_policy="none"))
+    cfg.update(overrides)
+    return cfg
+
+
 def validate(cfg) -> None:
     """Raises ValueError naming the config field that cannot work."""
     if cfg.family not in FAMILIES:
-        raise errors.UserError(f"model.family: unknown family {cfg.family!r}; use siglip or clip")
+        raise errors.UserError(f"model.family: unknown family {cfg.family!r}; use one of "
+                               f"{', '.join(FAMILIES)}")
+    if cfg.family == "tips" and cfg.get("text") is not None:
+        raise errors.UserError("model.family 'tips': the TIPS text tower is not supported yet")
     for tower in ("image", "text"):
         t = cfg.get(tower)
         if t is None:

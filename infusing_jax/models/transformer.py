@@ -19,6 +19,9 @@ ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
 }
 
+# The MLP kind that is not an activation: MlpBlock's gated SwiGLU.
+SWIGLU = "swiglu"
+
 # Width, depth, MLP width and heads of the named big_vision variants.
 VARIANTS = {
     "mu": (32, 1, 128, 2),
@@ -50,7 +53,11 @@ def decode_variant(variant: str) -> dict:
 
 
 class MlpBlock(nn.Module):
-    """Dense(mlp_dim) -> activation -> Dense(D), on (..., D)."""
+    """Dense(mlp_dim) -> activation -> Dense(D), on (..., D).
+
+    act 'swiglu' (TIPS g/14, DINOv2's SwiGLU): silu(x W0 + b0) * (x W1 + b1) -> Dense(D),
+    the three Dense layers Dense_0, Dense_1, Dense_2; mlp_dim is the gated width.
+    """
 
     mlp_dim: int
     act: str = "gelu_tanh"
@@ -64,6 +71,10 @@ class MlpBlock(nn.Module):
             kernel_init=nn.initializers.xavier_uniform(),
             bias_init=nn.initializers.normal(stddev=1e-6))
         d = x.shape[-1]
+        if self.act == SWIGLU:
+            gate = nn.silu(dense(self.mlp_dim)(x))
+            value = dense(self.mlp_dim)(x)
+            return dense(d)(gate * value)
         x = dense(self.mlp_dim)(x)
         x = ACTIVATIONS[self.act](x)
         return dense(d)(x)

@@ -1,5 +1,9 @@
 """ViT image tower with big_vision's parameter tree (SigLIP), or OpenAI CLIP's layout.
 
+TIPS (Scenic): posemb 'learn_2d', a (1, G, G, W) grid resized bilinearly (with
+antialiasing, jax.image.resize) to the patch grid and added to the patches; then
+`num_cls` (2) cls tokens, without position, before them; pool 'tok' is token 0.
+
 SigLIP (big_vision): patch conv with bias -> + pos_embedding -> [cls if pool 'tok']
 -> blocks -> encoder_norm -> pool ('map' | 'tok' | 'gap') -> [head].
 CLIP (OpenAI): patch conv without bias -> cls first -> + pos_embedding (covers
@@ -10,6 +14,7 @@ applied to every token and then taking token 0, since LayerNorm is per token.
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,7 +33,9 @@ class VisionTransformer(nn.Module):
     depth: int = 12
     mlp_dim: int = 3072
     num_heads: int = 12
-    posemb: str = "learn"  # 'learn' | 'sincos2d'
+    posemb: str = "learn"  # 'learn' | 'sincos2d' | 'learn_2d'
+    posemb_grid: Optional[int] = None  # 'learn_2d': the grid G of its (1, G, G, W) table
+    num_cls: int = 1  # cls tokens with pool 'tok' (TIPS: 2); token 0 is pooled
     pool_type: str = "map"  # 'map' | 'tok' | 'gap'
     out_dim: Optional[int] = None  # a final Dense 'head' when set
     head_bias: bool = True
@@ -54,7 +61,8 @@ class VisionTransformer(nn.Module):
         x = jnp.reshape(x, [n, h * w, d])
         has_cls = self.pool_type == "tok"
         if has_cls:
-            cls = self.param("cls", nn.initializers.zeros, (1, 1, d), self.param_dtype)
+            cls = self.param("cls", nn.initializers.zeros, (1, self.num_cls, d),
+                             self.param_dtype)
         if has_cls and self.cls_posemb:
             x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]).astype(x.dtype), x], axis=1)
         x = x + self._posemb(x.shape[1], (h, w), d).astype(x.dtype)
@@ -89,8 +97,15 @@ class VisionTransformer(nn.Module):
         if self.posemb == "learn":
             init = nn.initializers.normal(stddev=1 / np.sqrt(width))
             return self.param("pos_embedding", init, (1, length, width), self.param_dtype)
+        if self.posemb == "learn_2d":
+            g = self.posemb_grid
+            init = nn.initializers.normal(stddev=1 / np.sqrt(width))
+            table = self.param("pos_embedding", init, (1, g, g, width), self.param_dtype)
+            if (g, g) != tuple(grid):
+                table = jax.image.resize(table, (1, *grid, width), "bilinear")
+            return jnp.reshape(table, (1, length, width))
         if self.posemb == "sincos2d":
             if self.cls_posemb:
                 raise ValueError("posemb 'sincos2d' cannot cover a cls token (cls_posemb)")
             return transformer.posemb_sincos_2d(*grid, width)
-        raise ValueError(f"unknown posemb {self.posemb!r}: use learn or sincos2d")
+        raise ValueError(f"unknown posemb {self.posemb!r}: use learn, sincos2d or learn_2d")

@@ -237,7 +237,7 @@ def _source(*kinds) -> fields.Rule:
 
 
 MODEL = dict(
-    checkpoint=fields.text(), family=fields.one_of("siglip", "clip"),
+    checkpoint=fields.text(), family=fields.one_of("siglip", "clip", "tips"),
     variant=fields.Rule(_variant, f"a variant such as 'B/16' (one of {sorted(transformer.VARIANTS)}"
                                   ", '/' and the patch size)"),
     image_size=fields.integer(1), act=fields.one_of("", *sorted(transformer.ACTIVATIONS)),
