@@ -31,7 +31,7 @@ CLIP_SEQ_LEN = 77
 # SigLIP 2's text tower: Gemma's sentencepiece vocabulary, whose '<pad>' is id 0.
 GEMMA_VOCAB = 256_000
 GEMMA_PAD = 0
-CONVENTIONS = ("siglip", "siglip2", "clip")
+CONVENTIONS = ("siglip", "siglip2", "clip", "tips")
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
@@ -68,6 +68,8 @@ class SigLIPTokenizer:
     * "sticky" EOS: a text longer than seq_len is cut to seq_len - 1 ids + EOS;
     * padded with `pad_value` (1, which is `</s>` in the T5 c4_en / mc4 vocabs).
 
+    With eos=False (TIPS): no EOS, a longer text cut to seq_len ids; TIPS pads with 0.
+
     Differs from transformers' `SiglipTokenizer`, which also strips
     punctuation and collapses whitespace (big_vision does that only to class
     names in its zero-shot prompts) and lowercases all of Unicode.
@@ -77,7 +79,7 @@ class SigLIPTokenizer:
     """
 
     def __init__(self, path, seq_len: int = SIGLIP_SEQ_LEN, *, lowercase: bool = True,
-                 pad_value: int = 1):
+                 pad_value: int = 1, eos: bool = True):
         path = _existing(path)
         if os.path.isdir(path):
             found = [os.path.join(path, n) for n in ("spiece.model", "tokenizer.model")
@@ -93,18 +95,18 @@ class SigLIPTokenizer:
                 self.sp.LoadFromSerializedProto(f.read())
         except (OSError, RuntimeError) as e:
             raise errors.UserError(f"not a sentencepiece .model file: {path} ({e})") from None
-        if self.sp.eos_id() < 0:
+        if eos and self.sp.eos_id() < 0:
             raise errors.UserError(f"sentencepiece model has no EOS token: {path}")
         self.path, self.seq_len = path, seq_len
-        self.lowercase, self.pad_value = lowercase, pad_value
+        self.lowercase, self.pad_value, self.eos = lowercase, pad_value, eos
         self.eos_id = self.sp.eos_id()
         self.vocab_size = self.sp.GetPieceSize()
 
     def encode(self, text: str) -> list:
-        """Ids of one text, EOS included, before truncation and padding."""
+        """Ids of one text, EOS included (with `eos`), before truncation and padding."""
         if self.lowercase:
             text = text.translate(_ASCII_LOWER)
-        return self.sp.encode(text, add_eos=True)
+        return self.sp.encode(text, add_eos=self.eos)
 
     def __call__(self, texts) -> np.ndarray:
         """list of N strings (or one string) -> (N, seq_len) int32."""
@@ -114,18 +116,19 @@ class SigLIPTokenizer:
     def special_ids(self) -> tuple:
         """EOS, the pad value, and BOS where the model has one (Gemma's, not T5's)."""
         bos = self.sp.bos_id()
-        return (self.eos_id, self.pad_value) + ((bos,) if bos >= 0 else ())
+        return ((self.eos_id,) if self.eos else ()) + (self.pad_value,) + (
+            (bos,) if bos >= 0 else ())
 
     def wrap(self, ids: list) -> list:
-        """Token ids of a text's content -> with EOS, as `encode` gives them."""
-        return list(ids) + [self.eos_id]
+        """Token ids of a text's content -> with EOS (with `eos`), as `encode` gives them."""
+        return list(ids) + ([self.eos_id] if self.eos else [])
 
     def rows(self, encoded: list) -> np.ndarray:
         """Encoded texts (each as `encode` gives it) -> (N, seq_len) int32, cut and padded."""
         out = np.full((len(encoded), self.seq_len), self.pad_value, np.int32)
         for i, ids in enumerate(encoded):
             if len(ids) > self.seq_len:
-                ids = ids[:self.seq_len - 1] + [self.eos_id]
+                ids = ids[:self.seq_len - 1] + [self.eos_id] if self.eos else ids[:self.seq_len]
             out[i, :len(ids)] = ids
         return out
 
@@ -297,6 +300,9 @@ def load_tokenizer(path, family: str, seq_len: int | None = None):
 
     siglip2 is big_vision's SigLIP 2 text preprocessing, `lower | tok(length=64,
     model='gemma', bos='no', eos='sticky')`: SigLIP's, padded with Gemma's '<pad>'.
+    tips is TIPS's: lowercased (ASCII), no BOS or EOS, cut to 64 ids, padded with 0 (the
+    text tower masks id 0). TIPS's own tokenizer marks no padding at all in a batch where
+    any text is longer than 64 ids; here padding is always padding.
     """
     family = family.lower()
     if family == "siglip":
@@ -305,5 +311,7 @@ def load_tokenizer(path, family: str, seq_len: int | None = None):
         return SigLIPTokenizer(path, seq_len or SIGLIP_SEQ_LEN, pad_value=GEMMA_PAD)
     if family == "clip":
         return CLIPTokenizer(path, seq_len or CLIP_SEQ_LEN)
+    if family == "tips":
+        return SigLIPTokenizer(path, seq_len or SIGLIP_SEQ_LEN, pad_value=0, eos=False)
     raise errors.UserError(f"unknown tokenizer family {family!r} for {path}: use one of "
                            f"{', '.join(CONVENTIONS)}")

@@ -34,7 +34,7 @@ def test_there_are_the_papers_targets():
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: os.path.basename(p))
 @pytest.mark.parametrize("arg", ["", "method=naive", "family=clip,data=/d,checkpoints=/c",
-                                 "family=siglip2,checkpoints=/c"])
+                                 "family=siglip2,checkpoints=/c", "family=tips,checkpoints=/c"])
 def test_every_config_validates(path, arg):
     c = _load(path, arg)
     config_lib.validate(c)
@@ -59,6 +59,10 @@ def test_every_config_validates(path, arg):
     assert set(c.eval.text_retrieval.keys()) == {"flickr30k", "coco"}
     if "family=clip" in arg:
         assert c.model.family == "clip" and c.model.checkpoint.startswith("/c/")
+    if "family=tips" in arg:
+        assert c.model.family == "tips" and c.model.image_size % 14 == 0
+        assert c.model.checkpoint == "/c/tips_oss_b14_highres_distilled_vision.npz:img"
+        assert c.eval.tokenizer == "/c/tokenizer.model"
     if "family=siglip2" in arg:  # SigLIP's towers and view, SigLIP 2's files
         assert c.model.family == "siglip"
         assert c.model.checkpoint == "/c/siglip2_b16_224.npz:img"
@@ -149,7 +153,7 @@ def test_the_argument_is_typed():
     with pytest.raises(errors.UserError, match="on 'yes': use true or false"):
         recipes.parse_arg("on=yes", on=False)
     with pytest.raises(errors.UserError,
-                       match="family 'vit': use one of 'siglip', 'siglip2', 'clip'"):
+                       match="family 'vit': use one of 'siglip', 'siglip2', 'clip', 'tips'"):
         _load(PAPER_CONFIGS[0], "family=vit")
 
 

@@ -9,8 +9,10 @@ DINOv2-style PyTorch one (fused qkv, LayerScale, the first cls token's own
 position, a register token, exact GELU).
 """
 import json
+import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from scipy.special import erf
@@ -18,6 +20,7 @@ from scipy.special import erf
 from infusing_jax import checkpoints
 from infusing_jax import errors
 from infusing_jax import models
+from infusing_jax import tokenizers
 from infusing_jax.checkpoints import tips
 from infusing_jax.checkpoints import tree
 from tests.helpers.tiny import randomize
@@ -250,24 +253,26 @@ def test_wrong_pairings_are_refused_in_one_line(tmp_path):
     with pytest.raises(errors.UserError, match="would load back with 6; use tips_scenic"):
         checkpoints.save(_params(odd), odd, str(tmp_path / "odd.npz"), "tips_pytorch")
     np.savez(tmp_path / "tips_text.npz", **{"token_emb/emb_var": np.zeros((8, 4), np.float32)})
-    with pytest.raises(errors.UserError, match="a TIPS text tower"):
+    with pytest.raises(errors.UserError, match="a TIPS text tower; give the _vision.npz"):
         checkpoints.load(str(tmp_path / "tips_text.npz"))
-    with pytest.raises(errors.UserError, match="TIPS text tower is not supported yet"):
-        models.model_config("tips", "B/14", 224, "B")
+    pair = _pair_config()
+    with pytest.raises(errors.UserError, match="name this one FILE_vision.npz"):
+        checkpoints.save(_params(pair), pair, str(tmp_path / "tips.npz"), "tips_scenic")
     assert tips.layout(["cls_token", "pos_embed", "patch_embed.proj.weight"]) == "pytorch"
 
 
 def test_a_tips_tower_fine_tunes_with_the_method_and_exports_to_scenic(world, tmp_path):
     from infusing_jax.training import loop
     from tests.helpers import train_world
-    cfg = _config("S/14", 28)
-    cfg.image.update(width=48, num_heads=4)
+    import sentencepiece
+    cfg = models.model_config("tips", "S/14", 28, "S")
+    cfg.image.update(width=48, num_heads=4, depth=2, mlp_dim=64)
+    vocab = sentencepiece.SentencePieceProcessor(model_file=f"{world}/spm.model").vocab_size()
+    cfg.text.update(width=48, num_heads=4, depth=2, mlp_dim=64, vocab_size=vocab)
     path = str(tmp_path / "tips_tiny_vision.npz")
-    checkpoints.save(_params(cfg), cfg, path, "tips_scenic")
-    c = train_world.world_config(world, "full", "precomputed", "yes")
+    checkpoints.save(_params(cfg), cfg, path, "tips_scenic")  # and tips_tiny_text.npz
+    c = train_world.world_config(world, "full", "precomputed", "yes")  # text tests too
     c.model.update(checkpoint=path, family="tips", image_size=28)
-    c.eval.text_retrieval = {}  # no TIPS text tower yet
-    c.eval.zero_shot = {}
     c.train.select_by = "in-domain"
     workdir = str(tmp_path / "run")
     loop.train_and_evaluate(c, workdir)
@@ -277,12 +282,162 @@ def test_a_tips_tower_fine_tunes_with_the_method_and_exports_to_scenic(world, tm
     assert np.isfinite(losses).all() and len(losses) >= 2
     tested = results["models"]["fine-tuned"]["retrieval"]["target"]
     headline = results["models"]["fine-tuned"]["headline"]
-    assert tested["num_queries"] == 16 and 0 <= headline["in_domain_r1"] <= 1
+    assert tested["num_queries"] == 16
+    for key in ("in_domain_r1", "image_to_text_r1", "text_to_image_r1", "zero_shot_top1"):
+        assert 0 <= headline[key] <= 1, key
     from infusing_jax import convert
     out = str(tmp_path / "finetuned_vision.npz")
     convert.export_run(workdir, out, "tips_scenic")
     theirs = dict(np.load(out))
     assert tips.layout(theirs) == "scenic"
+    text = dict(np.load(tmp_path / "finetuned_text.npz"))  # the frozen text tower, as it was
+    for k, v in dict(np.load(tmp_path / "tips_tiny_text.npz")).items():
+        np.testing.assert_array_equal(text[k], v, err_msg=k)
     loaded, _ = checkpoints.load(out)
     assert not np.array_equal(checkpoints.to_flat(loaded)["img/cls"],
                               dict(np.load(path))["encoder/ToTokenSequence_0/cls"])
+
+
+
+# ---------------------------------------------------------------- the text tower
+
+VOCAB, TEXT_LEN = 40, 8
+
+
+def _pair_config():
+    cfg = models.model_config("tips", "S/14", 28, "S")
+    cfg.image.update(depth=1)
+    cfg.text.update(depth=2, mlp_dim=64, vocab_size=VOCAB, seq_len=TEXT_LEN)
+    return cfg
+
+
+def _sinusoid(length, width):
+    n = width // 2
+    inv = np.exp(np.arange(n) * -np.log(1e4) / max(n - 1, 1))
+    angles = np.arange(length)[:, None] * inv[None]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def text_reference(t: dict, tokens, heads, layout="scenic"):
+    """TIPS's TextEncoder (Scenic's, or their PyTorch one: eps 1e-5) -> normed embeddings."""
+    t = {k: np.asarray(v, np.float64) for k, v in t.items()}
+    scenic = layout == "scenic"
+    emb = t["token_emb/emb_var" if scenic else "token_embedding.weight"]
+    width = emb.shape[1]
+    x = emb[tokens] * np.sqrt(width) + _sinusoid(tokens.shape[1], width)
+    keep = (tokens != 0).astype(np.float64)
+    eps = 1e-6 if scenic else 1e-5
+    depth = len({k.split(".")[2] if not scenic else k.split("/")[1] for k in t
+                 if k.startswith("transformer")})
+    n, length = tokens.shape
+    d = width // heads
+    for i in range(depth):
+        if scenic:
+            b = f"transformer/encoderblock_{i}/"
+            a = b + "MultiHeadDotProductAttention_0/"
+            proj = [(t[f"{a}{m}/kernel"].reshape(width, width), t[f"{a}{m}/bias"].reshape(-1))
+                    for m in ("query", "key", "value")]
+            out = (t[a + "out/kernel"].reshape(width, width), t[a + "out/bias"])
+            ln = [(t[f"{b}LayerNorm_{j}/scale"], t[f"{b}LayerNorm_{j}/bias"]) for j in (0, 1)]
+            fc = [(t[f"{b}MlpBlock_0/Dense_{j}/kernel"], t[f"{b}MlpBlock_0/Dense_{j}/bias"])
+                  for j in (0, 1)]
+        else:
+            b = f"transformer.resblocks.{i}."
+            w, bias = t[b + "attn.in_proj_weight"], t[b + "attn.in_proj_bias"]
+            proj = [(w[j * width:(j + 1) * width].T, bias[j * width:(j + 1) * width])
+                    for j in range(3)]
+            out = (t[b + "attn.out_proj.weight"].T, t[b + "attn.out_proj.bias"])
+            ln = [(t[f"{b}ln_{j}.weight"], t[f"{b}ln_{j}.bias"]) for j in (1, 2)]
+            fc = [(t[f"{b}mlp.{m}.weight"].T, t[f"{b}mlp.{m}.bias"]) for m in ("c_fc", "c_proj")]
+        y = _layer_norm(x, *ln[0], eps)
+        q, k, v = ((y @ m + c).reshape(n, length, heads, d).transpose(0, 2, 1, 3)
+                   for m, c in proj)
+        logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d)
+        logits = np.where(keep[:, None, None, :] > 0, logits, -1e30)
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        x = x + (weights @ v).transpose(0, 2, 1, 3).reshape(n, length, width) @ out[0] + out[1]
+        y = _layer_norm(x, *ln[1], eps)
+        h = np.maximum(y @ fc[0][0] + fc[0][1], 0) * keep[..., None]
+        x = x + (h @ fc[1][0] + fc[1][1]) * keep[..., None]
+    norm = ("text_encoder_norm/scale", "text_encoder_norm/bias") if scenic else (
+        "ln_final.weight", "ln_final.bias")
+    x = _layer_norm(x, t[norm[0]], t[norm[1]], eps)
+    pooled = (x * keep[..., None]).sum(1) / (keep.sum(1)[:, None] + 1e-8)
+    return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+
+
+def _tokens():
+    return np.array([[5, 9, 12, 3, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0, 0, 0],
+                     [4, 8, 15, 16, 23, 39, 2, 11]], np.int32)
+
+
+@pytest.mark.parametrize("fmt", ["tips_scenic", "tips_pytorch"])
+def test_the_text_file_beside_the_vision_file_loads_and_runs_as_tips_text_encoder(tmp_path, fmt):
+    cfg = _pair_config()
+    params = _params(cfg, seed=4)
+    params["temperature"] = np.float32(0.0123)
+    vision = str(tmp_path / "tips_tiny_vision.npz")
+    checkpoints.save(params, cfg, vision, fmt)
+    text_file = tmp_path / "tips_tiny_text.npz"
+    theirs = dict(np.load(text_file))
+    layout = "scenic" if fmt == "tips_scenic" else "pytorch"
+    assert tips.text_layout(theirs) == layout
+    if layout == "scenic":
+        assert float(theirs["temperature_contrastive"]) == np.float32(0.0123)
+    loaded, loaded_cfg = checkpoints.load(vision)
+    assert loaded_cfg.text.seq_len == 64 and loaded_cfg.text.width == WIDTH
+    assert tokenizers.convention(loaded_cfg) == "tips"
+    model = models.build(dict_cfg(loaded_cfg, TEXT_LEN))
+    tokens = _tokens()
+    _, ztxt, _ = model.apply({"params": loaded}, None, tokens)
+    want = text_reference(theirs, tokens, HEADS, layout)
+    np.testing.assert_allclose(np.asarray(ztxt), want, atol=2e-5)
+    # Padding never reaches the tokens that are not: a longer pad tail changes nothing.
+    longer = np.concatenate([tokens, np.zeros((3, 4), np.int32)], axis=1)
+    np.testing.assert_allclose(np.asarray(model.apply({"params": loaded}, None, longer)[1]),
+                               np.asarray(ztxt), atol=1e-5)
+    # logits = similarity / temperature
+    zimg, ztxt, out = model.apply({"params": loaded}, _images(2, 28), tokens)
+    np.testing.assert_allclose(np.asarray(out["logits"]),
+                               np.asarray(zimg @ ztxt.T) / np.float32(0.0123), rtol=1e-5)
+    # The pair round-trips bit-exactly.
+    again = str(tmp_path / "again_vision.npz")
+    checkpoints.save(loaded, loaded_cfg, again, fmt)
+    for name in ("vision", "text"):
+        first = dict(np.load(tmp_path / f"tips_tiny_{name}.npz"))
+        second = dict(np.load(tmp_path / f"again_{name}.npz"))
+        assert set(first) == set(second)
+        for k in first:
+            np.testing.assert_array_equal(first[k], second[k], err_msg=f"{name} {k}")
+    image_only, image_cfg = checkpoints.load(vision + ":img")
+    assert "txt" not in image_only and image_cfg.get("text") is None
+
+
+def dict_cfg(cfg, seq_len):
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.text.seq_len = seq_len
+    return cfg
+
+
+def test_the_tips_tokenizer(tmp_path):
+    import sentencepiece
+    words = ["a", "photo", "of", "the", "red", "car", "dog", "sedan", "coupe", "bird"]
+    rng = np.random.default_rng(0)
+    (tmp_path / "corpus.txt").write_text(
+        "\n".join(" ".join(rng.choice(words, 6)) for _ in range(500)))
+    with open(os.devnull, "w") as log:
+        sentencepiece.SentencePieceTrainer.train(
+            input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tok"),
+            vocab_size=30, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+            logstream=log)
+    path = str(tmp_path / "tok.model")
+    sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    tok = tokenizers.load_tokenizer(path, "tips", 8)
+    rows = tok(["A Photo of the RED car", "dog " * 20, ""])
+    ids = sp.encode("a photo of the red car")
+    assert rows[0].tolist() == (ids + [0] * 8)[:8]  # lowercased, no EOS, padded with 0
+    assert rows[1].tolist() == sp.encode("dog " * 20)[:8]  # cut, no EOS kept
+    assert rows[2].tolist() == [0] * 8
+    assert 1 not in rows and tok.special_ids == (0,)
+    assert tokenizers.load_tokenizer(path, "tips").seq_len == 64

@@ -75,13 +75,11 @@ def _read_flat(path: str, fmt: str):
     if fmt == "big_vision":
         arrays = big_vision.read_arrays(path)
         kind = tips.layout(arrays)
-        if kind == "scenic":
-            return tips.from_scenic(arrays, path)
-        if kind == "pytorch":
-            return tips.from_pytorch(arrays, path)
-        if kind == "scenic_text":
-            raise errors.UserError(f"{path}: a TIPS text tower (_text.npz), which is not "
-                                   "supported yet; load the image tower's _vision.npz")
+        if kind in ("scenic", "pytorch"):
+            return _read_tips(arrays, kind, path)
+        if kind == "text":
+            raise errors.UserError(f"{path}: a TIPS text tower; give the _vision.npz beside "
+                                   "it (its _text.npz is loaded with it)")
         return big_vision.canonical(arrays, path), {}
     if fmt == "hf":
         theirs, hints = hf.read(path)
@@ -95,6 +93,26 @@ def _read_flat(path: str, fmt: str):
     heads = open_clip.num_heads(theirs, family)
     flat = mapping.import_(open_clip.TABLES[family], theirs, heads, path)
     return flat, open_clip.hints(theirs, family)
+
+
+def _read_tips(arrays: dict, kind: str, path: str):
+    """A TIPS _vision.npz, with the _text.npz beside it where there is one."""
+    read = tips.from_scenic if kind == "scenic" else tips.from_pytorch
+    flat, hints = read(arrays, path)
+    text_path = tips.text_file(path)
+    if text_path is None or not paths.exists(text_path):
+        return flat, hints
+    text = big_vision.read_arrays(text_path)
+    text_kind = tips.text_layout(text)
+    if text_kind == "scenic":
+        flat.update(tips.text_from_scenic(text, text_path))
+    elif text_kind == "pytorch":
+        flat.update(tips.text_from_pytorch(text, text_path))
+        hints["txt"] = dict(ln_eps=tips.PYTORCH_TEXT_LN_EPS)
+    else:
+        raise errors.UserError(f"{text_path}: not a TIPS text tower (beside {path}); move it "
+                               "away, or load the image tower alone as FILE_vision.npz:img")
+    return flat, hints
 
 
 def check_shapes(flat: dict, cfg, where: str):
@@ -189,7 +207,7 @@ def save(params, cfg: ml_collections.ConfigDict, path: str, fmt: str = None) -> 
     if fmt not in EXPORT_FORMATS:
         raise errors.UserError(f"unknown format {fmt!r}; use one of {EXPORT_FORMATS}")
     flat = to_flat(params)
-    if fmt == "onnx" or fmt.startswith("tips_"):  # image towers only
+    if fmt == "onnx":  # the image tower only
         flat = {k: v for k, v in flat.items() if k.startswith("img/")}
         cfg = ml_collections.ConfigDict(dict(cfg.to_dict(), text=None))
     tips_only = fmt.startswith("tips_")
@@ -220,13 +238,30 @@ def _write(flat: dict, cfg, path: str, fmt: str) -> None:
                                 f"export to {path}")
         _check_open_clip_heads(theirs, cfg, path)
         state_dict.write(path, theirs)
-    elif fmt == "tips_scenic":
-        big_vision.write(path, tips.to_scenic(flat))
-    elif fmt == "tips_pytorch":
-        _check_tips_pytorch_heads(cfg, path)
-        big_vision.write(path, tips.to_pytorch(flat))
+    elif fmt.startswith("tips_"):
+        _write_tips(flat, cfg, path, fmt)
     else:
         onnx_graph.write(onnx_graph.image_tower(_float32(flat), cfg), path)
+
+
+def _write_tips(flat: dict, cfg, path: str, fmt: str) -> None:
+    """The image tower to `path`; a text tower, with the temperature, to the _text.npz
+    beside it (`path` then ends in _vision.npz)."""
+    image = {k: v for k, v in flat.items() if k.startswith("img/")}
+    text = {k: v for k, v in flat.items() if not k.startswith("img/")}
+    if text and tips.text_file(path) is None:
+        raise errors.UserError(f"export to {path}: a TIPS model with its text tower is a "
+                               "pair of files; name this one FILE_vision.npz (FILE_text.npz "
+                               "is written beside it)")
+    if fmt == "tips_pytorch":
+        _check_tips_pytorch_heads(cfg, path)
+        big_vision.write(path, tips.to_pytorch(image))
+        if text:
+            big_vision.write(tips.text_file(path), tips.text_to_pytorch(text))
+    else:
+        big_vision.write(path, tips.to_scenic(image))
+        if text:
+            big_vision.write(tips.text_file(path), tips.text_to_scenic(text))
 
 
 def _check_tips_pytorch_heads(cfg, path):

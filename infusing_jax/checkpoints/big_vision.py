@@ -13,7 +13,7 @@ from infusing_jax import errors
 from infusing_jax import paths
 from infusing_jax.checkpoints import tree
 
-_TWO_TOWER_ROOTS = ("img", "txt", "t", "b")
+_TWO_TOWER_ROOTS = ("img", "txt", "t", "b", "temperature")
 
 
 def split_path(path: str):

@@ -79,7 +79,9 @@ def _text(flat):
     if "txt/Embed_0/embedding" not in flat:
         return None
     vocab, width = flat["txt/Embed_0/embedding"].shape
-    out = dict(vocab_size=int(vocab), width=int(width), seq_len=int(flat["txt/pos_embedding"].shape[1]),
+    pos = flat.get("txt/pos_embedding")  # TIPS: fixed sinusoids, 64 tokens
+    seq_len = int(pos.shape[1]) if pos is not None else 64
+    out = dict(vocab_size=int(vocab), width=int(width), seq_len=seq_len,
                **_block(flat, "txt/Encoder_0/"))
     out["out_dim"] = int(flat["txt/head/kernel"].shape[1]) if "txt/head/kernel" in flat else None
     if out["out_dim"]:

@@ -1,4 +1,5 @@
-"""TIPS image towers (google-deepmind/tips), v1 and v2, in their two `.npz` layouts.
+"""TIPS (google-deepmind/tips), v1 and v2, in their two `.npz` layouts: the image tower in
+`X_vision.npz`, the text tower and its temperature in `X_text.npz` beside it.
 
 Scenic (`tips_oss_*_vision.npz`, `tips_v2_*_vision.npz`): flax's flat '/'-joined
 tree of `VisionEncoder`, our canonical tree under other names:
@@ -39,14 +40,14 @@ PYTORCH_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16, 1536: 24}
 
 
 def layout(keys) -> str:
-    """'scenic', 'scenic_text', 'pytorch' or '' for the keys of an .npz file."""
+    """'scenic', 'pytorch', 'text' (a text tower's file) or '' for the keys of an .npz."""
     keys = set(keys)
     if _TOKENS + "embedding/kernel" in keys:
         return "scenic"
-    if "token_emb/emb_var" in keys:
-        return "scenic_text"
     if {"patch_embed.proj.weight", "cls_token", "pos_embed"} <= keys:
         return "pytorch"
+    if text_layout(keys):
+        return "text"
     return ""
 
 
@@ -194,4 +195,122 @@ def to_pytorch(flat: dict) -> dict:
             t[b + "mlp.fc2.bias"] = flat[f"{mlp}Dense_1/bias"]
         t[b + "ls1.gamma"] = np.ones(width, grid.dtype)
         t[b + "ls2.gamma"] = np.ones(width, grid.dtype)
+    return {k: np.ascontiguousarray(v) for k, v in t.items()}
+
+
+# The text tower, in the `*_text.npz` file beside the vision one. Ours: txt/Embed_0,
+# txt/Encoder_0/encoderblock_i/..., txt/Encoder_0/encoder_norm, and 'temperature'.
+_TEXT_SCENIC = {"txt/Embed_0/embedding": "token_emb/emb_var",
+                "txt/Encoder_0/encoder_norm/scale": "text_encoder_norm/scale",
+                "txt/Encoder_0/encoder_norm/bias": "text_encoder_norm/bias",
+                "temperature": "temperature_contrastive"}
+_TEXT_BLOCKS = ("txt/Encoder_0/", "transformer/")
+# Their PyTorch text tower runs torch's LayerNorm default, eps 1e-5 (Scenic: 1e-6).
+PYTORCH_TEXT_LN_EPS = 1e-5
+
+
+def text_file(path: str):
+    """The `*_text.npz` beside a `*_vision.npz` path (None for another name, or with the
+    ':img' suffix that asks for the image tower alone)."""
+    if path.endswith("_vision.npz"):
+        return path[:-len("_vision.npz")] + "_text.npz"
+    return None
+
+
+def text_layout(keys) -> str:
+    keys = set(keys)
+    if "token_emb/emb_var" in keys:
+        return "scenic"
+    if "token_embedding.weight" in keys:
+        return "pytorch"
+    return ""
+
+
+def text_from_scenic(theirs: dict, where: str) -> dict:
+    flat = {}
+    for key, value in theirs.items():
+        ours = next((o for o, t in _TEXT_SCENIC.items() if t == key), None)
+        if ours is None and key.startswith(_TEXT_BLOCKS[1]):
+            ours = _TEXT_BLOCKS[0] + key[len(_TEXT_BLOCKS[1]):]
+        if ours is None:
+            raise errors.UserError(f"{where}: parameter {key!r} is not part of a TIPS text "
+                                   "encoder")
+        flat[ours] = value
+    return flat
+
+
+def text_to_scenic(flat: dict) -> dict:
+    out = {}
+    for key, value in flat.items():
+        if key in _TEXT_SCENIC:
+            out[_TEXT_SCENIC[key]] = value
+        elif key.startswith(_TEXT_BLOCKS[0]):
+            out[_TEXT_BLOCKS[1] + key[len(_TEXT_BLOCKS[0]):]] = value
+    return out
+
+
+def text_from_pytorch(t: dict, where: str) -> dict:
+    """TIPS's PyTorch TextEncoder state dict -> canonical 'txt/...' and 'temperature'."""
+    try:
+        return _text_from_pytorch(t)
+    except KeyError as e:
+        raise errors.UserError(f"{where}: parameter {e.args[0]!r} is missing; not a complete "
+                               "TIPS PyTorch text encoder") from None
+
+
+def _text_from_pytorch(t):
+    f32 = lambda a: np.asarray(a, np.float32)
+    width = t["token_embedding.weight"].shape[1]
+    heads = PYTORCH_HEADS.get(width, max(1, width // 64))
+    d = width // heads
+    flat = {"txt/Embed_0/embedding": f32(t["token_embedding.weight"]),
+            "txt/Encoder_0/encoder_norm/scale": f32(t["ln_final.weight"]),
+            "txt/Encoder_0/encoder_norm/bias": f32(t["ln_final.bias"])}
+    temperature = t.get("temperature_contrastive", t.get("temperature"))
+    if temperature is not None:
+        flat["temperature"] = f32(temperature).reshape(())
+    depth = len({k.split(".")[2] for k in t if k.startswith("transformer.resblocks.")})
+    for i in range(depth):
+        b, o = f"transformer.resblocks.{i}.", f"txt/Encoder_0/encoderblock_{i}/"
+        attn = o + "MultiHeadDotProductAttention_0/"
+        for norm, ln in (("ln_1", "LayerNorm_0"), ("ln_2", "LayerNorm_1")):
+            flat[f"{o}{ln}/scale"] = f32(t[f"{b}{norm}.weight"])
+            flat[f"{o}{ln}/bias"] = f32(t[f"{b}{norm}.bias"])
+        w, bias = f32(t[b + "attn.in_proj_weight"]), f32(t[b + "attn.in_proj_bias"])
+        for j, name in enumerate(("query", "key", "value")):
+            rows = slice(j * width, (j + 1) * width)
+            flat[f"{attn}{name}/kernel"] = w[rows].T.reshape(width, heads, d)
+            flat[f"{attn}{name}/bias"] = bias[rows].reshape(heads, d)
+        flat[f"{attn}out/kernel"] = f32(t[b + "attn.out_proj.weight"]).T.reshape(heads, d, width)
+        flat[f"{attn}out/bias"] = f32(t[b + "attn.out_proj.bias"])
+        for n, fc in enumerate(("c_fc", "c_proj")):
+            flat[f"{o}MlpBlock_0/Dense_{n}/kernel"] = f32(t[f"{b}mlp.{fc}.weight"]).T
+            flat[f"{o}MlpBlock_0/Dense_{n}/bias"] = f32(t[f"{b}mlp.{fc}.bias"])
+    return flat
+
+
+def text_to_pytorch(flat: dict) -> dict:
+    width = flat["txt/Embed_0/embedding"].shape[1]
+    t = {"token_embedding.weight": flat["txt/Embed_0/embedding"],
+         "ln_final.weight": flat["txt/Encoder_0/encoder_norm/scale"],
+         "ln_final.bias": flat["txt/Encoder_0/encoder_norm/bias"]}
+    if "temperature" in flat:
+        t["temperature_contrastive"] = flat["temperature"]
+    depth = len({k.split("/")[2] for k in flat if k.startswith("txt/Encoder_0/encoderblock_")})
+    for i in range(depth):
+        b, o = f"transformer.resblocks.{i}.", f"txt/Encoder_0/encoderblock_{i}/"
+        attn = o + "MultiHeadDotProductAttention_0/"
+        for norm, ln in (("ln_1", "LayerNorm_0"), ("ln_2", "LayerNorm_1")):
+            t[f"{b}{norm}.weight"] = flat[f"{o}{ln}/scale"]
+            t[f"{b}{norm}.bias"] = flat[f"{o}{ln}/bias"]
+        t[b + "attn.in_proj_weight"] = np.concatenate(
+            [flat[f"{attn}{n}/kernel"].reshape(width, width).T
+             for n in ("query", "key", "value")])
+        t[b + "attn.in_proj_bias"] = np.concatenate(
+            [flat[f"{attn}{n}/bias"].reshape(-1) for n in ("query", "key", "value")])
+        t[b + "attn.out_proj.weight"] = flat[f"{attn}out/kernel"].reshape(width, width).T
+        t[b + "attn.out_proj.bias"] = flat[f"{attn}out/bias"]
+        for n, fc in enumerate(("c_fc", "c_proj")):
+            t[f"{b}mlp.{fc}.weight"] = flat[f"{o}MlpBlock_0/Dense_{n}/kernel"].T
+            t[f"{b}mlp.{fc}.bias"] = flat[f"{o}MlpBlock_0/Dense_{n}/bias"]
     return {k: np.ascontiguousarray(v) for k, v in t.items()}

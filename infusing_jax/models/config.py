@@ -1,7 +1,7 @@
 """Model configs: a family (siglip | clip | tips), tower sizes, dtypes; and `build`.
 
 A model config is an ml_collections ConfigDict:
-  family: 'siglip' | 'clip' | 'tips' (TIPS's image tower; its text tower is not in yet)
+  family: 'siglip' | 'clip' | 'tips'
   image_size: int, the resolution the position embedding was trained at
   image: patch_size, width, depth, mlp_dim, num_heads, posemb, pool_type, out_dim
     (TIPS: posemb 'learn_2d' with posemb_grid, num_cls 2; act 'swiglu' for g/14)
@@ -35,11 +35,14 @@ FAMILIES = {
                   head_bias=False),
         logit_bias=False, t_init=float(np.log(1 / 0.07)), b_init=0.0,
     ),
-    # TIPS (Scenic's ViT): flax's defaults, tanh GELU and LayerNorm eps 1e-6, no heads.
+    # TIPS (Scenic): flax's defaults, tanh GELU and LayerNorm eps 1e-6, no heads; its text
+    # tower pools the mean of its non-padding tokens, and a temperature scales the logits.
     "tips": dict(
         image=dict(act="gelu_tanh", ln_eps=1e-6, patch_bias=True, cls_posemb=False,
                    pre_norm=False, head_bias=True),
-        text=None, logit_bias=False, t_init=float(np.log(100.0)), b_init=0.0,
+        text=dict(act="relu", ln_eps=1e-6, causal=False, pool_type="mean",
+                  posemb="sinusoid", scale_embed=True, head_bias=True),
+        logit_bias=False, temperature=True, t_init=float(np.log(100.0)), b_init=0.0,
     ),
 }
 # TIPS's sizes by image variant: (width, depth, mlp_dim, heads, MLP act); its g is not
@@ -53,7 +56,7 @@ _IMAGE_FIELDS = ("patch_size", "width", "depth", "mlp_dim", "num_heads", "posemb
                  "posemb_grid", "num_cls", "pool_type", "out_dim", "act", "ln_eps",
                  "patch_bias", "cls_posemb", "pre_norm", "head_bias")
 _TEXT_FIELDS = ("vocab_size", "width", "depth", "mlp_dim", "num_heads", "pool_type",
-                "out_dim", "act", "ln_eps", "causal", "head_bias")
+                "out_dim", "act", "ln_eps", "causal", "head_bias", "posemb", "scale_embed")
 
 
 # OpenAI / open_clip CLIP text towers and embedding widths, by image variant:
@@ -104,10 +107,9 @@ def model_config(family: str = "siglip", variant: str = "B/16", image_size: int 
 
 
 def _tips_config(variant, image_size, text_variant, overrides):
-    """TIPS's image tower, e.g. 'B/14' (v1: a 16 x 16 position grid; v2: posemb_grid=32)."""
-    if text_variant:
-        raise errors.UserError("model.family 'tips': the TIPS text tower is not supported "
-                               "yet; load its image tower alone (text_variant=None)")
+    """TIPS, e.g. ('B/14', 'B'): v1's 16 x 16 position grid (v2: posemb_grid=32). Its text
+    tower has the width, MLP and heads of the variant text_variant names, and 12 layers
+    (Scenic's TextEncoder; its PyTorch So400m text tower has 27), 32k tokens of 64."""
     name, _, patch = variant.partition("/")
     if name not in TIPS_VARIANTS:
         raise errors.UserError(f"unknown TIPS variant {variant!r}; known: "
@@ -116,8 +118,18 @@ def _tips_config(variant, image_size, text_variant, overrides):
     img = dict(patch_size=int(patch or 14), width=width, depth=depth, mlp_dim=mlp_dim,
                num_heads=heads, act=act, posemb="learn_2d", posemb_grid=16, num_cls=2,
                pool_type="tok", out_dim=None)
+    txt = None
+    if text_variant:
+        if text_variant not in TIPS_VARIANTS:
+            raise errors.UserError(f"unknown TIPS text variant {text_variant!r}; known: "
+                                   f"{', '.join(TIPS_VARIANTS)}")
+        t_width, _, t_mlp, t_heads, t_act = TIPS_VARIANTS[text_variant]
+        if t_act == transformer.SWIGLU:
+            t_mlp = 6144  # g's text MLP is a plain one, of Scenic's mlp_dim
+        txt = dict(width=t_width, depth=12, mlp_dim=t_mlp, num_heads=t_heads,
+                   vocab_size=32_000, seq_len=64, out_dim=None)
     cfg = ml_collections.ConfigDict(dict(
-        family="tips", image_size=image_size, image=img, text=None,
+        family="tips", image_size=image_size, image=img, text=txt,
         dtype="float32", param_dtype="float32", scan=False, remat_policy="none"))
     cfg.update(overrides)
     return cfg
@@ -128,8 +140,6 @@ def validate(cfg) -> None:
     if cfg.family not in FAMILIES:
         raise errors.UserError(f"model.family: unknown family {cfg.family!r}; use one of "
                                f"{', '.join(FAMILIES)}")
-    if cfg.family == "tips" and cfg.get("text") is not None:
-        raise errors.UserError("model.family 'tips': the TIPS text tower is not supported yet")
     for tower in ("image", "text"):
         t = cfg.get(tower)
         if t is None:
@@ -165,7 +175,8 @@ def build(cfg) -> two_towers.TwoTowers:
     fam = FAMILIES[cfg.family]
     image, text = resolved_towers(cfg)
     return two_towers.TwoTowers(
-        image=image, text=text, logit_bias=fam["logit_bias"], t_init=fam["t_init"],
+        image=image, text=text, logit_bias=fam["logit_bias"],
+        temperature=fam.get("temperature", False), t_init=fam["t_init"],
         b_init=fam["b_init"], dtype=transformer.dtype_of(cfg.dtype),
         param_dtype=transformer.dtype_of(cfg.param_dtype))
 

@@ -17,6 +17,7 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # big_vision / SigLIP
     "gelu": lambda x: nn.gelu(x, approximate=False),  # exact erf GELU
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
+    "relu": nn.relu,  # TIPS's text tower
 }
 
 # The MLP kind that is not an activation: MlpBlock's gated SwiGLU.
@@ -125,8 +126,10 @@ class Encoder1DBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, _=None):
-        mask = nn.make_causal_mask(x[..., 0]) if self.causal else None
+    def __call__(self, x, mask=None):
+        """mask: None, or (N, 1, 1, L) True where a key may be attended to."""
+        if self.causal:
+            mask = nn.make_causal_mask(x[..., 0])
         ln = lambda: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype,
                                   param_dtype=self.param_dtype)
         y = ln()(x)
@@ -138,6 +141,8 @@ class Encoder1DBlock(nn.Module):
 
 class Encoder(nn.Module):
     """`depth` blocks then `encoder_norm`. x: (N, L, D) -> (pre_norm, normed), both (N, L, D).
+
+    mask: None or (N, 1, 1, L), the keys each query may attend to (padding masked).
 
     With `scan`, the blocks are one `encoderblock` module whose parameters have a
     leading depth axis (big_vision's scan layout); otherwise `encoderblock_{i}`.
@@ -156,7 +161,7 @@ class Encoder(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         block_cls = Encoder1DBlock
         if self.remat_policy != "none":
             policy = getattr(jax.checkpoint_policies, self.remat_policy)
@@ -168,10 +173,10 @@ class Encoder(nn.Module):
             blocks = nn.scan(block_cls, variable_axes={"params": 0},
                              split_rngs={"params": True}, in_axes=nn.broadcast,
                              length=self.depth)
-            x, _ = blocks(name="encoderblock", **kwargs)(x, None)
+            x, _ = blocks(name="encoderblock", **kwargs)(x, mask)
         else:
             for i in range(self.depth):
-                x, _ = block_cls(name=f"encoderblock_{i}", **kwargs)(x)
+                x, _ = block_cls(name=f"encoderblock_{i}", **kwargs)(x, mask)
         normed = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype,
                               param_dtype=self.param_dtype, name="encoder_norm")(x)
         return x, normed

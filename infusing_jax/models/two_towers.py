@@ -1,7 +1,8 @@
 """The two-tower model: image tower `img`, text tower `txt`, log-scale `t`, bias `b`.
 
 Parameter tree as big_vision's `two_towers` (SigLIP): {'img', 'txt', 't', 'b'}.
-CLIP has no `b`. An image-only model has only 'img'.
+CLIP has no `b`. TIPS has a scalar 'temperature' instead of 't' (logits =
+similarity / temperature), as its files store it. An image-only model has only 'img'.
 """
 from typing import Any, Optional
 
@@ -25,6 +26,7 @@ class TwoTowers(nn.Module):
     image: dict
     text: Optional[dict] = None
     logit_bias: bool = True  # SigLIP's learned b; CLIP has none
+    temperature: bool = False  # TIPS: a 'temperature' () in place of the log-scale 't'
     t_init: float = float(np.log(10.0))
     b_init: float = -10.0
     dtype: Any = jnp.float32
@@ -35,8 +37,12 @@ class TwoTowers(nn.Module):
         self.img = vit.VisionTransformer(**self.image, **common)
         if self.text is not None:
             self.txt = text_lib.TextTransformer(**self.text, **common)
-            self.t = self.param("t", nn.initializers.constant(self.t_init), (1,),
-                                self.param_dtype)
+            if self.temperature:
+                self.temp = self.param("temperature", nn.initializers.constant(
+                    np.exp(-self.t_init)), (), self.param_dtype)
+            else:
+                self.t = self.param("t", nn.initializers.constant(self.t_init), (1,),
+                                    self.param_dtype)
             if self.logit_bias:
                 self.b = self.param("b", nn.initializers.constant(self.b_init), (1,),
                                     self.param_dtype)
@@ -52,7 +58,8 @@ class TwoTowers(nn.Module):
             ztxt, out["txt"] = self.txt(tokens)
             ztxt = transformer.l2_normalize(ztxt)
         if zimg is not None and ztxt is not None:
-            logits = zimg @ ztxt.T * jnp.exp(self.t)
+            scale = 1 / self.temp if self.temperature else jnp.exp(self.t)
+            logits = zimg @ ztxt.T * scale
             out["logits"] = logits + self.b if self.logit_bias else logits
         return zimg, ztxt, out
 
@@ -63,3 +70,10 @@ class TwoTowers(nn.Module):
     def encode_texts(self, tokens):
         """tokens (M, L) -> L2-normalised embeddings (M, E)."""
         return self(tokens=tokens)[1]
+
+
+def logit_scale(params) -> float:
+    """The multiplier of a two-tower model's similarities: exp(t), or 1 / temperature."""
+    if "temperature" in params:
+        return float(1 / np.asarray(params["temperature"]).reshape(()))
+    return float(np.exp(np.asarray(params["t"]).reshape(())))

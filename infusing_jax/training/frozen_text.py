@@ -28,6 +28,7 @@ from infusing_jax.data import sources
 from infusing_jax.evaluation import prompts
 from infusing_jax.evaluation import text_retrieval
 from infusing_jax.evaluation import zero_shot
+from infusing_jax.models import two_towers
 from infusing_jax.training import config as config_lib
 from infusing_jax.training import suite
 
@@ -54,11 +55,11 @@ def _text_tower(cfg, needed_by: str):
         embed = text_retrieval.text_embedder(model_cfg, params, tokenize, cfg.eval.batch_size)
     except (errors.UserError, OSError) as e:
         raise errors.UserError(f"config.eval.tokenizer: {e}") from None
-    if "t" not in params:
+    if "t" not in params and "temperature" not in params:
         raise errors.UserError(f"config.model.checkpoint: {suite.text_checkpoint(cfg)} has no "
                                f"logit scale (t), which {needed_by} needs; name a two-tower "
                                "checkpoint with eval.text_checkpoint")
-    return embed, tokenize, float(np.exp(np.asarray(params["t"]).reshape(())))
+    return embed, tokenize, two_towers.logit_scale(params)
 
 
 def lipsum_banks(cfg, names) -> dict:

@@ -102,14 +102,16 @@ def set_method(c, method: str, target: str, linear_probe_steps: int,
         c.domains[target].losses.lipsum = config_lib.loss("lipsum", weight=LIPSUM_WEIGHT)
 
 
-# Under CKPT (checkpoints=): each family's B/16 at 224 px and its tokenizer.
+# Under CKPT (checkpoints=): each family's B/16 (TIPS: B/14) at 224 px and its tokenizer.
 CHECKPOINTS = {
     "siglip": "webli_en_b16_224_63724782.npz:img",  # big_vision's SigLIP B/16 224
     "siglip2": "siglip2_b16_224.npz:img",           # big_vision's SigLIP 2 B/16 224
     "clip": "clip-vit-base-patch16",                # a Hugging Face save_pretrained folder
+    # TIPS B/14 (the authors' second backbone), Scenic's files: its _text.npz beside it
+    "tips": "tips_oss_b14_highres_distilled_vision.npz:img",
 }
 TOKENIZERS = {"siglip": "c4_en.model", "siglip2": "gemma_tokenizer.model",
-              "clip": "clip-vit-base-patch16"}
+              "clip": "clip-vit-base-patch16", "tips": "tokenizer.model"}
 FAMILIES = tuple(CHECKPOINTS)  # a config's family= choices, the first the default
 # SigLIP 2 (fixed resolution) has SigLIP's towers and eval view: model.family 'siglip'; its
 # Gemma tokenizer's convention follows from the text tower's vocabulary (tokenizers.convention).
