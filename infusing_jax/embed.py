@@ -37,6 +37,8 @@ def define_flags():
     flags.DEFINE_string("texts", None, "Optional text file, one text per line.")
     flags.DEFINE_string("tokenizer", None, "Tokenizer file for --texts.")
     flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
+    flags.DEFINE_integer("image_size", None, "Run at this resolution (default: the "
+                         "checkpoint's; TIPS files: their position grid x 14).")
     flags.DEFINE_enum(
         "act", None, sorted(transformer.ACTIVATIONS),
         "Activation, for checkpoints that do not record it (open_clip CLIP files).")
@@ -123,12 +125,19 @@ def main(argv):
         raise errors.UserError(f"--images={FLAGS.images}: no such folder")
     if FLAGS.batch_size < 1:
         raise errors.UserError(f"--batch_size={FLAGS.batch_size}: must be >= 1")
+    if FLAGS.image_size is not None and FLAGS.image_size < 1:
+        raise errors.UserError(f"--image_size={FLAGS.image_size}: must be >= 1 (pixels, a "
+                               "multiple of the patch size); leave it out for the checkpoint's")
     cli.check_output_file("--output", FLAGS.output)
     jax.config.update("jax_default_matmul_precision", FLAGS.matmul_precision)
     try:
-        params, cfg = checkpoints.load(FLAGS.checkpoint, act=FLAGS.act)
+        params, cfg = checkpoints.load(FLAGS.checkpoint, act=FLAGS.act,
+                                       image_size=FLAGS.image_size)
     except checkpoints.ArgumentError as e:
         raise errors.UserError(f"--{e.argument}: {e}") from None
+    if FLAGS.image_size and FLAGS.image_size % cfg.image.patch_size:
+        raise errors.UserError(f"--image_size={FLAGS.image_size}: not a multiple of "
+                               f"{FLAGS.checkpoint}'s patch size {cfg.image.patch_size}")
     texts, tokenize = _texts_and_tokenizer(cfg) if FLAGS.texts else (None, None)
     model = models.build(cfg)
     # Parameters are arguments, not closed-over constants baked into the program.

@@ -441,3 +441,36 @@ def test_the_tips_tokenizer(tmp_path):
     assert rows[2].tolist() == [0] * 8
     assert 1 not in rows and tok.special_ids == (0,)
     assert tokenizers.load_tokenizer(path, "tips").seq_len == 64
+
+
+def test_what_a_file_cannot_hold_or_lacks_is_refused_in_one_line(tmp_path):
+    cfg = _pair_config()
+    params = _params(cfg, seed=5)
+    params["temperature"] = np.float32(0.02)
+    vision = str(tmp_path / "pt_vision.npz")
+    checkpoints.save(params, cfg, vision, "tips_pytorch")
+    loaded, loaded_cfg = checkpoints.load(vision)  # exact GELU, text eps 1e-5
+    with pytest.raises(errors.UserError, match="a big_vision .npz does not record"):
+        checkpoints.save(loaded, loaded_cfg, str(tmp_path / "bv.npz"))
+    checkpoints.save(loaded, loaded_cfg, str(tmp_path / "again_vision.npz"), "tips_pytorch")
+    # An image-only export beside an old text file would be paired with it.
+    image_only, image_cfg = checkpoints.load(vision + ":img")
+    with pytest.raises(errors.UserError, match="pt_text.npz is beside it"):
+        checkpoints.save(image_only, image_cfg, vision, "tips_pytorch")
+    # Broken files.
+    scenic = str(tmp_path / "s_vision.npz")
+    checkpoints.save(params, cfg, scenic, "tips_scenic")
+    arrays = dict(np.load(scenic))
+    del arrays["encoder/ToTokenSequence_0/posembed_input"]
+    np.savez(tmp_path / "broken_vision.npz", **arrays)
+    with pytest.raises(errors.UserError, match="'encoder/ToTokenSequence_0/posembed_input' is "
+                                               "missing"):
+        checkpoints.load(str(tmp_path / "broken_vision.npz:img"))
+    arrays = dict(np.load(vision))
+    arrays["pos_embed"] = arrays["pos_embed"][:, :-3]
+    np.savez(tmp_path / "odd_vision.npz", **arrays)
+    with pytest.raises(errors.UserError, match="odd_vision.npz:img: pos_embed has shape"):
+        checkpoints.load(str(tmp_path / "odd_vision.npz:img"))
+    # open_clip's text tower has token_embedding.weight too, and a positional_embedding.
+    assert tips.text_layout(["token_embedding.weight", "ln_final.weight",
+                             "positional_embedding"]) == ""

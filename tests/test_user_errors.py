@@ -554,6 +554,11 @@ def test_convert_and_embed_refuse_bad_input_in_one_line(world, tmp_path):
           f"--tokenizer={tmp_path}/none.model"), ["--tokenizer: ", "none.model"]),
         (("embed", f"--checkpoint={ckpt}", f"--images={tmp_path}/images",
           f"--output={tmp_path}/e.npz", "--act=gelu"), ["--act: ", "whose activation is"]),
+        (("embed", f"--checkpoint={ckpt}", f"--images={tmp_path}/images",
+          f"--output={tmp_path}/e.npz", "--image_size=33"),
+         ["--image_size=33: not a multiple of", "patch size 8"]),
+        (("embed", f"--checkpoint={ckpt}", f"--images={tmp_path}/images",
+          f"--output={tmp_path}/e.npz", "--image_size=0"), ["--image_size=0: must be"]),
     ]
     for (module, *args), words in cases:
         _assert_one_line(_command(module, *args), *words)

@@ -228,6 +228,7 @@ def save(params, cfg: ml_collections.ConfigDict, path: str, fmt: str = None) -> 
 
 def _write(flat: dict, cfg, path: str, fmt: str) -> None:
     if fmt == "big_vision":
+        _check_records_its_settings(cfg, path)
         big_vision.write(path, flat, scan=bool(cfg.get("scan")))
     elif fmt == "hf":
         theirs = mapping.export(hf.TABLES[cfg.family], _float32(flat), f"export to {path}")
@@ -244,6 +245,22 @@ def _write(flat: dict, cfg, path: str, fmt: str) -> None:
         onnx_graph.write(onnx_graph.image_tower(_float32(flat), cfg), path)
 
 
+def _check_records_its_settings(cfg, path):
+    """A big_vision .npz records no activation or LayerNorm eps: refuse a TIPS model that
+    runs other ones than the family's (one loaded from TIPS's PyTorch files)."""
+    if cfg.family != "tips":
+        return
+    image, text = model_config_lib.resolved_towers(cfg)
+    family = model_config_lib.FAMILIES["tips"]
+    odd = image["act"] not in (family["image"]["act"], transformer.SWIGLU) or (
+        text is not None and text["ln_eps"] != family["text"]["ln_eps"])
+    if odd:
+        raise errors.UserError(f"export to {path}: this TIPS model runs the exact GELU and "
+                               "text LayerNorm eps 1e-5 of TIPS's PyTorch code, which a "
+                               "big_vision .npz does not record; export with "
+                               "--to=tips_pytorch (or .onnx)")
+
+
 def _write_tips(flat: dict, cfg, path: str, fmt: str) -> None:
     """The image tower to `path`; a text tower, with the temperature, to the _text.npz
     beside it (`path` then ends in _vision.npz)."""
@@ -253,6 +270,11 @@ def _write_tips(flat: dict, cfg, path: str, fmt: str) -> None:
         raise errors.UserError(f"export to {path}: a TIPS model with its text tower is a "
                                "pair of files; name this one FILE_vision.npz (FILE_text.npz "
                                "is written beside it)")
+    stale = tips.text_file(path)
+    if not text and stale and paths.exists(stale):
+        raise errors.UserError(f"export to {path}: {stale} is beside it and would be loaded "
+                               "with it as its text tower; move it away, or choose another "
+                               "name")
     if fmt == "tips_pytorch":
         _check_tips_pytorch_heads(cfg, path)
         big_vision.write(path, tips.to_pytorch(image))
@@ -267,12 +289,15 @@ def _write_tips(flat: dict, cfg, path: str, fmt: str) -> None:
 def _check_tips_pytorch_heads(cfg, path):
     """TIPS's PyTorch files carry no head count: refuse towers whose count would not come
     back."""
-    width, heads = cfg.image.width, cfg.image.num_heads
-    implied = tips.PYTORCH_HEADS.get(width, max(1, width // 64))
-    if heads != implied:
-        raise errors.UserError(f"export to {path}: TIPS's PyTorch layout stores no head "
-                               f"count, and this tower ({heads} heads of width {width}) would "
-                               f"load back with {implied}; use tips_scenic")
+    for tower in (cfg.image, cfg.get("text")):
+        if tower is None:
+            continue
+        width, heads = tower.width, tower.num_heads
+        implied = tips.PYTORCH_HEADS.get(width, max(1, width // 64))
+        if heads != implied:
+            raise errors.UserError(f"export to {path}: TIPS's PyTorch layout stores no head "
+                                   f"count, and this tower ({heads} heads of width {width}) "
+                                   f"would load back with {implied}; use tips_scenic")
 
 
 def _upload(local_dir: str, remote_dir: str) -> None:

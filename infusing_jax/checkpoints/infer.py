@@ -103,7 +103,7 @@ def infer_config(flat: dict, hints: dict = None, where: str = "checkpoint"
         text = _text(flat)
     except KeyError as e:
         raise errors.UserError(f"{where}: parameter {e.args[0]} is missing; the file is not a "
-                         "complete SigLIP / CLIP checkpoint") from None
+                         "complete SigLIP / CLIP / TIPS checkpoint") from None
     for tower, name in ((image, "img"), (text, "txt")):
         if tower is not None:
             tower.update({k: v for k, v in hints.get(name, {}).items()

@@ -67,6 +67,10 @@ def from_scenic(theirs: dict, where: str):
             raise errors.UserError(f"{where}: parameter {key!r} is not part of a TIPS vision "
                                    "encoder (a _text.npz file holds the text tower)")
         flat[ours] = value
+    for ours, theirs_key in _SCENIC_NAMES.items():
+        if ours not in flat and not ours.endswith("/bias"):
+            raise errors.UserError(f"{where}: parameter {theirs_key!r} is missing; not a "
+                                   "complete TIPS vision encoder")
     return flat, _hints(flat, act=None)
 
 
@@ -99,6 +103,8 @@ def from_pytorch(theirs: dict, where: str):
     except KeyError as e:
         raise errors.UserError(f"{where}: parameter {e.args[0]!r} is missing; not a complete "
                                "TIPS PyTorch image encoder") from None
+    except errors.UserError as e:
+        raise errors.UserError(f"{where}: {e}") from None
 
 
 def _from_pytorch(t):
@@ -108,6 +114,9 @@ def _from_pytorch(t):
     d = width // heads
     pos = f32(t["pos_embed"])
     grid = int(round(np.sqrt(pos.shape[1] - 1)))
+    if pos.ndim != 3 or grid * grid + 1 != pos.shape[1]:
+        raise errors.UserError(f"pos_embed has shape {pos.shape}; TIPS's is (1, 1 + G*G, "
+                               "width) for a G x G grid")
     flat = {
         "img/embedding/kernel": f32(t["patch_embed.proj.weight"]).transpose(2, 3, 1, 0),
         "img/embedding/bias": f32(t["patch_embed.proj.bias"]),
@@ -221,7 +230,8 @@ def text_layout(keys) -> str:
     keys = set(keys)
     if "token_emb/emb_var" in keys:
         return "scenic"
-    if "token_embedding.weight" in keys:
+    if {"token_embedding.weight", "ln_final.weight"} <= keys and \
+            "positional_embedding" not in keys:  # open_clip's text towers have one
         return "pytorch"
     return ""
 
