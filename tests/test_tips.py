@@ -474,3 +474,25 @@ def test_what_a_file_cannot_hold_or_lacks_is_refused_in_one_line(tmp_path):
     # open_clip's text tower has token_embedding.weight too, and a positional_embedding.
     assert tips.text_layout(["token_embedding.weight", "ln_final.weight",
                              "positional_embedding"]) == ""
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_their_pytorch_state_dict_saved_by_torch_loads_as_their_npz(tmp_path, suffix):
+    cfg = _pair_config()
+    params = _params(cfg, seed=6)
+    params["temperature"] = np.float32(0.03)
+    checkpoints.save(params, cfg, str(tmp_path / "m_vision.npz"), "tips_pytorch")
+    checkpoints.save(params, cfg, str(tmp_path / f"m_vision{suffix}"), "tips_pytorch")
+    if suffix == ".pth":
+        import torch
+        state = torch.load(tmp_path / "m_vision.pth", weights_only=True)
+        assert "blocks.0.attn.qkv.weight" in state and "cls_token" in state
+    from_npz, npz_cfg = checkpoints.load(str(tmp_path / "m_vision.npz"))
+    from_torch, torch_cfg = checkpoints.load(str(tmp_path / f"m_vision{suffix}"))
+    assert torch_cfg.to_dict() == npz_cfg.to_dict()
+    a, b = checkpoints.to_flat(from_npz), checkpoints.to_flat(from_torch)
+    assert set(a) == set(b) and "temperature" in b and "txt/Embed_0/embedding" in b
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    with pytest.raises(errors.UserError, match="a TIPS text tower; give the _vision file"):
+        checkpoints.load(str(tmp_path / f"m_text{suffix}"))

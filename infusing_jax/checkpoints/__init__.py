@@ -86,6 +86,11 @@ def _read_flat(path: str, fmt: str):
         heads = {t: hints[t]["num_heads"] for t in ("img", "txt") if t in hints}
         return mapping.import_(hf.TABLES[hints["family"]], theirs, heads, path), hints
     theirs = state_dict.read(path, open_clip.unwrap)
+    if tips.layout(theirs) == "pytorch":  # TIPS's PyTorch state dict, saved by torch
+        return _read_tips(theirs, "pytorch", path)
+    if tips.layout(theirs) == "text":
+        raise errors.UserError(f"{path}: a TIPS text tower; give the _vision file beside it "
+                               "(its _text file is loaded with it)")
     family = open_clip.family_of(theirs)
     if family is None:
         raise errors.UserError(f"{path}: not an open_clip SigLIP or CLIP state dict (no "
@@ -96,13 +101,14 @@ def _read_flat(path: str, fmt: str):
 
 
 def _read_tips(arrays: dict, kind: str, path: str):
-    """A TIPS _vision.npz, with the _text.npz beside it where there is one."""
+    """A TIPS _vision file, with the _text file beside it where there is one."""
     read = tips.from_scenic if kind == "scenic" else tips.from_pytorch
     flat, hints = read(arrays, path)
     text_path = tips.text_file(path)
     if text_path is None or not paths.exists(text_path):
         return flat, hints
-    text = big_vision.read_arrays(text_path)
+    text = (big_vision.read_arrays(text_path) if text_path.endswith(".npz") else
+            state_dict.read(text_path, open_clip.unwrap))
     text_kind = tips.text_layout(text)
     if text_kind == "scenic":
         flat.update(tips.text_from_scenic(text, text_path))
@@ -275,11 +281,12 @@ def _write_tips(flat: dict, cfg, path: str, fmt: str) -> None:
         raise errors.UserError(f"export to {path}: {stale} is beside it and would be loaded "
                                "with it as its text tower; move it away, or choose another "
                                "name")
-    if fmt == "tips_pytorch":
+    if fmt == "tips_pytorch":  # their .npz, or a state-dict file by its suffix
         _check_tips_pytorch_heads(cfg, path)
-        big_vision.write(path, tips.to_pytorch(image))
+        write = big_vision.write if path.endswith(".npz") else state_dict.write
+        write(path, tips.to_pytorch(image))
         if text:
-            big_vision.write(tips.text_file(path), tips.text_to_pytorch(text))
+            write(tips.text_file(path), tips.text_to_pytorch(text))
     else:
         big_vision.write(path, tips.to_scenic(image))
         if text:

@@ -10,7 +10,8 @@ tree of `VisionEncoder`, our canonical tree under other names:
   Dense_{0,1,2}}, encoder/encoder_norm.
 
 PyTorch (the files `pytorch/image_encoder.py` loads with block_chunks=0): a
-DINOv2-style state dict as arrays. cls_token (1, 1, W) plus register_tokens
+DINOv2-style state dict, as their `.npz` of arrays or as a `.pth` / `.bin` /
+`.safetensors` state-dict file. cls_token (1, 1, W) plus register_tokens
 (1, 1, W) are our two cls tokens; pos_embed (1, 1 + G*G, W) also covers the first
 one, whose entry is folded into it (Scenic's cls tokens have no position);
 blocks.i.attn.qkv is q, k, v fused; LayerScale ls1 / ls2 gammas are folded into
@@ -218,11 +219,15 @@ _TEXT_BLOCKS = ("txt/Encoder_0/", "transformer/")
 PYTORCH_TEXT_LN_EPS = 1e-5
 
 
+SUFFIXES = (".npz", ".pth", ".pt", ".bin", ".safetensors")  # their .npz; any state dict
+
+
 def text_file(path: str):
-    """The `*_text.npz` beside a `*_vision.npz` path (None for another name, or with the
-    ':img' suffix that asks for the image tower alone)."""
-    if path.endswith("_vision.npz"):
-        return path[:-len("_vision.npz")] + "_text.npz"
+    """The `X_text.SUFFIX` beside an `X_vision.SUFFIX` path (None for another name, or with
+    the ':img' suffix that asks for the image tower alone)."""
+    for suffix in SUFFIXES:
+        if path.endswith("_vision" + suffix):
+            return path[:-len("_vision" + suffix)] + "_text" + suffix
     return None
 
 
