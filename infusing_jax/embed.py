@@ -5,9 +5,11 @@ r"""Embed a folder of images (and optionally texts) with a SigLIP / CLIP checkpo
 
 OUT.npz: `image_embeddings` (N, E) float32, L2-normalised; `image_paths` (N,)
 relative to DIR; `skipped_paths` (files that could not be decoded); with
---texts, `text_embeddings` (M, E) and `texts` (M,). Images get the family's
-eval preprocessing at the checkpoint's resolution. Exit status 0 unless no
-image could be embedded.
+--texts, `text_embeddings` (M, E) and `texts` (M,); and how they were made,
+for `infusing_jax.search`: `checkpoint`, `image_size`, `act`, `tokenizer`, `root`
+(DIR) as strings ('' where not given). Images get the family's eval
+preprocessing at the checkpoint's resolution. Exit status 0 unless no image
+could be embedded.
 """
 import concurrent.futures
 import functools
@@ -151,7 +153,14 @@ def main(argv):
     embeddings, kept, skipped = embed_images(encode, FLAGS.images, paths, cfg.image_size,
                                              cfg.family, FLAGS.batch_size)
     out = dict(image_embeddings=embeddings, image_paths=np.asarray(kept, dtype=str),
-               skipped_paths=np.asarray(skipped, dtype=str))
+               skipped_paths=np.asarray(skipped, dtype=str),
+               checkpoint=np.asarray(os.path.abspath(FLAGS.checkpoint)
+                                     if os.path.exists(FLAGS.checkpoint.split(":")[0])
+                                     else FLAGS.checkpoint),
+               image_size=np.asarray(str(cfg.image_size)), act=np.asarray(FLAGS.act or ""),
+               tokenizer=np.asarray(os.path.abspath(FLAGS.tokenizer) if FLAGS.tokenizer
+                                    else ""),
+               root=np.asarray(os.path.abspath(FLAGS.images)))
     if skipped:
         print(f"skipped {len(skipped)} of {len(paths)} images that could not be decoded "
               f"(listed in skipped_paths), e.g. {skipped[:3]}", file=sys.stderr)

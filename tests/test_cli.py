@@ -171,7 +171,7 @@ def test_embed_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path):
 
 COMMANDS = {"main": "--distributed", "evaluate": "--checkpoint", "embed": "--checkpoint",
             "retrieval": "--queries", "compare": "--names", "convert": "--image_size",
-            "toy.world": "--target_per_class", "toy.pretrain": "--workdir"}
+            "toy.world": "--target_per_class", "toy.pretrain": "--workdir", "search": "--query"}
 
 
 def test_commands_import_side_by_side_and_keep_their_flags():
@@ -184,3 +184,51 @@ def test_commands_import_side_by_side_and_keep_their_flags():
     for name, flag in COMMANDS.items():
         result = _run(f"infusing_jax.{name}", "--helpshort")  # absl exits 1 after help
         assert flag in result.stdout, (name, result.stderr[-2000:])
+
+
+def test_search_an_embedded_folder_by_photo_and_by_text(tmp_path):
+    """embed a folder, then search: a photo of the folder finds itself first (cosine 1);
+    a text finds the images whose embeddings score highest with it; bad input: one line."""
+    captions = _draw_images(tmp_path / "images", 8)
+    (tmp_path / "corpus.txt").write_text("\n".join(captions * 4) + "\n")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spm"), vocab_size=32,
+        hard_vocab_limit=False, model_type="unigram", pad_id=-1, unk_id=2, bos_id=-1, eos_id=1,
+        minloglevel=2)
+    cfg = models.model_config("siglip", "mu/8", 64, "mu", vocab_size=64, seq_len=16)
+    checkpoints.save(random_params(cfg), cfg, str(tmp_path / "m.npz"))
+    index = str(tmp_path / "index.npz")
+    result = _run("infusing_jax.embed", f"--checkpoint={tmp_path}/m.npz",
+                  f"--images={tmp_path}/images", f"--output={index}",
+                  f"--texts={tmp_path}/corpus.txt", f"--tokenizer={tmp_path}/spm.model")
+    assert result.returncode == 0, result.stderr[-3000:]
+    stored = dict(np.load(index))
+    query = stored["image_paths"][3]
+    result = _run("infusing_jax.search", f"--index={index}",
+                  f"--query={tmp_path}/images/{query}", "--k=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    assert [line[0] for line in lines] == ["1", "2", "3"] and lines[0][2] == query
+    assert abs(float(lines[0][1]) - 1) < 1e-4
+    assert float(lines[0][1]) >= float(lines[1][1]) >= float(lines[2][1])
+    # A text: the images whose embeddings score highest with the text's, as embed made it.
+    text = captions[0]
+    result = _run("infusing_jax.search", f"--index={index}", f"--text={text}", "--k=20")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    assert len(lines) == 8  # k is capped at the index's size
+    row = list(stored["texts"]).index(text)
+    scores = stored["image_embeddings"] @ stored["text_embeddings"][row]
+    want = [stored["image_paths"][i] for i in np.argsort(-scores)]
+    assert [line[2] for line in lines] == want
+    np.testing.assert_allclose([float(line[1]) for line in lines], np.sort(scores)[::-1],
+                               atol=1e-4)
+    for args, words in [((f"--index={index}",), "--query, --text: give one of them"),
+                        ((f"--index={tmp_path}/none.npz", "--text=x"), "none.npz: no such file"),
+                        ((f"--index={index}", f"--query={tmp_path}/corpus.txt"),
+                         "not a readable image"),
+                        ((f"--index={index}", "--text=x", "--k=0"), "--k=0: must be >= 1")]:
+        result = _run("infusing_jax.search", *args)
+        assert result.returncode == 1 and words in result.stderr.strip().splitlines()[-1], \
+            (args, result.stderr[-500:])
+        assert "Traceback" not in result.stderr
