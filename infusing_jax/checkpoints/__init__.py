@@ -1,5 +1,6 @@
 """Checkpoint import and export: big_vision `.npz`, Hugging Face directories, open_clip,
-TIPS image towers (Scenic and PyTorch `.npz`); export of the image tower to ONNX.
+TIPS's `_vision` + `_text` pairs (Scenic's and their PyTorch layouts); export of the
+image tower to ONNX.
 
     params, cfg = checkpoints.load("webli_en_b16_224_63724782.npz")
     checkpoints.save(params, cfg, "out_dir", "hf")
@@ -205,9 +206,10 @@ def save(params, cfg: ml_collections.ConfigDict, path: str, fmt: str = None) -> 
     """Write `params` of a model with config `cfg` as `fmt` (default: `format_of(path)`).
 
     big_vision: a .npz file; hf: a save_pretrained directory; open_clip: a
-    .safetensors file (or .bin / .pt / .pth, written with torch.save); onnx: the
-    image tower's graph (onnx_graph). A remote path (gs://...) is written locally
-    first, then copied there.
+    .safetensors file (or .bin / .pt / .pth, written with torch.save); tips_scenic,
+    tips_pytorch: TIPS's layouts, the text tower to the _text file beside a _vision
+    one (checkpoints/tips.py); onnx: the image tower's graph (onnx_graph). A remote
+    path (gs://...) is written locally first, then copied there.
     """
     fmt = fmt or format_of(path)
     if fmt not in EXPORT_FORMATS:
