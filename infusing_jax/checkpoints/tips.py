@@ -24,8 +24,8 @@ conversion of a Scenic file) round-trips bit-exactly.
 import numpy as np
 
 from infusing_jax import errors
+from infusing_jax.checkpoints import mapping
 
-SCENIC_ROOT = "encoder/"
 _TOKENS = "encoder/ToTokenSequence_0/"
 _SCENIC_NAMES = {  # ours -> Scenic's, outside the blocks
     "img/embedding/kernel": _TOKENS + "embedding/kernel",
@@ -109,102 +109,72 @@ def from_pytorch(theirs: dict, where: str):
 
 
 def _from_pytorch(t):
-    f32 = lambda a: np.asarray(a, np.float32)
-    width = t["cls_token"].shape[-1]
+    folded = _folded(t)
+    width = folded["cls"].shape[-1]
     heads = PYTORCH_HEADS.get(width, max(1, width // 64))
-    d = width // heads
-    pos = f32(t["pos_embed"])
+    swiglu = any(k.endswith(".mlp.w12.weight") for k in folded)
+    flat = mapping.import_(_pytorch_table(swiglu), folded, {"img": heads}, "TIPS PyTorch")
+    hints = _hints(flat, act=None if swiglu else "gelu")
+    hints["img"]["num_heads"] = heads
+    return flat, hints
+
+
+def _pytorch_table(swiglu: bool) -> list:
+    """Our image tower <-> their state dict as `_folded` leaves it: 'cls' and 'pos_grid' for
+    the cls tokens and the position grid, the blocks as mapping.block_rules (the SwiGLU's
+    Dense_0 and Dense_1 stacked in mlp.w12, Dense_2 in mlp.w3)."""
+    names = dict(ln1="norm1", ln2="norm2", qkv="attn.qkv", out="attn.proj", fc1="mlp.fc1",
+                 fc2="mlp.fc2")
+    blocks = mapping.block_rules("img/Transformer/encoderblock_{i}/", "blocks.{i}.", names)
+    if swiglu:
+        mlp = "img/Transformer/encoderblock_{i}/MlpBlock_0/"
+        blocks = [r for r in blocks if "/MlpBlock_0/" not in r.ours[0]] + [
+            mapping.rule([f"{mlp}Dense_0/kernel", f"{mlp}Dense_1/kernel"],
+                         "blocks.{i}.mlp.w12.weight", "linear"),
+            mapping.rule([f"{mlp}Dense_0/bias", f"{mlp}Dense_1/bias"], "blocks.{i}.mlp.w12.bias"),
+            *mapping.dense(f"{mlp}Dense_2", "blocks.{i}.mlp.w3")]
+    return [mapping.rule("img/embedding/kernel", "patch_embed.proj.weight", "conv"),
+            mapping.rule("img/embedding/bias", "patch_embed.proj.bias"),
+            mapping.rule("img/cls", "cls"), mapping.rule("img/pos_embedding", "pos_grid"),
+            *mapping.layer_norm("img/Transformer/encoder_norm", "norm"), *blocks]
+
+
+def _folded(t: dict) -> dict:
+    """Their image state dict, float32, with what Scenic's tree has no place for folded in:
+    each LayerScale gamma into the output layer it scales, pos_embed's first entry into
+    cls_token, which with register_tokens becomes 'cls' (1, 2, W); pos_embed's grid as
+    'pos_grid' (1, G, G, W); mask_token (masked training only) dropped."""
+    t = {k: np.asarray(v, np.float32) for k, v in t.items()}
+    pos = t.pop("pos_embed")
     grid = int(round(np.sqrt(pos.shape[1] - 1)))
     if pos.ndim != 3 or grid * grid + 1 != pos.shape[1]:
         raise errors.UserError(f"pos_embed has shape {pos.shape}; TIPS's is (1, 1 + G*G, "
                                "width) for a G x G grid")
-    flat = {
-        "img/embedding/kernel": f32(t["patch_embed.proj.weight"]).transpose(2, 3, 1, 0),
-        "img/embedding/bias": f32(t["patch_embed.proj.bias"]),
-        "img/cls": np.concatenate([f32(t["cls_token"]) + pos[:, :1],
-                                   f32(t["register_tokens"])], axis=1),
-        "img/pos_embedding": pos[:, 1:].reshape(1, grid, grid, width),
-        "img/Transformer/encoder_norm/scale": f32(t["norm.weight"]),
-        "img/Transformer/encoder_norm/bias": f32(t["norm.bias"]),
-    }
-    depth = len({k.split(".")[1] for k in t if k.startswith("blocks.")})
-    for i in range(depth):
-        b, o = f"blocks.{i}.", f"img/Transformer/encoderblock_{i}/"
-        attn = o + "MultiHeadDotProductAttention_0/"
-        for norm, ln in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_1")):
-            flat[f"{o}{ln}/scale"] = f32(t[f"{b}{norm}.weight"])
-            flat[f"{o}{ln}/bias"] = f32(t[f"{b}{norm}.bias"])
-        qkv_w, qkv_b = f32(t[b + "attn.qkv.weight"]), f32(t[b + "attn.qkv.bias"])
-        for j, name in enumerate(("query", "key", "value")):
-            rows = slice(j * width, (j + 1) * width)
-            flat[f"{attn}{name}/kernel"] = qkv_w[rows].T.reshape(width, heads, d)
-            flat[f"{attn}{name}/bias"] = qkv_b[rows].reshape(heads, d)
-        g1 = f32(t.get(b + "ls1.gamma", np.ones(width, np.float32)))
-        g2 = f32(t.get(b + "ls2.gamma", np.ones(width, np.float32)))
-        flat[f"{attn}out/kernel"] = (f32(t[b + "attn.proj.weight"]).T * g1).reshape(
-            heads, d, width)
-        flat[f"{attn}out/bias"] = f32(t[b + "attn.proj.bias"]) * g1
-        mlp = o + "MlpBlock_0/"
-        if b + "mlp.w12.weight" in t:
-            w12, b12 = f32(t[b + "mlp.w12.weight"]), f32(t[b + "mlp.w12.bias"])
-            hidden = w12.shape[0] // 2
-            for n, rows in enumerate((slice(0, hidden), slice(hidden, None))):
-                flat[f"{mlp}Dense_{n}/kernel"] = w12[rows].T
-                flat[f"{mlp}Dense_{n}/bias"] = b12[rows]
-            out, last = "mlp.w3", "Dense_2"
-        else:
-            flat[f"{mlp}Dense_0/kernel"] = f32(t[b + "mlp.fc1.weight"]).T
-            flat[f"{mlp}Dense_0/bias"] = f32(t[b + "mlp.fc1.bias"])
-            out, last = "mlp.fc2", "Dense_1"
-        flat[f"{mlp}{last}/kernel"] = f32(t[f"{b}{out}.weight"]).T * g2
-        flat[f"{mlp}{last}/bias"] = f32(t[f"{b}{out}.bias"]) * g2
-    hints = _hints(flat, act=None if _swiglu(flat, _BLOCKS[0]) else "gelu")
-    hints["img"]["num_heads"] = heads
-    return flat, hints
+    t["cls"] = np.concatenate([t.pop("cls_token") + pos[:, :1], t.pop("register_tokens")], 1)
+    t["pos_grid"] = pos[:, 1:].reshape(1, grid, grid, pos.shape[-1])
+    t.pop("mask_token", None)
+    for key in [k for k in t if k.endswith((".ls1.gamma", ".ls2.gamma"))]:
+        gamma, block = t.pop(key), key.rsplit(".", 2)[0]
+        out = (f"{block}.attn.proj" if key.endswith(".ls1.gamma") else
+               f"{block}.mlp.w3" if f"{block}.mlp.w3.weight" in t else f"{block}.mlp.fc2")
+        t[out + ".weight"] = t[out + ".weight"] * gamma[:, None]
+        t[out + ".bias"] = t[out + ".bias"] * gamma
+    return t
 
 
 def to_pytorch(flat: dict) -> dict:
     """Canonical flat image-tower params -> TIPS's PyTorch state dict (LayerScale gammas of
     1, a zero position for the first cls token, a zero mask_token)."""
-    cls, grid = flat["img/cls"], flat["img/pos_embedding"]
+    t = mapping.export(_pytorch_table(_swiglu(flat, _BLOCKS[0])), flat, "TIPS PyTorch export")
+    cls, grid = t.pop("cls"), t.pop("pos_grid")
     width = cls.shape[-1]
-    zeros = np.zeros((1, 1, width), grid.dtype)
-    t = {
-        "cls_token": cls[:, :1], "register_tokens": cls[:, 1:],
-        "pos_embed": np.concatenate([zeros, grid.reshape(1, -1, width)], axis=1),
-        "mask_token": np.zeros((1, width), grid.dtype),
-        "patch_embed.proj.weight": flat["img/embedding/kernel"].transpose(3, 2, 0, 1),
-        "patch_embed.proj.bias": flat["img/embedding/bias"],
-        "norm.weight": flat["img/Transformer/encoder_norm/scale"],
-        "norm.bias": flat["img/Transformer/encoder_norm/bias"],
-    }
-    depth = len({k.split("/")[2] for k in flat if k.startswith("img/Transformer/encoderblock_")})
-    for i in range(depth):
-        b, o = f"blocks.{i}.", f"img/Transformer/encoderblock_{i}/"
-        attn, mlp = o + "MultiHeadDotProductAttention_0/", o + "MlpBlock_0/"
-        for norm, ln in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_1")):
-            t[f"{b}{norm}.weight"] = flat[f"{o}{ln}/scale"]
-            t[f"{b}{norm}.bias"] = flat[f"{o}{ln}/bias"]
-        t[b + "attn.qkv.weight"] = np.concatenate(
-            [flat[f"{attn}{n}/kernel"].reshape(width, width).T
-             for n in ("query", "key", "value")])
-        t[b + "attn.qkv.bias"] = np.concatenate(
-            [flat[f"{attn}{n}/bias"].reshape(-1) for n in ("query", "key", "value")])
-        t[b + "attn.proj.weight"] = flat[f"{attn}out/kernel"].reshape(width, width).T
-        t[b + "attn.proj.bias"] = flat[f"{attn}out/bias"]
-        if f"{mlp}Dense_2/kernel" in flat:
-            t[b + "mlp.w12.weight"] = np.concatenate(
-                [flat[f"{mlp}Dense_{n}/kernel"].T for n in (0, 1)])
-            t[b + "mlp.w12.bias"] = np.concatenate([flat[f"{mlp}Dense_{n}/bias"] for n in (0, 1)])
-            t[b + "mlp.w3.weight"] = flat[f"{mlp}Dense_2/kernel"].T
-            t[b + "mlp.w3.bias"] = flat[f"{mlp}Dense_2/bias"]
-        else:
-            t[b + "mlp.fc1.weight"] = flat[f"{mlp}Dense_0/kernel"].T
-            t[b + "mlp.fc1.bias"] = flat[f"{mlp}Dense_0/bias"]
-            t[b + "mlp.fc2.weight"] = flat[f"{mlp}Dense_1/kernel"].T
-            t[b + "mlp.fc2.bias"] = flat[f"{mlp}Dense_1/bias"]
-        t[b + "ls1.gamma"] = np.ones(width, grid.dtype)
-        t[b + "ls2.gamma"] = np.ones(width, grid.dtype)
+    t.update(cls_token=cls[:, :1], register_tokens=cls[:, 1:],
+             pos_embed=np.concatenate([np.zeros((1, 1, width), grid.dtype),
+                                       grid.reshape(1, -1, width)], axis=1),
+             mask_token=np.zeros((1, width), grid.dtype))
+    for block in {".".join(k.split(".")[:2]) for k in t if k.startswith("blocks.")}:
+        for scale in ("ls1", "ls2"):
+            t[f"{block}.{scale}.gamma"] = np.ones(width, grid.dtype)
     return {k: np.ascontiguousarray(v) for k, v in t.items()}
 
 
@@ -264,68 +234,34 @@ def text_to_scenic(flat: dict) -> dict:
     return out
 
 
+_TEXT_PYTORCH = [
+    mapping.rule("txt/Embed_0/embedding", "token_embedding.weight"),
+    *mapping.layer_norm("txt/Encoder_0/encoder_norm", "ln_final"),
+    mapping.rule("temperature", "temperature_contrastive"),
+    *mapping.block_rules("txt/Encoder_0/encoderblock_{i}/", "transformer.resblocks.{i}.", dict(
+        ln1="ln_1", ln2="ln_2", qkv=("attn.in_proj_weight", "attn.in_proj_bias"),
+        out="attn.out_proj", fc1="mlp.c_fc", fc2="mlp.c_proj")),
+]
+
+
 def text_from_pytorch(t: dict, where: str) -> dict:
-    """TIPS's PyTorch TextEncoder state dict -> canonical 'txt/...' and 'temperature'."""
-    try:
-        return _text_from_pytorch(t)
-    except KeyError as e:
-        raise errors.UserError(f"{where}: parameter {e.args[0]!r} is missing; not a complete "
-                               "TIPS PyTorch text encoder") from None
-
-
-def _text_from_pytorch(t):
-    f32 = lambda a: np.asarray(a, np.float32)
+    """TIPS's PyTorch TextEncoder state dict -> canonical 'txt/...' and 'temperature' (their
+    file may name it temperature_contrastive or temperature)."""
+    t = {k: np.asarray(v, np.float32) for k, v in t.items()}
+    temperature = t.pop("temperature", None)
+    if temperature is not None and "temperature_contrastive" not in t:
+        t["temperature_contrastive"] = temperature
+    if "token_embedding.weight" not in t:
+        raise errors.UserError(f"{where}: parameter 'token_embedding.weight' is missing; not "
+                               "a complete TIPS PyTorch text encoder")
     width = t["token_embedding.weight"].shape[1]
     heads = PYTORCH_HEADS.get(width, max(1, width // 64))
-    d = width // heads
-    flat = {"txt/Embed_0/embedding": f32(t["token_embedding.weight"]),
-            "txt/Encoder_0/encoder_norm/scale": f32(t["ln_final.weight"]),
-            "txt/Encoder_0/encoder_norm/bias": f32(t["ln_final.bias"])}
-    temperature = t.get("temperature_contrastive", t.get("temperature"))
-    if temperature is not None:
-        flat["temperature"] = f32(temperature).reshape(())
-    depth = len({k.split(".")[2] for k in t if k.startswith("transformer.resblocks.")})
-    for i in range(depth):
-        b, o = f"transformer.resblocks.{i}.", f"txt/Encoder_0/encoderblock_{i}/"
-        attn = o + "MultiHeadDotProductAttention_0/"
-        for norm, ln in (("ln_1", "LayerNorm_0"), ("ln_2", "LayerNorm_1")):
-            flat[f"{o}{ln}/scale"] = f32(t[f"{b}{norm}.weight"])
-            flat[f"{o}{ln}/bias"] = f32(t[f"{b}{norm}.bias"])
-        w, bias = f32(t[b + "attn.in_proj_weight"]), f32(t[b + "attn.in_proj_bias"])
-        for j, name in enumerate(("query", "key", "value")):
-            rows = slice(j * width, (j + 1) * width)
-            flat[f"{attn}{name}/kernel"] = w[rows].T.reshape(width, heads, d)
-            flat[f"{attn}{name}/bias"] = bias[rows].reshape(heads, d)
-        flat[f"{attn}out/kernel"] = f32(t[b + "attn.out_proj.weight"]).T.reshape(heads, d, width)
-        flat[f"{attn}out/bias"] = f32(t[b + "attn.out_proj.bias"])
-        for n, fc in enumerate(("c_fc", "c_proj")):
-            flat[f"{o}MlpBlock_0/Dense_{n}/kernel"] = f32(t[f"{b}mlp.{fc}.weight"]).T
-            flat[f"{o}MlpBlock_0/Dense_{n}/bias"] = f32(t[f"{b}mlp.{fc}.bias"])
+    flat = mapping.import_(_TEXT_PYTORCH, t, {"txt": heads}, where)
+    if "temperature" in flat:
+        flat["temperature"] = flat["temperature"].reshape(())  # a scalar, however stored
     return flat
 
 
 def text_to_pytorch(flat: dict) -> dict:
-    width = flat["txt/Embed_0/embedding"].shape[1]
-    t = {"token_embedding.weight": flat["txt/Embed_0/embedding"],
-         "ln_final.weight": flat["txt/Encoder_0/encoder_norm/scale"],
-         "ln_final.bias": flat["txt/Encoder_0/encoder_norm/bias"]}
-    if "temperature" in flat:
-        t["temperature_contrastive"] = flat["temperature"]
-    depth = len({k.split("/")[2] for k in flat if k.startswith("txt/Encoder_0/encoderblock_")})
-    for i in range(depth):
-        b, o = f"transformer.resblocks.{i}.", f"txt/Encoder_0/encoderblock_{i}/"
-        attn = o + "MultiHeadDotProductAttention_0/"
-        for norm, ln in (("ln_1", "LayerNorm_0"), ("ln_2", "LayerNorm_1")):
-            t[f"{b}{norm}.weight"] = flat[f"{o}{ln}/scale"]
-            t[f"{b}{norm}.bias"] = flat[f"{o}{ln}/bias"]
-        t[b + "attn.in_proj_weight"] = np.concatenate(
-            [flat[f"{attn}{n}/kernel"].reshape(width, width).T
-             for n in ("query", "key", "value")])
-        t[b + "attn.in_proj_bias"] = np.concatenate(
-            [flat[f"{attn}{n}/bias"].reshape(-1) for n in ("query", "key", "value")])
-        t[b + "attn.out_proj.weight"] = flat[f"{attn}out/kernel"].reshape(width, width).T
-        t[b + "attn.out_proj.bias"] = flat[f"{attn}out/bias"]
-        for n, fc in enumerate(("c_fc", "c_proj")):
-            t[f"{b}mlp.{fc}.weight"] = flat[f"{o}MlpBlock_0/Dense_{n}/kernel"].T
-            t[f"{b}mlp.{fc}.bias"] = flat[f"{o}MlpBlock_0/Dense_{n}/bias"]
+    t = mapping.export(_TEXT_PYTORCH, flat, "TIPS PyTorch text export")
     return {k: np.ascontiguousarray(v) for k, v in t.items()}
