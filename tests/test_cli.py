@@ -49,17 +49,22 @@ def _draw_images(folder, n: int, seed: int = 0) -> list:
     return sorted(set(captions))
 
 
+def _train_spm(folder, captions):
+    """folder/spm.model: a 32-piece sentencepiece model (EOS 1, no pad) of the captions."""
+    (folder / "corpus.txt").write_text("\n".join(captions * 4) + "\n")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "spm"), vocab_size=32,
+        hard_vocab_limit=False, model_type="unigram", pad_id=-1, unk_id=2, bos_id=-1, eos_id=1,
+        minloglevel=2)
+
+
 def test_every_format_embeds_a_folder_alike_end_to_end(tmp_path):
     """A random tiny SigLIP in big_vision's format, converted to HF and open_clip by
     `convert`; `embed` of a folder (every colour mode, one broken file) and of captions
     gives the same embeddings from each."""
     captions = _draw_images(tmp_path / "images", 12)
     (tmp_path / "texts.txt").write_text("\n".join(captions) + "\n")
-    (tmp_path / "corpus.txt").write_text("\n".join(captions * 4) + "\n")
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spm"), vocab_size=32,
-        hard_vocab_limit=False, model_type="unigram", pad_id=-1, unk_id=2, bos_id=-1, eos_id=1,
-        minloglevel=2)
+    _train_spm(tmp_path, captions)
     cfg = models.model_config("siglip", "mu/8", 64, "mu", vocab_size=64, seq_len=16)
     copies = {"big_vision": tmp_path / "m.npz", "hf": tmp_path / "m_hf",
               "open_clip": tmp_path / "m.safetensors"}
@@ -190,11 +195,7 @@ def test_search_an_embedded_folder_by_photo_and_by_text(tmp_path):
     """embed a folder, then search: a photo of the folder finds itself first (cosine 1);
     a text finds the images whose embeddings score highest with it; bad input: one line."""
     captions = _draw_images(tmp_path / "images", 8)
-    (tmp_path / "corpus.txt").write_text("\n".join(captions * 4) + "\n")
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spm"), vocab_size=32,
-        hard_vocab_limit=False, model_type="unigram", pad_id=-1, unk_id=2, bos_id=-1, eos_id=1,
-        minloglevel=2)
+    _train_spm(tmp_path, captions)
     cfg = models.model_config("siglip", "mu/8", 64, "mu", vocab_size=64, seq_len=16)
     checkpoints.save(random_params(cfg), cfg, str(tmp_path / "m.npz"))
     index = str(tmp_path / "index.npz")
