@@ -21,6 +21,7 @@ picks by its first objective.
 import json
 import os
 import sys
+import uuid
 from typing import Optional
 
 from infusing_jax.hpo import reference as reference_lib
@@ -216,7 +217,8 @@ def write(study, sweep, run_cfg, workdir: str, finished=None) -> None:
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
+    """Atomically, through a temporary file of this writer's own (workers write together)."""
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)

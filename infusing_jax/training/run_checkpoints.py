@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import sys
+import uuid
 from typing import Any, Optional
 
 import jax
@@ -254,10 +255,12 @@ def restore_item(mngr: ocp.CheckpointManager, step: int, item: str):
 
 def write_json(path: str, obj) -> None:
     """Process 0 writes `obj` as JSON (atomically: a reader never sees half a file);
-    local paths and gs:// alike (tf.io.gfile)."""
+    local paths and gs:// alike (tf.io.gfile). The temporary file is this writer's own, so
+    that two processes writing one path (a sweep's workers starting together) do not rename
+    each other's away."""
     if jax.process_index() != 0:
         return
-    tmp = path + ".tmp"
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
     with tf.io.gfile.GFile(tmp, "w") as f:
         f.write(json.dumps(obj, indent=2, sort_keys=True))
     tf.io.gfile.rename(tmp, path, overwrite=True)
