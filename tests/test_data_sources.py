@@ -1,4 +1,4 @@
-"""Sources (tfds / folder / uned / captions) and the paper's splits (carve_val, holdout)."""
+"""Sources (tfds, folder, uned, captions, images) and the paper's splits (carve_val, holdout)."""
 import json
 
 import numpy as np
@@ -48,6 +48,16 @@ def test_tfds_cars196():
         assert ex["image"].startswith(b"\x89PNG")  # the encoded file, not pixels
         assert 0 <= ex["label"] < 196 and ex["coarse_label"] == -1
         assert ex["id"].startswith(b"cars196-train.tfrecord")
+
+
+@pytest.mark.parametrize("name,classes", [("imagenette", 10), ("places365_small", 365)])
+def test_tfds_small_generic_sets(name, classes):
+    with tfds.testing.mock_data(num_examples=4):
+        source = load_source(f"tfds:{name}")
+        examples = _examples(source.split("test").dataset(0, 1))
+    assert source.splits == ("train", "test") and source.split("train").num_classes == classes
+    assert len(examples) == 4 and all(0 <= ex["label"] < classes for ex in examples)
+    assert all(ex["id"].startswith(f"{name}-validation".encode()) for ex in examples)
 
 
 def test_tfds_sop_coarse_label():
@@ -215,6 +225,66 @@ def test_folder_split_subfolders(tmp_path):
     test = {ex["id"]: ex["label"] for ex in _examples(source.split("test").dataset(0, 1))}
     assert test == {b"test/cat/0.png": 0, b"test/eel/0.png": 2}  # one class -> one label
     assert source.split("train").num_classes == 3
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def test_images_folder_is_read_recursively_without_labels(tmp_path):
+    _write_image(tmp_path / "b.png")
+    _write_image(tmp_path / "deep" / "er" / "a.JPG", seed=1)
+    (tmp_path / "deep" / "broken.jpg").write_bytes(BROKEN)
+    (tmp_path / "notes.txt").write_text("not an image")
+    source = load_source(f"images:{tmp_path}")
+    split = source.split("train")
+    examples = {ex["id"].decode(): ex for ex in _examples(split.dataset(0, 1))}
+    assert source.splits == ("train",) and split.num_classes == 0
+    assert sorted(examples) == ["b.png", "deep/broken.jpg", "deep/er/a.JPG"]
+    assert {int(ex["label"]) for ex in examples.values()} == {-1}
+    assert examples["deep/broken.jpg"]["image"] == BROKEN  # skipped when decoded, counted
+    assert examples["b.png"]["image"] == (tmp_path / "b.png").read_bytes()
+    assert split.num_examples == 3 and list(split.ids) == sorted(examples)
+
+
+def test_images_list_resolves_relative_paths_and_leaves_out_missing_ones(tmp_path, caplog):
+    _write_image(tmp_path / "photos" / "x.png")
+    _write_image(tmp_path / "elsewhere" / "y.png", seed=1)
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "generic.txt").write_text(
+        f"# my generic images\n../photos/x.png\n\n{tmp_path}/elsewhere/y.png\n"
+        "../photos/gone.png\n")
+    with caplog.at_level("WARNING"):
+        source = load_source(f"images:{tmp_path}/lists/generic.txt")
+    examples = {ex["id"].decode(): ex["image"]
+                for ex in _examples(source.split("train").dataset(0, 1))}
+    assert sorted(examples) == [f"{tmp_path}/elsewhere/y.png", f"{tmp_path}/lists/../photos/x.png"]
+    assert examples[f"{tmp_path}/elsewhere/y.png"] == (tmp_path / "elsewhere/y.png").read_bytes()
+    assert source.name == "generic" and source.split("train").num_examples == 2
+    assert "1 of 3 listed images do not exist" in caplog.text and "gone.png" in caplog.text
+    # data_dir is the root of relative paths
+    (tmp_path / "rel.txt").write_text("x.png\n")
+    source = load_source(f"images:{tmp_path}/rel.txt", data_dir=f"{tmp_path}/photos")
+    assert _ids(source.split("train")) == [f"{tmp_path}/photos/x.png".encode()]
+
+
+def test_images_on_a_remote_filesystem_and_its_errors(tmp_path):
+    _write_image(tmp_path / "g" / "a" / "0.png")
+    _write_image(tmp_path / "g" / "1.png", seed=1)
+    url = "ram://images_test"
+    _mirror(tmp_path, url)
+    (tmp_path / "list.txt").write_text(f"{url}/g/1.png\n")
+    local, remote = load_source(f"images:{tmp_path}/g"), load_source(f"images:{url}/g")
+    assert _contents(local) == _contents(remote) and len(_contents(local)["train"]) == 2
+    listed = load_source(f"images:{tmp_path}/list.txt")  # a remote path is not stat-ed
+    assert [ex[2] for ex in _contents(listed)["train"]] == [(tmp_path / "g/1.png").read_bytes()]
+    one_line_error(lambda: load_source(f"images:{tmp_path}/missing"), "missing",
+                   "no such folder or file")
+    (tmp_path / "empty").mkdir()
+    one_line_error(lambda: load_source(f"images:{tmp_path}/empty"), "no images under")
+    (tmp_path / "none.txt").write_text("# nothing\n")
+    one_line_error(lambda: load_source(f"images:{tmp_path}/none.txt"), "no images listed")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81")
+    one_line_error(lambda: load_source(f"images:{tmp_path}/binary.txt"), "not a text file")
 
 
 def test_folder_errors(tmp_path):

@@ -13,18 +13,23 @@ Specs:
                           (data_dir: the image root, default DIR)
   captions:FILE.json[:SPLIT]  an image-text set (data_dir: the image root, default
                           FILE's folder); the source has one split, SPLIT (default 'test')
+  images:DIR_OR_LIST      unlabelled images, one split 'train': DIR read recursively, or
+                          a text file of image paths, one per line (relative ones against
+                          data_dir, default the file's folder); e.g. a generic domain
 
 No source decodes images: `image` is the encoded file, broken files included.
 File sources read through tf.io.gfile: DIR and FILE may be local or gs:// paths.
 """
 import dataclasses
 import json
+import os
 import posixpath
 from typing import Mapping, Optional
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from infusing_jax import errors
 from infusing_jax.data.schema import NO_LABEL, SplitData
@@ -59,13 +64,14 @@ class Source:
 
 
 def load_source(spec: str, data_dir: Optional[str] = None) -> Source:
-    """'tfds:NAME[:CONFIG]' | 'folder:DIR' | 'uned:DIR' | 'captions:FILE.json[:SPLIT]' -> Source."""
+    """'tfds:NAME[:CONFIG]' | 'folder:DIR' | 'uned:DIR' | 'captions:FILE.json[:SPLIT]' |
+    'images:DIR_OR_LIST' -> Source."""
     kind, _, rest = spec.partition(":")
     loaders = {"tfds": _tfds_source, "folder": _folder_source, "uned": _uned_source,
-               "captions": _captions_source}
+               "captions": _captions_source, "images": _images_source}
     if kind not in loaders or not rest:
         raise errors.UserError(f"unknown source spec {spec!r}; use tfds:NAME[:CONFIG], folder:DIR, "
-                         "uned:DIR or captions:FILE.json[:SPLIT]")
+                         "uned:DIR, captions:FILE.json[:SPLIT] or images:DIR_OR_LIST")
     return loaders[kind](rest, data_dir)
 
 
@@ -110,6 +116,9 @@ _TFDS = {
     "imagenet_sketch": _TfdsSet("label", _TEST),
     "imagenet_r": _TfdsSet("label", _TEST),
     "imagenet_a": _TfdsSet("label", _TEST),
+    # Small generic domains: TFDS 'test' of places365_small is unlabelled.
+    "imagenette": _TfdsSet("label", {"train": "train", "test": "validation"}),
+    "places365_small": _TfdsSet("label", {"train": "train", "test": "validation"}),
     "coco_captions": _TfdsSet(None, {"train": "train", "val": "val", "test": "test",
                                      "restval": "restval"}, captions=True),
 }
@@ -282,6 +291,45 @@ def _folder_source(rest: str, data_dir: Optional[str]) -> Source:
         split_data[s] = _file_split(s, root, records, num_classes=len(classes))
     return Source(name=posixpath.basename(root), roles=_roles(tuple(split_data)),
                   split_data=split_data, class_names=tuple(classes))
+
+
+def _images_source(rest: str, data_dir: Optional[str]) -> Source:
+    """Unlabelled images (label -1, no classes), one split 'train', sorted by path: the
+    image files under DIR, recursively (id: the path below DIR), or the paths listed in
+    a text file, one per line, blank lines and lines starting with '#' ignored (id: the
+    path, relative ones joined to data_dir, default the list's folder). Listed local files
+    that do not exist are counted, named in a warning and left out; remote ones are not
+    stat-ed one by one (a missing one fails the read, naming it)."""
+    spec = f"images:{rest}"
+    if tf.io.gfile.isdir(rest):
+        root = rest.rstrip("/")
+        records = [(p, NO_LABEL) for p in _images_under(root, "")]
+        where = f"under {root} (extensions {' '.join(IMAGE_EXTENSIONS)})"
+    elif tf.io.gfile.exists(rest):
+        root = data_dir or posixpath.dirname(rest)
+        try:
+            with tf.io.gfile.GFile(rest) as f:
+                listed = [line.strip() for line in f.read().splitlines()]
+        except UnicodeDecodeError:
+            raise errors.UserError(f"{spec}: not a text file; give a folder of images or a "
+                                   "text file of image paths, one per line") from None
+        listed = [p if "://" in p else posixpath.join(root, p)
+                  for p in listed if p and not p.startswith("#")]
+        missing = [p for p in listed if "://" not in p and not os.path.exists(p)]
+        if missing:
+            logging.warning("%s: %d of %d listed images do not exist and are left out: %s%s",
+                            spec, len(missing), len(listed), ", ".join(missing[:5]),
+                            " ..." if len(missing) > 5 else "")
+        root, records = "", [(p, NO_LABEL) for p in sorted(set(listed) - set(missing))]
+        where = f"listed in {rest} that exist"
+    else:
+        raise errors.UserError(f"{spec}: no such folder or file; give a folder of images "
+                               "(read recursively) or a text file of image paths")
+    if not records:
+        raise errors.UserError(f"{spec}: no images {where}")
+    name = posixpath.splitext(posixpath.basename(rest.rstrip("/")))[0]
+    return Source(name=name, roles=_roles(("train",)),
+                  split_data={"train": _file_split("train", root, records, num_classes=0)})
 
 
 def _uned_source(rest: str, data_dir: Optional[str]) -> Source:

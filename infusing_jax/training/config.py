@@ -96,7 +96,8 @@ def loss(kind: str, weight: float = 1.0, **settings) -> ml_collections.ConfigDic
 def domain(source: str, role: str = "target", losses: dict = None, **fields):
     """One training domain.
 
-    source: a data spec (`tfds:NAME`, `uned:DIR`, `folder:DIR`).
+    source: a data spec (`tfds:NAME`, `uned:DIR`, `folder:DIR`, or `images:DIR_OR_LIST`,
+      unlabelled: for a generic domain's distillation, validated by retention).
     train_split: the split trained on. Validation split, first that applies:
       val_split (an existing split), val_classes_fraction (classes carved from
       train, class-disjoint, seeded by val_seed), holdout_fraction (examples
@@ -213,7 +214,7 @@ def trained_domains(cfg) -> list:
     return [n for n in ordered_domains(cfg) if cfg.domains[n].train]
 
 
-SOURCE_KINDS = ("tfds", "folder", "uned", "captions")  # data/sources.py
+LABELLED = ("tfds", "folder", "uned")  # data/sources.py's kinds whose images have classes
 DTYPES = ("float32", "bfloat16")
 
 
@@ -254,7 +255,7 @@ TEMPLATES = fields.Rule(lambda t: isinstance(t, (tuple, list)) and all(
     isinstance(s, str) and s.count("{}") == 1 for s in t),
     "a tuple of prompt templates, each with one '{}' for the class name ((): the dataset's)")
 DOMAIN = dict(
-    source=_source(*SOURCE_KINDS[:3]), role=fields.one_of(*ROLES), data_dir=fields.text(),
+    source=_source(*LABELLED, "images"), role=fields.one_of(*ROLES), data_dir=fields.text(),
     train_split=fields.text(nonempty=True), val_split=fields.text(),
     val_classes_fraction=fields.fraction(), holdout_fraction=fields.fraction(),
     val_seed=fields.integer(0), weight=fields.number(at_least=0),
@@ -287,11 +288,11 @@ EVAL = dict(
     text_checkpoint=fields.text(), validate_text=fields.boolean(),
     retrieval=fields.anything(), text_retrieval=fields.anything(), zero_shot=fields.anything())
 TESTS = dict(
-    retrieval=dict(source=_source(*SOURCE_KINDS), role=fields.one_of(*ROLES),
+    retrieval=dict(source=_source(*LABELLED, "captions"), role=fields.one_of(*ROLES),
                    query_split=fields.text(), index_split=fields.text(), data_dir=fields.text()),
     text_retrieval=dict(source=_source("captions"), text_embeddings=fields.text(),
                         data_dir=fields.text()),
-    zero_shot=dict(source=_source(*SOURCE_KINDS), split=fields.text(nonempty=True),
+    zero_shot=dict(source=_source(*LABELLED, "captions"), split=fields.text(nonempty=True),
                    class_names=fields.text(), templates=TEMPLATES, data_dir=fields.text()))
 
 

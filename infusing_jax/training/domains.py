@@ -44,6 +44,9 @@ def load(cfg, name: str) -> DomainSplits:
                              f"it has {', '.join(source.splits)}")
         val = source.split(d.val_split)
     elif d.val_classes_fraction:
+        if train.num_classes == 0:
+            raise errors.UserError(f"{where}.val_classes_fraction: {d.source} has no classes "
+                                   "to carve; hold images out with holdout_fraction instead")
         train, val = splits.carve_val(train, d.val_classes_fraction, d.val_seed)
     elif d.holdout_fraction:
         train, val = splits.holdout(train, d.holdout_fraction, d.val_seed)

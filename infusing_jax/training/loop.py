@@ -73,7 +73,9 @@ def teacher_descriptors(cfg, split, name: str, encode, fingerprint: str, workdir
                 batch_size=cfg.train.eval_batch_size // jax.process_count(),
                 process_index=jax.process_index(), process_count=jax.process_count())
             if skipped:
-                logging.warning("teacher %s: %d undecodable images skipped", name, len(skipped))
+                logging.warning("teacher %s: %d undecodable images skipped: %s%s", name,
+                                len(skipped), ", ".join(skipped[:10]),
+                                " ..." if len(skipped) > 10 else "")
             teacher_lib.save(teacher_lib.part_path(path, jax.process_index(),
                                                    jax.process_count()), desc)
         _barrier("teacher_" + name)

@@ -11,6 +11,8 @@ from `evaluation.metrics.retrieval_metrics`. Scores (k = train.eval_k):
                  model's (`<domain>/retention` per domain). 1 where nothing moved; unlike
                  kNN scores it sees a rotation of the embedding space, which breaks the
                  alignment with the frozen text tower. It needs no labels.
+A domain without classes (an `images:` source) has no kNN score: its retention stands
+in for its mAP@k in the in-domain / out-of-domain means, whatever train.eval_retention.
 `score` is the one `train.select_by` names; the best checkpoint is kept by it.
 With eval.validate_text, eval's image<->text sets are run too ('text/<set>/<metric>',
 by process 0 on its devices).
@@ -52,7 +54,8 @@ class Validator:
         self.encode = jax.jit(embed)
         self.preprocess = tf_views.eval_fn(cfg.model.family, cfg.model.image_size)
         self.check_splits()
-        self.pretrained = pretrained if cfg.train.eval_retention else None
+        unlabelled = any(split.num_classes == 0 for _, _, split in self.domains)
+        self.pretrained = pretrained if cfg.train.eval_retention or unlabelled else None
         self.anchors = {}  # generic domain -> the pretrained model's val embeddings
         self.texts = None
         if cfg.eval.validate_text and cfg.eval.text_retrieval.keys():
@@ -68,7 +71,7 @@ class Validator:
         for name, _, split in self.domains:
             where = f"config.domains.{name}.{val_field(self.cfg.domains[name])}"
             pipeline.check_decodable(split, self.preprocess.decode, where, "val")
-            if split.labels is not None and len(split.labels):
+            if split.num_classes and split.labels is not None and len(split.labels):
                 if np.unique(split.labels, return_counts=True)[1].max() == 1:
                     lone[name] = (f"{where}: each class of its {len(split.labels)} val images "
                                   "has one image, so every val query is lone and scores 0; "
@@ -93,19 +96,21 @@ class Validator:
         retention = []
         for name, role, split in self.domains:
             out_split = self._embed(backbone, split, name)
-            labels = out_split.columns["label"]
-            if role == "generic" and self.pretrained is not None:
+            labelled = split.num_classes > 0
+            if (role == "generic" or not labelled) and self.pretrained is not None:
                 if name not in self.anchors:
                     self.anchors[name] = self._embed(self.pretrained, split, name).embeddings
                 cos = np.sum(out_split.embeddings * self.anchors[name], axis=1)
                 out[f"{name}/retention"] = float(np.mean(cos))
                 retention.append(out[f"{name}/retention"])
-            m = metrics_lib.retrieval_metrics(out_split.embeddings, labels, k=k)
-            out.update({f"{name}/{key}": float(v) for key, v in m.items()
-                        if np.isscalar(v)})
+            if labelled:
+                m = metrics_lib.retrieval_metrics(out_split.embeddings,
+                                                  out_split.columns["label"], k=k)
+                out.update({f"{name}/{key}": float(v) for key, v in m.items()
+                            if np.isscalar(v)})
+            by_role[role].append(m[f"map@{k}"] if labelled else out[f"{name}/retention"])
             if split.num_examples is not None:  # undecodable val images, counted
-                out[f"{name}/skipped"] = float(split.num_examples - len(labels))
-            by_role[role].append(m[f"map@{k}"])
+                out[f"{name}/skipped"] = float(split.num_examples - len(out_split.embeddings))
         if by_role["target"]:
             out["in-domain"] = float(np.mean(by_role["target"]))
         if by_role["generic"]:
