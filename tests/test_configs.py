@@ -7,16 +7,22 @@ import subprocess
 import sys
 
 import importlib.util
+import shutil
 
 import pytest
 
 from infusing_jax import errors
+from infusing_jax.data import sources
+from infusing_jax.data import splits as splits_lib
 from infusing_jax.training import config as config_lib
+from infusing_jax.training import domains
 from infusing_jax.training import recipes
+from tests.helpers import train_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
-PAPER_CONFIGS = [p for p in CONFIGS if not os.path.basename(p).startswith("toy")]
+PAPER_CONFIGS = [p for p in CONFIGS if not os.path.basename(p).startswith(("toy", "custom"))]
+CUSTOM = os.path.join(REPO, "configs", "custom.py")
 
 
 def _load(path, arg):
@@ -194,3 +200,88 @@ def test_data_dir_reaches_only_tfds_sources():
     assert config_lib.data_dir(c, c.domains.imagenet) == "/d/tfds"
     assert config_lib.data_dir(c, c.domains.sop) is None  # uned: its images are beside it
     assert config_lib.data_dir(c, c.eval.text_retrieval.flickr30k) == "/d/flickr30k/flickr30k-images"
+
+
+def _custom_world(root):
+    """A target with train / val / test class folders, one with train / test only, one
+    flat, and a folder of unlabelled generic images (with a broken one)."""
+    train_world.make_world(str(root))
+    shutil.copytree(root / "target", root / "no_val", ignore=shutil.ignore_patterns("val"))
+    shutil.copytree(root / "target" / "train", root / "flat")
+    shutil.copytree(root / "generic" / "train", root / "photos")
+    (root / "photos" / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def _images(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.jpg"))
+
+
+def test_custom_recipe_on_your_own_folders(tmp_path):
+    root = _custom_world(tmp_path)
+    base = f"checkpoint={root}/pretrained.npz:img,batch_size=8,generic=images:{root}/photos"
+    c = _load(CUSTOM, f"target=folder:{root}/target,{base},captions={root}/captions.json,"
+                      f"tokenizer={root}/spm.model,zero_shot=folder:{root}/generic,"
+                      f"generic_test=folder:{root}/generic")
+    config_lib.validate(c)
+    assert config_lib.ordered_domains(c) == ["target", "generic"]
+    assert c.domains.target.val_split == "val" and c.domains.generic.holdout_fraction == 0.2
+    assert c.domains.generic.losses.feature_mse.weight == 1000.0
+    assert c.domains.target.losses.anchoring.weight == c.domains.generic.losses.anchoring.weight
+    # 3 epochs of both domains' train images: the target's 48, the generic's less its hold-out
+    generic = sources.load_source(f"images:{root}/photos").split("train")
+    kept = splits_lib.holdout(generic, 0.2, 42)[0].num_examples
+    assert len(_images(root / "photos")) == generic.num_examples == 33 and 0 < kept < 33
+    assert c.train.num_steps == 3 * (6 * 8 + kept) // 8 and c.train.select_by == "all"
+    assert set(c.eval.retrieval.keys()) == {"target", "generic"}
+    assert c.eval.retrieval.generic.role == "generic"
+    assert c.eval.text_retrieval.captions.source == f"captions:{root}/captions.json"
+    assert c.eval.zero_shot.classes.source == f"folder:{root}/generic"
+
+    # No val split: 20% of the train classes are carved (class-disjoint) and not counted.
+    c = _load(CUSTOM, f"target=folder:{root}/no_val,{base},method=naive")
+    config_lib.validate(c)
+    assert c.domains.target.val_classes_fraction == 0.2 and not c.domains.target.val_split
+    carved = splits_lib.carve_val(sources.load_source(f"folder:{root}/no_val").split("train"),
+                                  0.2, 42)[0].num_examples
+    assert carved < 48 and c.train.num_steps == 3 * carved // 8
+    # naive: the generic hold-out is validated on only; kept by the target's score
+    assert not c.domains.generic.train and not c.domains.generic.losses.keys()
+    assert c.train.select_by == "in-domain"
+    c = _load(CUSTOM, f"target=folder:{root}/flat,{base},target_test=false,steps=5,evals=0")
+    assert c.train.num_steps == 5 and c.train.eval_every == 0 and not c.eval.retrieval.keys()
+
+
+def test_custom_recipe_refuses_bad_arguments_in_one_line(tmp_path):
+    root = _custom_world(tmp_path)
+    ckpt = f"checkpoint={root}/pretrained.npz:img"
+    for arg, words in [
+            (ckpt, "config argument target: required, e.g. target=folder:/photos"),
+            (f"target=folder:{root}/target", "config argument checkpoint: required"),
+            (f"target=folder:{root}/target,{ckpt}", "config argument generic: method=full "
+             "distils on generic images; give generic=images:DIR"),
+            (f"target=folder:{root}/flat,{ckpt},method=naive", "config argument target_test: "
+             f"folder:{root}/flat has no test split"),
+            (f"target=folder:{root}/nowhere,{ckpt},method=naive",
+             f"config argument target: folder:{root}/nowhere: no such directory"),
+            (f"target=folder:{root}/target,{ckpt},generic=images:{root}/none",
+             f"config argument generic: images:{root}/none: no such folder or file"),
+            (f"target=folder:{root}/target,{ckpt},method=naive,epochs=0.01",
+             "config argument epochs: 0.01 epochs of 48 images in batches of 128 is no step"),
+            (f"target=folder:{root}/target,{ckpt},method=nice", "method 'nice': use one of")]:
+        with pytest.raises(errors.UserError, match=re.escape(words)) as e:
+            _load(CUSTOM, arg)
+        assert "\n" not in str(e.value)
+    # an unlabelled source cannot be the target, nor have classes carved from it
+    c = _load(CUSTOM, f"target=images:{root}/photos,{ckpt},method=naive,target_test=false,"
+                      "batch_size=8")
+    with pytest.raises(errors.UserError, match=re.escape(
+            "config.domains.target.val_classes_fraction: images:")):
+        domains.load(c, "target")
+    c.domains.target.val_classes_fraction, c.domains.target.holdout_fraction = 0.0, 0.2
+    with pytest.raises(errors.UserError, match=re.escape(
+            "config.domains.target.losses: ['normface'] need class labels")):
+        domains.load(c, "target")
+    c.eval.retrieval.photos = config_lib.retrieval_test(f"images:{root}/photos")
+    with pytest.raises(errors.UserError, match=re.escape("config.eval.retrieval.photos.source")):
+        config_lib.validate(c)

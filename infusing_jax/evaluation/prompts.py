@@ -111,3 +111,17 @@ def tfds_class_names(name: str, data_dir=None) -> dict:
         raise errors.UserError(f"tfds:{name}: TFDS has no class names for it (only numbers); give a "
                          "class names file")
     return out
+
+
+def source_class_names(spec: str, data_dir=None) -> dict:
+    """{'fine': names[, 'coarse': names]} of a data spec's classes, label i = name i: TFDS
+    metadata (`tfds_class_names`), or a folder: source's class folders as words; one
+    UserError for a source that names no classes (uned:, captions:, images:)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "tfds":
+        return tfds_class_names(rest.split(":")[0], data_dir)
+    names = sources.load_source(spec, data_dir).class_names
+    if not names:
+        raise errors.UserError(f"{spec} has no class names of its own; give a file with one "
+                               "name per line (line i = class i)")
+    return {"fine": [clean(n) for n in names]}

@@ -24,7 +24,6 @@ from absl import logging
 
 from infusing_jax import errors
 from infusing_jax import tokenizers
-from infusing_jax.data import sources
 from infusing_jax.evaluation import prompts
 from infusing_jax.evaluation import text_retrieval
 from infusing_jax.evaluation import zero_shot
@@ -89,18 +88,13 @@ def class_names(cfg, name: str, num_classes: int) -> list:
         except errors.UserError as e:
             raise errors.UserError(f"{field}: {e}") from None
     else:
-        kind, _, rest = d.source.partition(":")
-        if kind == "tfds":
-            try:
-                names = prompts.tfds_class_names(rest.split(":")[0],
-                                                 config_lib.data_dir(cfg, d)).get("fine")
-            except (errors.UserError, ValueError) as e:
-                raise errors.UserError(f"{field}: {e}") from None
-        else:
-            names = sources.load_source(d.source, config_lib.data_dir(cfg, d)).class_names
+        try:
+            names = prompts.source_class_names(d.source, config_lib.data_dir(cfg, d)).get("fine")
+        except (errors.UserError, ValueError) as e:
+            raise errors.UserError(f"{field}: {e}") from None
         if not names:
-            raise errors.UserError(f"{field}: {d.source} has no class names of its own; give a "
-                                   "file with one name per line (line i = class i)")
+            raise errors.UserError(f"{field}: {d.source} has no fine class names; give a file "
+                                   "with one name per line (line i = class i)")
     if len(names) != num_classes:
         raise errors.UserError(f"{field}: {len(names)} names, but the train split has "
                                f"{num_classes} classes; give one per class, line i = class i")

@@ -205,7 +205,7 @@ def _text_embeddings(path: str, split, where: str) -> None:
 
 def _class_names(t, cfg, split, where: str) -> dict:
     """{'fine': names[, 'coarse': names]} of a zero-shot set: its class_names file, else
-    TFDS's; as many as the split has classes."""
+    the source's (TFDS metadata, class folders); as many as the split has classes."""
     field = f"config.eval.{where}.class_names"
     if t.class_names:
         try:
@@ -213,12 +213,8 @@ def _class_names(t, cfg, split, where: str) -> dict:
         except errors.UserError as e:
             raise errors.UserError(f"{field}: {e}") from None
     else:
-        kind, _, dataset = t.source.partition(":")
-        if kind != "tfds":
-            raise errors.UserError(f"{field}: {t.source} has no class names of its own; give a "
-                                   "file with one name per line")
         try:
-            names = prompts.tfds_class_names(dataset.split(":")[0], config_lib.data_dir(cfg, t))
+            names = prompts.source_class_names(t.source, config_lib.data_dir(cfg, t))
         except errors.UserError as e:
             raise errors.UserError(f"{field}: {e}") from None
     sizes = {"fine": split.num_classes, "coarse": split.num_coarse_classes}

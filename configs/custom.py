@@ -1,0 +1,133 @@
+"""The paper's recipe for your own target domain (and, optionally, your own generic images).
+
+    python -m infusing_jax.main --workdir=runs/mine_full --config=configs/custom.py:\
+target=folder:/photos,generic=images:/generic,family=siglip,\
+checkpoint=/ckpt/webli_en_b16_224_63724782.npz:img,tokenizer=/ckpt/c4_en.model
+
+The :ARG keys and what each test set needs: configs/README.md. The target and generic
+sources are read here, once, for their splits and sizes: the schedule is counted from
+them, as the paper counts its epochs.
+"""
+from infusing_jax import errors
+from infusing_jax.data import sources
+from infusing_jax.data import splits
+from infusing_jax.training import config as config_lib
+from infusing_jax.training import recipes
+
+
+def get_config(arg=None):
+    arg = recipes.parse_arg(
+        arg, target="", target_root="", generic="", generic_root="", tfds_dir="",
+        method=recipes.METHODS, family=recipes.FAMILIES, checkpoint="", tokenizer="",
+        image_size=224, batch_size=128, epochs=3.0, steps=0, evals=5,
+        val_classes=0.2, holdout=0.2, distill=1000.0, anchor=1e5,
+        target_test=True, generic_test="", captions="", captions_root="", zero_shot="",
+        class_names="")
+    for key, example in (("target", "folder:/photos"), ("checkpoint", "/ckpt/model.npz:img")):
+        if not getattr(arg, key):
+            raise errors.UserError(f"config argument {key}: required, e.g. {key}={example}")
+    c = config_lib.default_config()
+    c.model.update(family=recipes.MODEL_FAMILY.get(arg.family, arg.family),
+                   checkpoint=arg.checkpoint, image_size=arg.image_size)
+    c.eval.tokenizer = arg.tokenizer
+    c.data.update(data_dir=arg.tfds_dir, batch_size=arg.batch_size, mix="round_robin",
+                  one_domain_per_batch=True)
+
+    # The target domain, NormFace (s=16) on its classes. Its val split: the source's own
+    # 'val' (e.g. DIR/{train,val,test}/<class>), else a seeded fraction of its train
+    # classes, class-disjoint from the classes it trains on.
+    target = _source("target", arg.target, arg.target_root, arg.tfds_dir)
+    if arg.target_test and target.roles.query == "train":
+        raise errors.UserError(f"config argument target_test: {arg.target} has no test split; "
+                               "lay it out as DIR/{train,test}/<class> (val too, if you like), "
+                               "or give target_test=false")
+    has_val = "val" in target.splits
+    c.domains.target = config_lib.domain(
+        arg.target, role="target", data_dir=arg.target_root, losses=dict(normface=dict()),
+        **(dict(val_split="val") if has_val else dict(val_classes_fraction=arg.val_classes)))
+    trained = {"target": _train_size(target, arg.target, has_val, arg.val_classes)}
+
+    # The generic domain: its images less a seeded hold-out (its val), distilled to the
+    # pretrained model's features (precomputed once) by the paper's methods, and anchoring
+    # on both domains. The other methods validate on its hold-out only (train=False), so
+    # that every method is kept by the same protocol.
+    paper = recipes.paper_losses(arg.method)
+    if paper and not arg.generic:
+        raise errors.UserError(f"config argument generic: method={arg.method} distils on "
+                               "generic images; give generic=images:DIR (or folder:, tfds:, "
+                               "uned:), or method=naive")
+    if arg.generic:
+        generic = _source("generic", arg.generic, arg.generic_root, arg.tfds_dir)
+        losses = dict(feature_mse=dict(weight=arg.distill, teacher="precomputed"),
+                      anchoring=dict(weight=arg.anchor))
+        c.domains.generic = config_lib.domain(
+            arg.generic, role="generic", data_dir=arg.generic_root, holdout_fraction=arg.holdout,
+            **(dict(losses=losses) if paper else dict(train=False)))
+        if paper:
+            c.domains.target.losses.anchoring = config_lib.loss("anchoring", weight=arg.anchor)
+            trained["generic"] = _kept_size(generic.split("train"), arg.holdout)
+
+    # AdamW as the paper's: LR 1e-3 for the heads, 1e-5 for the backbone, constant, weight
+    # decay 1e-6; `epochs` passes over all trained domains' train images (the authors' count).
+    c.optim.update(lr=1e-3, backbone_lr_mult=1e-2, weight_decay=1e-6, schedule="constant")
+    steps = arg.steps or int(arg.epochs * sum(trained.values()) // arg.batch_size)
+    if steps < 1:
+        raise errors.UserError(f"config argument epochs: {arg.epochs} epochs of "
+                               f"{sum(trained.values())} images in batches of {arg.batch_size} "
+                               "is no step; give more epochs or steps=N")
+    c.train.num_steps = steps
+    recipes.set_method(c, arg.method, "target", linear_probe_steps=steps // 3,
+                       lora_lr_mult=0.2)
+    # Validated before training and `evals` times during it; the best weights are kept by
+    # the mean of both domains' scores (the target's alone for the naive baseline, as the
+    # paper's). A generic domain without classes (images:) scores by retention.
+    c.train.update(eval_at_start=True, eval_every=max(steps // arg.evals, 1) if arg.evals else 0,
+                   checkpoint_every=max(steps // arg.evals, 1) if arg.evals else steps,
+                   select_by="in-domain" if arg.method == "naive" or not arg.generic else "all")
+
+    # Tested at the end, each when asked for: the target's test split (its classes unseen in
+    # training), image retrieval on a labelled generic set, image<->text on a captions file
+    # and zero-shot classification (both with the frozen text tower and `tokenizer`).
+    if arg.target_test:
+        c.eval.retrieval.target = config_lib.retrieval_test(arg.target, role="target",
+                                                            data_dir=arg.target_root)
+    if arg.generic_test:
+        c.eval.retrieval.generic = config_lib.retrieval_test(arg.generic_test, role="generic")
+    if arg.captions:
+        spec = arg.captions if arg.captions.startswith("captions:") else f"captions:{arg.captions}"
+        c.eval.text_retrieval.captions = config_lib.text_test(spec, data_dir=arg.captions_root)
+    if arg.zero_shot:
+        c.eval.zero_shot.classes = config_lib.zero_shot_test(arg.zero_shot,
+                                                             class_names=arg.class_names)
+    return c
+
+
+def _source(key: str, spec: str, root: str, tfds_dir: str):
+    """The source `spec` names (its image root `root`, or `tfds_dir` for a tfds: one), or one
+    line naming the :ARG key."""
+    try:
+        return sources.load_source(spec, root or (tfds_dir if spec.startswith("tfds:") else "")
+                                   or None)
+    except (errors.UserError, OSError) as e:
+        raise errors.UserError(f"config argument {key}: {e}") from None
+
+
+def _train_size(target, spec: str, has_val: bool, val_classes: float) -> int:
+    """The target's train images, less the val classes carved from them (the domain's
+    default val_seed)."""
+    if "train" not in target.splits:
+        raise errors.UserError(f"config argument target: {spec} has no train split; it has "
+                               f"{', '.join(target.splits)}")
+    train = target.split("train")
+    if not has_val and train.num_classes:
+        train = splits.carve_val(train, val_classes, config_lib.domain(spec).val_seed)[0]
+    return _kept_size(train, 0.0)
+
+
+def _kept_size(split, held_out: float) -> int:
+    """A split's images less a held-out fraction: exact where its ids are known (files),
+    else counted as (1 - held_out) * its size (TFDS)."""
+    if held_out and split.ids is not None:
+        split = splits.holdout(split, held_out, config_lib.domain("").val_seed)[0]
+        held_out = 0.0
+    return round((1 - held_out) * (split.num_examples or 0))
