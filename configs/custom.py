@@ -19,7 +19,7 @@ def get_config(arg=None):
     arg = recipes.parse_arg(
         arg, target="", target_root="", generic="", generic_root="", tfds_dir="",
         method=recipes.METHODS, family=recipes.FAMILIES, checkpoint="", tokenizer="",
-        image_size=224, batch_size=128, epochs=3.0, steps=0, evals=5,
+        image_size=224, batch_size=128, epochs=3.0, steps=0, evals=5, keep=("best", "last"),
         val_classes=0.2, holdout=0.2, distill=1000.0, anchor=1e5,
         target_test=True, generic_test="", captions="", captions_root="", zero_shot="",
         class_names="")
@@ -80,10 +80,12 @@ def get_config(arg=None):
                        lora_lr_mult=0.2)
     # Validated before training and `evals` times during it; the best weights are kept by
     # the mean of both domains' scores (the target's alone for the naive baseline, as the
-    # paper's). A generic domain without classes (images:) scores by retention.
+    # paper's), or the last ones with keep=last. A generic domain without classes (images:)
+    # scores by retention.
+    by = "in-domain" if arg.method == "naive" or not arg.generic else "all"
     c.train.update(eval_at_start=True, eval_every=max(steps // arg.evals, 1) if arg.evals else 0,
                    checkpoint_every=max(steps // arg.evals, 1) if arg.evals else steps,
-                   select_by="in-domain" if arg.method == "naive" or not arg.generic else "all")
+                   select_by=by if arg.keep == "best" else "last")
 
     # Tested at the end, each when asked for: the target's test split (its classes unseen in
     # training), image retrieval on a labelled generic set, image<->text on a captions file
