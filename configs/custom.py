@@ -116,14 +116,18 @@ def _source(key: str, spec: str, root: str, tfds_dir: str):
 
 def _train_size(target, spec: str, has_val: bool, val_classes: float) -> int:
     """The target's train images, less the val classes carved from them (the domain's
-    default val_seed)."""
+    default val_seed): exact where the labels are known (files), else counted as
+    (1 - val_classes) of them (TFDS)."""
     if "train" not in target.splits:
         raise errors.UserError(f"config argument target: {spec} has no train split; it has "
                                f"{', '.join(target.splits)}")
     train = target.split("train")
-    if not has_val and train.num_classes:
-        train = splits.carve_val(train, val_classes, config_lib.domain(spec).val_seed)[0]
-    return _kept_size(train, 0.0)
+    if has_val or not train.num_classes:
+        return train.num_examples or 0
+    carved = splits.carve_val(train, val_classes, config_lib.domain(spec).val_seed)[0]
+    if carved.num_examples is not None:
+        return carved.num_examples
+    return round((1 - val_classes) * (train.num_examples or 0))
 
 
 def _kept_size(split, held_out: float) -> int:

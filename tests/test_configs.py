@@ -10,6 +10,7 @@ import importlib.util
 import shutil
 
 import pytest
+import tensorflow_datasets as tfds
 
 from infusing_jax import errors
 from infusing_jax.data import sources
@@ -250,6 +251,18 @@ def test_custom_recipe_on_your_own_folders(tmp_path):
     assert c.train.select_by == "in-domain"
     c = _load(CUSTOM, f"target=folder:{root}/flat,{base},target_test=false,steps=5,evals=0")
     assert c.train.num_steps == 5 and c.train.eval_every == 0 and not c.eval.retrieval.keys()
+
+
+def test_custom_recipe_on_tfds_sets_counts_what_tfds_says():
+    """tfds: target and generic domains: no ids or labels up front, so the carved val
+    classes and the hold-out are counted as fractions of TFDS's sizes."""
+    with tfds.testing.mock_data(num_examples=50):
+        c = _load(CUSTOM, "target=tfds:cars196,generic=tfds:imagenette,tfds_dir=/d/tfds,"
+                          "checkpoint=/c/m.npz:img,batch_size=10,epochs=2,holdout=0.1")
+    config_lib.validate(c)
+    assert c.domains.target.val_classes_fraction == 0.2 and c.data.data_dir == "/d/tfds"
+    assert c.train.num_steps == 2 * (round(0.8 * 50) + round(0.9 * 50)) // 10
+    assert c.eval.retrieval.target.source == "tfds:cars196"
 
 
 def test_custom_recipe_refuses_bad_arguments_in_one_line(tmp_path):
