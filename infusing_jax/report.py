@@ -20,7 +20,8 @@ are the first run's (eval.retrieval and eval.text_retrieval of its config.json).
 
 Writes to --output:
   index.html          the page; opens from file:// (no server, network or script)
-  images/SET/H.png    each image shown, at most THUMBNAIL px a side (H: a hash of its id)
+  images/KIND-SET/H.png  each image shown, at most THUMBNAIL px a side (KIND: image or
+                      text; H: a hash of its id)
   comparison.json, comparison.md, summary.json, tradeoff.png
                       as compare writes them; the page shows the table and the plot
 Runs in one process, on its devices.
@@ -89,7 +90,9 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class Section:
-    """One test set's table: kind 'image' (image->image) or 'text' (image->text)."""
+    """One test set's table: kind 'image' (image->image) or 'text' (image->text); anchor:
+    KIND-NAME, its id in the page and its thumbnails' folder under images/."""
+    anchor: str
     name: str
     kind: str
     about: str
@@ -144,26 +147,26 @@ def sample(count: int, queries: int, seed: int) -> np.ndarray:
 # ---------------------------------------------------------------- thumbnails
 
 
-def thumbnail_path(test: str, image_id) -> str:
-    """images/TEST/HASH.png, relative to --output: ids may hold any characters."""
+def thumbnail_path(folder: str, image_id) -> str:
+    """images/FOLDER/HASH.png, relative to --output: ids may hold any characters."""
     digest = hashlib.sha1(str(image_id).encode()).hexdigest()[:16]
-    return f"images/{test}/{digest}.png"
+    return f"images/{folder}/{digest}.png"
 
 
-def write_thumbnails(split, ids, test: str, output: str) -> None:
+def write_thumbnails(split, ids, folder: str, output: str) -> None:
     """The images of `split` with these ids, downscaled to at most THUMBNAIL px a side,
-    to output/thumbnail_path(test, id) as PNG."""
+    to output/thumbnail_path(folder, id) as PNG."""
     import tensorflow as tf
     if not ids:
         return
     wanted = tf.constant(sorted(set(ids)))
     ds = split.dataset(0, 1).map(lambda ex: (ex["id"], ex["image"]))
     ds = ds.filter(lambda image_id, _: tf.reduce_any(image_id == wanted))
-    os.makedirs(os.path.join(output, "images", test), exist_ok=True)
+    os.makedirs(os.path.join(output, "images", folder), exist_ok=True)
     for image_id, data in ds.as_numpy_iterator():
         image = Image.open(io.BytesIO(data)).convert("RGB")
         image.thumbnail((THUMBNAIL, THUMBNAIL))
-        image.save(os.path.join(output, thumbnail_path(test, image_id.decode())))
+        image.save(os.path.join(output, thumbnail_path(folder, image_id.decode())))
 
 
 def _id(value) -> str:
@@ -185,12 +188,13 @@ def _embedded(encode, split, cfg, where: str) -> dict:
 def retrieval_section(cfg, name: str, encode: dict, queries: int, k: int, seed: int,
                       output: str) -> Section:
     """Image->image test set `name`: sampled queries and their top-k under each model."""
+    # pylint: disable=protected-access  # suite's own reading of its test sets
     t, where = cfg.eval.retrieval[name], f"retrieval.{name}"
-    source = suite._source(t, cfg, where)  # pylint: disable=protected-access
+    source = suite._source(t, cfg, where)
     q_name = t.query_split or source.roles.query
     i_name = t.index_split or source.roles.index
-    q_split = suite._split(source, q_name, where + ".query_split")  # pylint: disable=protected-access
-    i_split = suite._split(source, i_name, where + ".index_split")  # pylint: disable=protected-access
+    q_split = suite._split(source, q_name, where + ".query_split")
+    i_split = suite._split(source, i_name, where + ".index_split")
     rows, picked = None, {}
     for model, enc in encode.items():
         q = _embedded(enc, q_split, cfg, where)
@@ -200,24 +204,25 @@ def retrieval_section(cfg, name: str, encode: dict, queries: int, k: int, seed: 
                                      query_ids=q["ids"][rows], index_ids=i["ids"])
         picked[model] = scores, neighbours
     query_ids = [_id(v) for v in q["ids"][rows]]
-    shown_ids = {_id(i["ids"][n]) for _, found in picked.values() for n in found.ravel()
-                 if n >= 0}
-    write_thumbnails(q_split, query_ids, name, output)
-    write_thumbnails(i_split, shown_ids - set(query_ids) if i_name == q_name else shown_ids,
-                     name, output)
+    shown = {q_name: set(query_ids)}
+    shown.setdefault(i_name, set()).update(
+        _id(i["ids"][n]) for _, found in picked.values() for n in found.ravel() if n >= 0)
+    folder = f"image-{name}"
+    for split_name, ids in shown.items():
+        write_thumbnails(source.split(split_name), ids, folder, output)
     table = []
     for r, (row, query_id) in enumerate(zip(rows, query_ids)):
         results = {}
         for model, (scores, neighbours) in picked.items():
             results[model] = [
                 Shown(float(s), bool(i["labels"][n] == q["labels"][row]), _id(i["ids"][n]),
-                      thumbnail_path(name, _id(i["ids"][n])))
+                      thumbnail_path(folder, _id(i["ids"][n])))
                 for s, n in zip(scores[r], neighbours[r]) if n >= 0]
-        table.append(Row(thumbnail_path(name, query_id), query_id, results))
+        table.append(Row(thumbnail_path(folder, query_id), query_id, results))
     about = (f"image->image: {len(rows)} queries of split {q_name}, their top {k} in split "
              f"{i_name}{' (the query itself left out)' if i_name == q_name else ''}; a hit "
              "is an image of the query's class")
-    return Section(name, "image", about, table)
+    return Section(folder, name, "image", about, table)
 
 
 def text_section(cfg, name: str, encode: dict, texts, queries: int, k: int, seed: int,
@@ -244,17 +249,18 @@ def text_section(cfg, name: str, encode: dict, texts, queries: int, k: int, seed
                               [len(row) for row in out.columns["captions"]])
             text_embeddings = texts.embed_texts(captions)
         picked[model] = knn.knn(out.embeddings[rows], text_embeddings, k)
-    write_thumbnails(split, ids, name, output)
+    folder = f"text-{name}"
+    write_thumbnails(split, ids, folder, output)
     table = []
     for r, (row, image_id) in enumerate(zip(rows, ids)):
         results = {model: [Shown(float(s), bool(owner[j] == row), all_ids[owner[j]],
                                  caption=captions[j])
                            for s, j in zip(scores[r], best[r]) if j >= 0]
                    for model, (scores, best) in picked.items()}
-        table.append(Row(thumbnail_path(name, image_id), image_id, results))
+        table.append(Row(thumbnail_path(folder, image_id), image_id, results))
     about = (f"image->text: {len(rows)} images of split {split.name}, their top {k} of the "
              f"{len(captions)} captions; a hit is one of the image's own captions")
-    return Section(name, "text", about, table)
+    return Section(folder, name, "text", about, table)
 
 
 def sections(cfg, encode: dict, queries: int, k: int, seed: int, output: str) -> list:
@@ -317,7 +323,7 @@ def section_html(section: Section, models: list) -> str:
         f'<tr><th>{_figure("query", row.image, row.query_id, "query")}</th>'
         + "".join(f'<td data-model="{html.escape(m)}">{_cell(section, row.results[m])}</td>'
                   for m in models) + "</tr>" for row in section.rows)
-    return (f'<section class="{section.kind}" id="{html.escape(section.name)}">'
+    return (f'<section class="{section.kind}" id="{html.escape(section.anchor)}">'
             f"<h2>{html.escape(section.name)}</h2><p>{html.escape(section.about)}</p>"
             f"<table><tr><th>query</th>{head}</tr>{rows}</table></section>")
 

@@ -109,11 +109,12 @@ def test_the_page_shows_each_models_neighbours_with_hits_marked_by_label(world, 
     page = _page(report)
     models = ["pretrained", "naive", "full"]
     cfg = train_world.world_config(world, "full", "precomputed", "yes")
-    assert list(page.sections) == [*sorted(cfg.eval.retrieval.keys()),
-                                   *sorted(cfg.eval.text_retrieval.keys())]
+    assert list(page.sections) == [*(f"image-{n}" for n in sorted(cfg.eval.retrieval.keys())),
+                                   *(f"text-{n}" for n in sorted(cfg.eval.text_retrieval.keys()))]
     # Every image the page shows is a file under --output, beside the plot and the table.
     assert "tradeoff.png" in page.imgs and (report / "comparison.md").exists()
     assert all((report / src).is_file() for src in page.imgs)
+    marks = set()
     for name, section in page.sections.items():
         per_query = 1 + len(models) * K if section["kind"] == "image" else 1
         assert len(section["imgs"]) == QUERIES * per_query, name
@@ -132,6 +133,8 @@ def test_the_page_shows_each_models_neighbours_with_hits_marked_by_label(world, 
                         assert _class(item) in caption
                         hit = item == row["query"]
                     assert mark == ("hit" if hit else "miss"), (name, model, item)
+                    marks.add(mark)
+    assert marks == {"hit", "miss"}  # the check above saw both
     # The pretrained and the naive run's target neighbours, recomputed from all the cosines:
     # each shown one's score is its cosine, and they are the K highest (ties in any order).
     model, pretrained, _ = backbone_lib.load_image_tower(cfg.model)
@@ -143,7 +146,7 @@ def test_the_page_shows_each_models_neighbours_with_hits_marked_by_label(world, 
     for name, params in towers.items():
         out = suite._embedded(lambda images: embed(params, images), split, cfg, "target")
         ids = [i.decode() for i in out["ids"]]
-        for row in page.sections["target"]["rows"]:
+        for row in page.sections["image-target"]["rows"]:
             q = ids.index(row["query"])
             scores = out["embeddings"] @ out["embeddings"][q]
             scores[q] = -np.inf
