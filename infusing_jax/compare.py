@@ -232,20 +232,25 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+def write(report: dict, folder: str) -> None:
+    """comparison.json, summary.json, comparison.md and tradeoff.png into `folder`."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "comparison.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump(summary(report), f, indent=2)
+    with open(os.path.join(folder, "comparison.md"), "w") as f:
+        f.write(markdown(report))
+    plot(report, os.path.join(folder, "tradeoff.png"))
+
+
 def main(argv):
     workdirs = argv[1:]
     if not workdirs:
         raise errors.UserError("WORKDIR: give one or more run workdirs")
     cli.check_folder("--output", FLAGS.output)
     report = comparison(workdirs, FLAGS.names)
-    os.makedirs(FLAGS.output, exist_ok=True)
-    with open(os.path.join(FLAGS.output, "comparison.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(FLAGS.output, "summary.json"), "w") as f:
-        json.dump(summary(report), f, indent=2)
-    with open(os.path.join(FLAGS.output, "comparison.md"), "w") as f:
-        f.write(markdown(report))
-    plot(report, os.path.join(FLAGS.output, "tradeoff.png"))
+    write(report, FLAGS.output)
     print(markdown(report))
 
 

@@ -8,6 +8,8 @@
 #  3. fine-tunes it on the fine-grained domain naively and with the full method
 #     (teacher descriptors extracted first), each run testing itself at the end
 #  4. WORKDIR/summary.json, WORKDIR/comparison.md and WORKDIR/tradeoff.png
+#  5. WORKDIR/report/index.html: what the pretrained model and the two runs retrieve for
+#     sampled test queries, side by side (open it in a browser; infusing_jax/report.py)
 # Knobs (environment): PYTHON, the interpreter that makes the venv; WORLD_FLAGS, flags
 # for infusing_jax.toy.world (e.g. "--generic_train=8000"); PRETRAIN_STEPS (1000) and
 # FINETUNE_STEPS (400); RUN_FLAGS, flags after every run's --config (e.g. "--config.train.progress=false").
@@ -37,4 +39,7 @@ for method in naive full; do
     ${RUN_FLAGS:-}
 done
 "${RUN[@]}" infusing_jax.compare "$WORKDIR/naive" "$WORKDIR/full" --output="$WORKDIR"
-echo "quickstart: $((SECONDS - start)) s; $WORKDIR/summary.json, comparison.md, tradeoff.png"
+"${RUN[@]}" infusing_jax.report "${QUIET[@]}" "$WORKDIR/naive" "$WORKDIR/full" \
+  --output="$WORKDIR/report"
+echo "quickstart: $((SECONDS - start)) s; $WORKDIR/summary.json, comparison.md, tradeoff.png," \
+  "report/index.html"

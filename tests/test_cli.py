@@ -176,7 +176,8 @@ def test_embed_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path):
 
 COMMANDS = {"main": "--distributed", "evaluate": "--checkpoint", "embed": "--checkpoint",
             "retrieval": "--queries", "compare": "--names", "convert": "--image_size",
-            "toy.world": "--target_per_class", "toy.pretrain": "--workdir", "search": "--query"}
+            "toy.world": "--target_per_class", "toy.pretrain": "--workdir", "search": "--query",
+            "report": "--queries"}
 
 
 def test_commands_import_side_by_side_and_keep_their_flags():

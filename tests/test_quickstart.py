@@ -1,7 +1,7 @@
 """The quickstart end to end, at its defaults: the paper's claim with real training.
 
 launch/quickstart.sh writes the world, pretrains the VLM, fine-tunes it naively and
-with the full method, and tests all three. On the toy world, as in the paper: both
+with the full method, tests all three, and writes the retrieval report. On the toy world, as in the paper: both
 fine-tunings raise in-domain R@1 by >= 0.10; the naive one loses >= 0.05 of
 text->image R@1; the full method loses <= 0.02.
 
@@ -10,7 +10,10 @@ VLM on which the full method lost 0.028, so CI runs the quickstart as users do.
 """
 import json
 import os
+import re
 import subprocess
+
+from infusing_jax import report as report_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"in_domain_r1", "in_domain_map20", "generic_r1", "generic_map20",
@@ -37,5 +40,13 @@ def test_quickstart_shows_the_papers_claim_on_the_toy_world(tmp_path):
     assert pre["text_to_image_r1"] - full["text_to_image_r1"] <= 0.02, report
     assert (workdir / "tradeoff.png").stat().st_size > 0
     assert "| full |" in (workdir / "comparison.md").read_text()
+    # The report: per image->image set, each query and the top k of the three models; per
+    # image<->text set, each image; and the trade-off plot.
+    page = (workdir / "report" / "index.html").read_text(encoding="utf-8")
+    image_sets, text_sets = (page.count(f'<section class="{kind}"') for kind in ("image", "text"))
+    assert image_sets >= 1 and text_sets >= 1
+    queries, k = report_lib.QUERIES, report_lib.K
+    assert len(re.findall(r"<img ", page)) == (image_sets * queries * (1 + 3 * k)
+                                               + text_sets * queries + 1)
     # The same pretrained VLM is reused when the quickstart runs again.
     assert (workdir / "world" / "vlm" / "pretrained.npz").exists()
