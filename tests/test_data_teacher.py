@@ -50,6 +50,12 @@ def test_extract_save_load_and_lookup_by_id(tmp_path):
         teacher.save(teacher.part_path(str(tmp_path / "t.npz"), i, 2), part)
     merged = teacher.load(str(tmp_path / "t.npz"))
     assert sorted(merged.ids.tolist()) == sorted(desc.ids.tolist())
+    # The undecodable image is recorded: the split's ids check out without it.
+    assert merged.skipped.tolist() == ["target/4"]
+    ids = [f"target/{i}" for i in range(30)]
+    teacher.check(merged, ids, "m1", "target")
+    with pytest.raises(ValueError, match=r"lack 1 of the split's ids, e.g. \['target/30'\]"):
+        teacher.check(merged, ids + ["target/30"], "m1", "target")
 
     domains = [pipeline.Domain("target", split, descriptors=merged),
                pipeline.Domain("generic", fake_split("generic", 20, 4))]

@@ -3,7 +3,9 @@
 The authors' precomputed-teacher mode: embed a split once with the pretrained
 model (eval views), store the embeddings by example id, and look them up by id
 during training. A descriptor file records a fingerprint of the model that made
-it; a file from another model, or one that lacks ids the split has, is an error.
+it and the ids whose images could not be decoded (the input pipeline drops those
+too); a file from another model, or one that lacks other ids the split has, is an
+error.
 """
 import dataclasses
 import hashlib
@@ -25,6 +27,8 @@ class Descriptors:
     ids: np.ndarray  # (N,) str
     embeddings: np.ndarray  # (N, E) float32
     model: str  # fingerprint of the model that produced them
+    # (S,) str: ids whose images could not be decoded
+    skipped: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, str))
 
 
 def fingerprint(flat_params: dict, cfg) -> str:
@@ -55,7 +59,7 @@ def extract(encode, split: schema.SplitData, view, model: str, batch_size: int =
     ids = [x.decode() for x in out.columns.get("id", [])]
     skipped = sorted(set(all_ids) - set(ids))
     return Descriptors(np.asarray(ids, dtype=str), out.embeddings.astype(np.float32),
-                       model), skipped
+                       model, np.asarray(skipped, dtype=str)), skipped
 
 
 def part_path(path: str, process_index: int, process_count: int) -> str:
@@ -68,7 +72,7 @@ def save(path: str, descriptors: Descriptors):
     written whole under another name first, so a reader never sees half a file."""
     buffer = io.BytesIO()
     np.savez(buffer, ids=descriptors.ids, embeddings=descriptors.embeddings,
-             model=np.asarray(descriptors.model))
+             model=np.asarray(descriptors.model), skipped=np.asarray(descriptors.skipped, str))
     tf.io.gfile.makedirs(os.path.dirname(path) or ".")
     with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
         f.write(buffer.getvalue())
@@ -87,20 +91,24 @@ def load(path: str) -> Descriptors:
         missing = [k for k in ("ids", "embeddings", "model") if k not in arrays]
         if missing:
             raise errors.UserError(f"{f}: not a teacher descriptors file (no {missing[0]!r})")
-        parts.append(Descriptors(arrays["ids"], arrays["embeddings"], str(arrays["model"])))
+        parts.append(Descriptors(arrays["ids"], arrays["embeddings"], str(arrays["model"]),
+                                 arrays.get("skipped", np.zeros(0, str))))
     models = {p.model for p in parts}
     if len(models) > 1:
         raise errors.UserError(f"{path}: parts come from different models {sorted(models)}")
     return Descriptors(np.concatenate([p.ids for p in parts]),
-                       np.concatenate([p.embeddings for p in parts]), parts[0].model)
+                       np.concatenate([p.embeddings for p in parts]), parts[0].model,
+                       np.concatenate([p.skipped for p in parts]))
 
 
 def check(descriptors: Descriptors, split_ids, model: str, where: str):
-    """One-line errors: descriptors of another model, or without some of the split's ids."""
+    """One-line errors: descriptors of another model, or without some of the split's ids
+    (other than those whose images could not be decoded)."""
     if descriptors.model != model:
         raise errors.UserError(f"{where}: teacher descriptors were made by model {descriptors.model}, "
                          f"the pretrained model here is {model}; extract them again")
-    missing = sorted(set(split_ids) - set(descriptors.ids.tolist()))
+    missing = sorted(set(split_ids) - set(descriptors.ids.tolist())
+                     - set(descriptors.skipped.tolist()))
     if missing:
         raise errors.UserError(f"{where}: teacher descriptors lack {len(missing)} of the split's ids, "
                          f"e.g. {missing[:3]}; extract them again for this split")
