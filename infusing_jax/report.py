@@ -37,6 +37,7 @@ import shutil
 import jax
 import ml_collections
 import numpy as np
+import tensorflow as tf
 from absl import flags
 from absl import logging
 from PIL import Image
@@ -156,7 +157,6 @@ def thumbnail_path(folder: str, image_id) -> str:
 def write_thumbnails(split, ids, folder: str, output: str) -> None:
     """The images of `split` with these ids, downscaled to at most THUMBNAIL px a side,
     to output/thumbnail_path(folder, id) as PNG."""
-    import tensorflow as tf
     if not ids:
         return
     wanted = tf.constant(sorted(set(ids)))
