@@ -26,6 +26,15 @@ def get_config(arg=None):
     for key, example in (("target", "folder:/photos"), ("checkpoint", "/ckpt/model.npz:img")):
         if not getattr(arg, key):
             raise errors.UserError(f"config argument {key}: required, e.g. {key}={example}")
+    for key, ok, want in (("image_size", arg.image_size >= 1, ">= 1"),
+                          ("batch_size", arg.batch_size >= 1, ">= 1"),
+                          ("epochs", arg.epochs > 0, "> 0"), ("steps", arg.steps >= 0, ">= 0"),
+                          ("evals", arg.evals >= 0, ">= 0"),
+                          ("val_classes", 0 < arg.val_classes < 1, "between 0 and 1"),
+                          ("holdout", 0 < arg.holdout < 1, "between 0 and 1"),
+                          ("distill", arg.distill >= 0, ">= 0"), ("anchor", arg.anchor >= 0, ">= 0")):
+        if not ok:
+            raise errors.UserError(f"config argument {key}: {getattr(arg, key)} is not {want}")
     c = config_lib.default_config()
     c.model.update(family=recipes.MODEL_FAMILY.get(arg.family, arg.family),
                    checkpoint=arg.checkpoint, image_size=arg.image_size)
@@ -58,6 +67,9 @@ def get_config(arg=None):
                                "uned:), or method=naive")
     if arg.generic:
         generic = _source("generic", arg.generic, arg.generic_root, arg.tfds_dir)
+        if "train" not in generic.splits:
+            raise errors.UserError(f"config argument generic: {arg.generic} has no train "
+                                   f"split; it has {', '.join(generic.splits)}")
         losses = dict(feature_mse=dict(weight=arg.distill, teacher="precomputed"),
                       anchoring=dict(weight=arg.anchor))
         c.domains.generic = config_lib.domain(
@@ -68,9 +80,10 @@ def get_config(arg=None):
             trained["generic"] = _kept_size(generic.split("train"), arg.holdout)
 
     # AdamW as the paper's: LR 1e-3 for the heads, 1e-5 for the backbone, constant, weight
-    # decay 1e-6; `epochs` passes over all trained domains' train images (the authors' count).
+    # decay 1e-6; `epochs` times the steps of one pass over all trained domains' train
+    # images (the authors' count).
     c.optim.update(lr=1e-3, backbone_lr_mult=1e-2, weight_decay=1e-6, schedule="constant")
-    steps = arg.steps or int(arg.epochs * sum(trained.values()) // arg.batch_size)
+    steps = arg.steps or int(arg.epochs * (sum(trained.values()) // arg.batch_size))
     if steps < 1:
         raise errors.UserError(f"config argument epochs: {arg.epochs} epochs of "
                                f"{sum(trained.values())} images in batches of {arg.batch_size} "

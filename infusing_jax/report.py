@@ -46,6 +46,7 @@ from infusing_jax import cli
 from infusing_jax import compare
 from infusing_jax import convert
 from infusing_jax import errors
+from infusing_jax.data import pil_views
 from infusing_jax.data import tf_views
 from infusing_jax.evaluation import embedding
 from infusing_jax.evaluation import knn
@@ -154,6 +155,13 @@ def thumbnail_path(folder: str, image_id) -> str:
     return f"images/{folder}/{digest}.png"
 
 
+def clear_thumbnails(folder: str, output: str) -> None:
+    """An empty output/images/FOLDER (a test set's thumbnails of an earlier report gone)."""
+    path = os.path.join(output, "images", folder)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+
+
 def write_thumbnails(split, ids, folder: str, output: str) -> None:
     """The images of `split` with these ids, downscaled to at most THUMBNAIL px a side,
     to output/thumbnail_path(folder, id) as PNG."""
@@ -161,10 +169,12 @@ def write_thumbnails(split, ids, folder: str, output: str) -> None:
         return
     wanted = tf.constant(sorted(set(ids)))
     ds = split.dataset(0, 1).map(lambda ex: (ex["id"], ex["image"]))
-    ds = ds.filter(lambda image_id, _: tf.reduce_any(image_id == wanted))
-    os.makedirs(os.path.join(output, "images", folder), exist_ok=True)
+    # Only shown images are decoded; a file that cannot be read is one the test skipped.
+    ds = ds.filter(lambda image_id, _: tf.reduce_any(image_id == wanted)).ignore_errors()
     for image_id, data in ds.as_numpy_iterator():
-        image = Image.open(io.BytesIO(data)).convert("RGB")
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            image = pil_views.to_rgb(image)  # 16-bit scaled, alpha on white: as tf_views
         image.thumbnail((THUMBNAIL, THUMBNAIL))
         image.save(os.path.join(output, thumbnail_path(folder, image_id.decode())))
 
@@ -208,6 +218,7 @@ def retrieval_section(cfg, name: str, encode: dict, queries: int, k: int, seed: 
     shown.setdefault(i_name, set()).update(
         _id(i["ids"][n]) for _, found in picked.values() for n in found.ravel() if n >= 0)
     folder = f"image-{name}"
+    clear_thumbnails(folder, output)
     for split_name, ids in shown.items():
         write_thumbnails(source.split(split_name), ids, folder, output)
     table = []
@@ -250,6 +261,7 @@ def text_section(cfg, name: str, encode: dict, texts, queries: int, k: int, seed
             text_embeddings = texts.embed_texts(captions)
         picked[model] = knn.knn(out.embeddings[rows], text_embeddings, k)
     folder = f"text-{name}"
+    clear_thumbnails(folder, output)
     write_thumbnails(split, ids, folder, output)
     table = []
     for r, (row, image_id) in enumerate(zip(rows, ids)):
@@ -348,6 +360,9 @@ def main(argv):
     for flag in ("queries", "k"):
         if FLAGS[flag].value < 1:
             raise errors.UserError(f"--{flag}={FLAGS[flag].value}: must be >= 1")
+    if "://" in FLAGS.output:
+        raise errors.UserError(f"--output={FLAGS.output}: the report is written to a local "
+                               "folder; copy it to the bucket after (gsutil -m cp -r)")
     cli.check_folder("--output", FLAGS.output)
     table = compare.comparison(workdirs, FLAGS.names)
     runs = {name: run["workdir"] for name, run in table["runs"].items()}
@@ -360,7 +375,6 @@ def main(argv):
         raise errors.UserError(f"{os.path.join(next(iter(runs.values())), 'config.json')}: no "
                                "image->image or image<->text test set (eval.retrieval, "
                                "eval.text_retrieval); nothing to show")
-    shutil.rmtree(os.path.join(FLAGS.output, "images"), ignore_errors=True)
     section_list = sections(cfg, encoders(configs, runs), FLAGS.queries, FLAGS.k, FLAGS.seed,
                             FLAGS.output)
     compare.write(table, FLAGS.output)

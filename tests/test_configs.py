@@ -233,7 +233,7 @@ def test_custom_recipe_on_your_own_folders(tmp_path):
     generic = sources.load_source(f"images:{root}/photos").split("train")
     kept = splits_lib.holdout(generic, 0.2, 42)[0].num_examples
     assert len(_images(root / "photos")) == generic.num_examples == 33 and 0 < kept < 33
-    assert c.train.num_steps == 3 * (6 * 8 + kept) // 8 and c.train.select_by == "all"
+    assert c.train.num_steps == 3 * ((6 * 8 + kept) // 8) and c.train.select_by == "all"
     assert set(c.eval.retrieval.keys()) == {"target", "generic"}
     assert c.eval.retrieval.generic.role == "generic"
     assert c.eval.text_retrieval.captions.source == f"captions:{root}/captions.json"
@@ -245,7 +245,7 @@ def test_custom_recipe_on_your_own_folders(tmp_path):
     assert c.domains.target.val_classes_fraction == 0.2 and not c.domains.target.val_split
     carved = splits_lib.carve_val(sources.load_source(f"folder:{root}/no_val").split("train"),
                                   0.2, 42)[0].num_examples
-    assert carved < 48 and c.train.num_steps == 3 * carved // 8
+    assert carved < 48 and c.train.num_steps == 3 * (carved // 8)
     # naive: the generic hold-out is validated on only; kept by the target's score
     assert not c.domains.generic.train and not c.domains.generic.losses.keys()
     assert c.train.select_by == "in-domain"
@@ -261,7 +261,7 @@ def test_custom_recipe_on_tfds_sets_counts_what_tfds_says():
                           "checkpoint=/c/m.npz:img,batch_size=10,epochs=2,holdout=0.1")
     config_lib.validate(c)
     assert c.domains.target.val_classes_fraction == 0.2 and c.data.data_dir == "/d/tfds"
-    assert c.train.num_steps == 2 * (round(0.8 * 50) + round(0.9 * 50)) // 10
+    assert c.train.num_steps == 2 * ((round(0.8 * 50) + round(0.9 * 50)) // 10)
     assert c.eval.retrieval.target.source == "tfds:cars196"
 
 
@@ -281,7 +281,18 @@ def test_custom_recipe_refuses_bad_arguments_in_one_line(tmp_path):
              f"config argument generic: images:{root}/none: no such folder or file"),
             (f"target=folder:{root}/target,{ckpt},method=naive,epochs=0.01",
              "config argument epochs: 0.01 epochs of 48 images in batches of 128 is no step"),
-            (f"target=folder:{root}/target,{ckpt},method=nice", "method 'nice': use one of")]:
+            (f"target=folder:{root}/target,{ckpt},method=nice", "method 'nice': use one of"),
+            (f"target=folder:{root}/target,{ckpt},batch_size=0", "config argument batch_size: "
+             "0 is not >= 1"),
+            (f"target=folder:{root}/no_val,{ckpt},val_classes=0", "config argument val_classes: "
+             "0.0 is not between 0 and 1"),
+            (f"target=folder:{root}/target,{ckpt},holdout=1.5", "config argument holdout: 1.5 "
+             "is not between 0 and 1"),
+            (f"target=folder:{root}/target,{ckpt},evals=-1", "config argument evals: -1 is not "
+             ">= 0"),
+            (f"target=folder:{root}/target,{ckpt},generic=captions:{root}/captions.json",
+             f"config argument generic: captions:{root}/captions.json has no train split; "
+             "it has test")]:
         with pytest.raises(errors.UserError, match=re.escape(words)) as e:
             _load(CUSTOM, arg)
         assert "\n" not in str(e.value)

@@ -252,15 +252,18 @@ def test_images_list_resolves_relative_paths_and_leaves_out_missing_ones(tmp_pat
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "generic.txt").write_text(
         f"# my generic images\n../photos/x.png\n\n{tmp_path}/elsewhere/y.png\n"
-        "../photos/gone.png\n")
+        f"../photos/gone.png\n../photos\n./../photos/x.png\nfile://{tmp_path}/nowhere.png\n")
     with caplog.at_level("WARNING"):
         source = load_source(f"images:{tmp_path}/lists/generic.txt")
     examples = {ex["id"].decode(): ex["image"]
                 for ex in _examples(source.split("train").dataset(0, 1))}
-    assert sorted(examples) == [f"{tmp_path}/elsewhere/y.png", f"{tmp_path}/lists/../photos/x.png"]
+    assert sorted(examples) == [f"{tmp_path}/elsewhere/y.png", f"{tmp_path}/photos/x.png"]
     assert examples[f"{tmp_path}/elsewhere/y.png"] == (tmp_path / "elsewhere/y.png").read_bytes()
     assert source.name == "generic" and source.split("train").num_examples == 2
-    assert "1 of 3 listed images do not exist" in caplog.text and "gone.png" in caplog.text
+    assert "3 of the 6 listed paths are not files (missing, or folders)" in caplog.text
+    assert "gone.png" in caplog.text and "nowhere.png" in caplog.text
+    assert f"1 of the 6 listed paths are listed more than once (kept once): {tmp_path}/photos/" \
+        "x.png" in caplog.text
     # data_dir is the root of relative paths
     (tmp_path / "rel.txt").write_text("x.png\n")
     source = load_source(f"images:{tmp_path}/rel.txt", data_dir=f"{tmp_path}/photos")

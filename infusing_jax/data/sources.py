@@ -15,11 +15,14 @@ Specs:
                           FILE's folder); the source has one split, SPLIT (default 'test')
   images:DIR_OR_LIST      unlabelled images, one split 'train': DIR read recursively, or
                           a text file of image paths, one per line (relative ones against
-                          data_dir, default the file's folder); e.g. a generic domain
+                          data_dir, default the file's folder; paths that are not files
+                          are counted, named and left out); e.g. a generic domain
 
 No source decodes images: `image` is the encoded file, broken files included.
 File sources read through tf.io.gfile: DIR and FILE may be local or gs:// paths.
 """
+import collections
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -295,33 +298,36 @@ def _folder_source(rest: str, data_dir: Optional[str]) -> Source:
 
 def _images_source(rest: str, data_dir: Optional[str]) -> Source:
     """Unlabelled images (label -1, no classes), one split 'train', sorted by path: the
-    image files under DIR, recursively (id: the path below DIR), or the paths listed in
+    image files under DIR, recursively (id: the path below DIR), or the files listed in
     a text file, one per line, blank lines and lines starting with '#' ignored (id: the
-    path, relative ones joined to data_dir, default the list's folder). Listed local files
-    that do not exist are counted, named in a warning and left out; remote ones are not
-    stat-ed one by one (a missing one fails the read, naming it)."""
+    path, relative ones joined to data_dir, default the list's folder). Listed paths
+    that are not files (missing, or folders) and repeated paths are counted, named in a
+    warning and left out; the listed files are stat-ed in parallel (on gs:// a stat is
+    a request)."""
     spec = f"images:{rest}"
     if tf.io.gfile.isdir(rest):
         root = rest.rstrip("/")
         records = [(p, NO_LABEL) for p in _images_under(root, "")]
         where = f"under {root} (extensions {' '.join(IMAGE_EXTENSIONS)})"
     elif tf.io.gfile.exists(rest):
-        root = data_dir or posixpath.dirname(rest)
+        base = data_dir or posixpath.dirname(rest)
         try:
             with tf.io.gfile.GFile(rest) as f:
-                listed = [line.strip() for line in f.read().splitlines()]
+                lines = [line.strip() for line in f.read().splitlines()]
         except UnicodeDecodeError:
             raise errors.UserError(f"{spec}: not a text file; give a folder of images or a "
                                    "text file of image paths, one per line") from None
-        listed = [p if "://" in p else posixpath.join(root, p)
-                  for p in listed if p and not p.startswith("#")]
-        missing = [p for p in listed if "://" not in p and not os.path.exists(p)]
-        if missing:
-            logging.warning("%s: %d of %d listed images do not exist and are left out: %s%s",
-                            spec, len(missing), len(listed), ", ".join(missing[:5]),
-                            " ..." if len(missing) > 5 else "")
-        root, records = "", [(p, NO_LABEL) for p in sorted(set(listed) - set(missing))]
-        where = f"listed in {rest} that exist"
+        listed = [p if "://" in p else posixpath.normpath(posixpath.join(base, p))
+                  for p in lines if p and not p.startswith("#")]
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            is_file = dict(zip(listed, pool.map(_is_file, listed)))
+        unique = sorted(set(listed))
+        _warn_left_out(spec, len(listed), [p for p in unique if not is_file[p]],
+                       "are not files (missing, or folders)")
+        _warn_left_out(spec, len(listed), sorted(p for p, n in collections.Counter(
+            listed).items() if n > 1), "are listed more than once (kept once)")
+        root, records = "", [(p, NO_LABEL) for p in unique if is_file[p]]
+        where = f"listed in {rest} that are files"
     else:
         raise errors.UserError(f"{spec}: no such folder or file; give a folder of images "
                                "(read recursively) or a text file of image paths")
@@ -330,6 +336,22 @@ def _images_source(rest: str, data_dir: Optional[str]) -> Source:
     name = posixpath.splitext(posixpath.basename(rest.rstrip("/")))[0]
     return Source(name=name, roles=_roles(("train",)),
                   split_data={"train": _file_split("train", root, records, num_classes=0)})
+
+
+def _is_file(path: str) -> bool:
+    """Whether `path` (local or remote) is a file: one stat."""
+    if "://" not in path:
+        return os.path.isfile(path)
+    try:
+        return not tf.io.gfile.stat(path).is_directory
+    except tf.errors.NotFoundError:
+        return False
+
+
+def _warn_left_out(spec: str, listed: int, paths: list, why: str) -> None:
+    if paths:
+        logging.warning("%s: %d of the %d listed paths %s: %s%s", spec, len(paths), listed,
+                        why, ", ".join(paths[:5]), " ..." if len(paths) > 5 else "")
 
 
 def _uned_source(rest: str, data_dir: Optional[str]) -> Source:

@@ -51,8 +51,11 @@ def extract(encode, split: schema.SplitData, view, model: str, batch_size: int =
     if batch_size % devices:
         raise errors.UserError(f"batch_size {batch_size} is not divisible by the {devices} "
                                "devices")
-    all_ids = [x.decode() for x in split.dataset(process_index, process_count)
-               .map(lambda ex: ex["id"]).as_numpy_iterator()]
+    if split.ids is not None and process_count == 1:  # known up front: files read once
+        all_ids = [str(i) for i in split.ids]
+    else:
+        all_ids = [x.decode() for x in split.dataset(process_index, process_count)
+                   .map(lambda ex: ex["id"]).as_numpy_iterator()]
     out = embedding.embed_split(encode, split, view, batch_size=batch_size, columns=("id",),
                                 shard=(process_index, process_count),
                                 desc=f"teacher {split.name}")

@@ -12,7 +12,8 @@ from `evaluation.metrics.retrieval_metrics`. Scores (k = train.eval_k):
                  kNN scores it sees a rotation of the embedding space, which breaks the
                  alignment with the frozen text tower. It needs no labels.
 A domain without classes (an `images:` source) has no kNN score: its retention stands
-in for its mAP@k in the in-domain / out-of-domain means, whatever train.eval_retention.
+in for its mAP@k in the in-domain / out-of-domain means. Where there is one, retention
+is computed as with train.eval_retention, for every generic domain.
 `score` is the one `train.select_by` names; the best checkpoint is kept by it.
 With eval.validate_text, eval's image<->text sets are run too ('text/<set>/<metric>',
 by process 0 on its devices).
