@@ -189,7 +189,7 @@ def _id(value) -> str:
 def _embedded(encode, split, cfg, where: str) -> dict:
     """suite's embedding of a split; a split with no image is the test set's error."""
     try:
-        return suite._embedded(encode, split, cfg, where)  # pylint: disable=protected-access
+        return suite.embedded(encode, split, cfg, where)
     except errors.UserError as e:
         raise errors.UserError(f"config.eval.{where}: {e}; give a test set with images") \
             from None
@@ -198,13 +198,13 @@ def _embedded(encode, split, cfg, where: str) -> dict:
 def retrieval_section(cfg, name: str, encode: dict, queries: int, k: int, seed: int,
                       output: str) -> Section:
     """Image->image test set `name`: sampled queries and their top-k under each model."""
-    # pylint: disable=protected-access  # suite's own reading of its test sets
+    # suite's own reading of its test sets
     t, where = cfg.eval.retrieval[name], f"retrieval.{name}"
-    source = suite._source(t, cfg, where)
+    source = suite.source_of(t, cfg, where)
     q_name = t.query_split or source.roles.query
     i_name = t.index_split or source.roles.index
-    q_split = suite._split(source, q_name, where + ".query_split")
-    i_split = suite._split(source, i_name, where + ".index_split")
+    q_split = suite.split_of(source, q_name, where + ".query_split")
+    i_split = suite.split_of(source, i_name, where + ".index_split")
     rows, picked = None, {}
     for model, enc in encode.items():
         q = _embedded(enc, q_split, cfg, where)
@@ -241,7 +241,7 @@ def text_section(cfg, name: str, encode: dict, texts, queries: int, k: int, seed
     """Image<->text test set `name`: sampled images and their top-k captions under each
     model."""
     t, where = cfg.eval.text_retrieval[name], f"text_retrieval.{name}"
-    split = suite._text_split(t, cfg, where)  # pylint: disable=protected-access
+    split = suite.text_split_of(t, cfg, where)
     view = tf_views.eval_fn(cfg.model.family, cfg.model.image_size)
     rows = captions = owner = text_embeddings = None
     picked = {}

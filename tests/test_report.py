@@ -140,11 +140,11 @@ def test_the_page_shows_each_models_neighbours_with_hits_marked_by_label(world, 
     model, pretrained, _ = backbone_lib.load_image_tower(cfg.model)
     towers = dict(pretrained=pretrained,
                   naive=run_checkpoints.kept_backbone(cfg, runs["naive"], pretrained)[1])
-    source = suite._source(cfg.eval.retrieval.target, cfg, "target")
+    source = suite.source_of(cfg.eval.retrieval.target, cfg, "target")
     split = source.split(source.roles.query)
     embed = backbone_lib.embed_fn(model)
     for name, params in towers.items():
-        out = suite._embedded(lambda images: embed(params, images), split, cfg, "target")
+        out = suite.embedded(lambda images: embed(params, images), split, cfg, "target")
         ids = [i.decode() for i in out["ids"]]
         for row in page.sections["image-target"]["rows"]:
             q = ids.index(row["query"])

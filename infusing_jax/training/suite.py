@@ -96,40 +96,44 @@ def check(cfg) -> None:
 
     for name in cfg.eval.retrieval.keys():
         t, where = cfg.eval.retrieval[name], f"retrieval.{name}"
-        source = _source(t, cfg, where)
-        decodes(_split(source, t.query_split or source.roles.query, where + ".query_split"),
+        source = source_of(t, cfg, where)
+        decodes(split_of(source, t.query_split or source.roles.query, where + ".query_split"),
                 where)
-        decodes(_split(source, t.index_split or source.roles.index, where + ".index_split"),
+        decodes(split_of(source, t.index_split or source.roles.index, where + ".index_split"),
                 where)
     for name in cfg.eval.text_retrieval.keys():
         t, where = cfg.eval.text_retrieval[name], f"text_retrieval.{name}"
-        split = _text_split(t, cfg, where)
+        split = text_split_of(t, cfg, where)
         decodes(split, where)
         if t.text_embeddings:
             _text_embeddings(t.text_embeddings, split, where)
     for name in cfg.eval.zero_shot.keys():
         t, where = cfg.eval.zero_shot[name], f"zero_shot.{name}"
-        split = _split(_source(t, cfg, where), t.split, where + ".split")
+        split = split_of(source_of(t, cfg, where), t.split, where + ".split")
         decodes(split, where)
         _class_names(t, cfg, split, where)
     load_text_side(cfg)
 
 
-def _source(test, cfg, where: str):
+def source_of(test, cfg, where: str):
+    """The source of test set config.eval.<where>; errors name its field."""
     try:
         return sources.load_source(test.source, config_lib.data_dir(cfg, test))
     except (errors.UserError, OSError) as err:
         raise errors.UserError(f"config.eval.{where}.source: {err}") from None
 
 
-def _split(source, name: str, where: str):
+def split_of(source, name: str, where: str):
+    """Split `name` of a test set's source; errors name config.eval.<where>."""
     if name not in source.splits:
         raise errors.UserError(f"config.eval.{where}: {source.name} has no split {name!r}; it has "
                          f"{', '.join(source.splits)}")
     return source.split(name)
 
 
-def _embedded(encode, split, cfg, desc):
+def embedded(encode, split, cfg, desc) -> dict:
+    """A test split's embeddings (N, E) with its labels, coarse labels and ids, each (N,),
+    in the eval view; undecodable images skipped, none decodable an error."""
     view = tf_views.eval_fn(cfg.model.family, cfg.model.image_size)
     out = embedding.embed_split(encode, split, view, batch_size=cfg.eval.batch_size,
                                 columns=("label", "coarse_label", "id"), desc=desc)
@@ -146,12 +150,12 @@ def _retrieval(encode, cfg) -> tuple:
     for name in sorted(cfg.eval.retrieval.keys()):
         t = cfg.eval.retrieval[name]
         where = f"retrieval.{name}"
-        source = _source(t, cfg, where)
+        source = source_of(t, cfg, where)
         q_name = t.query_split or source.roles.query
         i_name = t.index_split or source.roles.index
-        q = _embedded(encode, _split(source, q_name, where + ".query_split"), cfg, name)
-        i = q if i_name == q_name else _embedded(
-            encode, _split(source, i_name, where + ".index_split"), cfg, f"{name} index")
+        q = embedded(encode, split_of(source, q_name, where + ".query_split"), cfg, name)
+        i = q if i_name == q_name else embedded(
+            encode, split_of(source, i_name, where + ".index_split"), cfg, f"{name} index")
         coarse = q["has_coarse"] and i["has_coarse"]
         out[name] = metrics_lib.retrieval_metrics(
             q["embeddings"], q["labels"], i["embeddings"], i["labels"], k,
@@ -184,8 +188,9 @@ def _universal(merged, k: int) -> dict:
         index_domains=i["domains"])
 
 
-def _text_split(t, cfg, where: str):
-    source = _source(t, cfg, where)
+def text_split_of(t, cfg, where: str):
+    """The split of image<->text test set config.eval.<where>: its source's query split."""
+    source = source_of(t, cfg, where)
     return source.split(source.roles.query)
 
 
@@ -231,7 +236,7 @@ def text_retrieval_sets(cfg, encode, texts) -> dict:
     out = {}
     for name in sorted(cfg.eval.text_retrieval.keys()):
         t = cfg.eval.text_retrieval[name]
-        split = _text_split(t, cfg, f"text_retrieval.{name}")
+        split = text_split_of(t, cfg, f"text_retrieval.{name}")
         view = tf_views.eval_fn(cfg.model.family, cfg.model.image_size)
         kw = dict(text_file=t.text_embeddings) if t.text_embeddings else dict(
             embed_texts=texts.embed_texts)
@@ -245,8 +250,8 @@ def _zero_shot(encode, texts, cfg) -> dict:
     for name in sorted(cfg.eval.zero_shot.keys()):
         t = cfg.eval.zero_shot[name]
         where = f"zero_shot.{name}"
-        source = _source(t, cfg, where)
-        split = _split(source, t.split, where + ".split")
+        source = source_of(t, cfg, where)
+        split = split_of(source, t.split, where + ".split")
         names = _class_names(t, cfg, split, where)
         templates = prompts.check_templates(t.templates) if t.templates else prompts.templates(
             t.source.partition(":")[2].split(":")[0])
