@@ -32,7 +32,8 @@ def get_config(arg=None):
                           ("evals", arg.evals >= 0, ">= 0"),
                           ("val_classes", 0 < arg.val_classes < 1, "between 0 and 1"),
                           ("holdout", 0 < arg.holdout < 1, "between 0 and 1"),
-                          ("distill", arg.distill >= 0, ">= 0"), ("anchor", arg.anchor >= 0, ">= 0")):
+                          ("distill", arg.distill >= 0, ">= 0"),
+                          ("anchor", arg.anchor >= 0, ">= 0")):
         if not ok:
             raise errors.UserError(f"config argument {key}: {getattr(arg, key)} is not {want}")
     c = config_lib.default_config()

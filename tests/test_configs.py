@@ -1,6 +1,7 @@
 """The configs/ files: each loads, validates, and follows the paper's recipe (docs/method.md);
 the six paper configs agree on it; :ARG is typed; configs/README.md lists every key."""
 import glob
+import json
 import os
 import re
 import subprocess
@@ -263,6 +264,34 @@ def test_custom_recipe_on_tfds_sets_counts_what_tfds_says():
     assert c.domains.target.val_classes_fraction == 0.2 and c.data.data_dir == "/d/tfds"
     assert c.train.num_steps == 2 * ((round(0.8 * 50) + round(0.9 * 50)) // 10)
     assert c.eval.retrieval.target.source == "tfds:cars196"
+
+
+def test_custom_recipe_on_uned_files_reads_images_from_target_root(tmp_path):
+    """A uned: target (its val.json the val split, test.json against index.json), its
+    images under target_root; a generic domain from a text file of paths."""
+    root = _custom_world(tmp_path)
+    photos = sorted((root / "target").rglob("*.jpg"))
+    records = {split: [{"path": str(p.relative_to(root)), "class_id": int(p.parent.name[1])}
+                       for p in photos if f"/{split}/" in str(p)]
+               for split in ("train", "val", "test")}
+    records["index"] = records["test"]
+    (root / "info").mkdir()
+    for split, rows in records.items():
+        (root / "info" / f"{split}.json").write_text(json.dumps(rows))
+    (root / "generic.txt").write_text("\n".join(_images(root / "photos")) + "\n")
+    c = _load(CUSTOM, f"target=uned:{root}/info,target_root={root},generic=images:"
+                      f"{root}/generic.txt,generic_root={root}/photos,batch_size=8,"
+                      f"checkpoint={root}/pretrained.npz:img")
+    config_lib.validate(c)
+    assert c.domains.target.val_split == "val" and c.domains.target.data_dir == str(root)
+    assert c.eval.retrieval.target.data_dir == str(root)
+    assert c.domains.generic.data_dir == f"{root}/photos"
+    splits = {n: domains.load(c, n) for n in ("target", "generic")}
+    assert splits["target"].train.num_examples == 48 and splits["target"].val.num_examples == 16
+    generic = sources.load_source(f"images:{root}/generic.txt", f"{root}/photos")
+    kept = splits_lib.holdout(generic.split("train"), 0.2, 42)[0].num_examples
+    assert generic.split("train").num_examples == 33
+    assert c.train.num_steps == 3 * ((48 + kept) // 8)
 
 
 def test_custom_recipe_refuses_bad_arguments_in_one_line(tmp_path):
