@@ -226,53 +226,42 @@ def domain_stream(split: schema.SplitData, domain: int, view, *, seed: int,
     position: the example's index in this stream before dropping (see SkipCounter).
     With teacher_dim > 0, also 'teacher' (teacher_dim,) and 'has_teacher': the
     example's descriptor, or zeros and False for a domain without descriptors.
-    batch > 0: the same examples in batches of `batch` (remainder dropped). From memory
-    a batch is gathered and prepared in one map call: on bench/loop.py's toy run (2
-    CPU cores) a kept domain's batch took 2.7 ms of CPU instead of 7.2 ms, and the
-    loop went from 0.83 to 0.86 of its own step.
+    batch > 0: the same examples in batches of `batch` (remainder dropped), prepared a
+    batch per map call where decoded images have one shape (from memory, or
+    view.decoded_shape): on bench/loop.py's toy run (2 CPU cores) a kept domain's batch
+    took 2.7 ms of CPU instead of 7.2 ms (bench/README.md).
     """
     # An id without a descriptor must fail, not vanish.
     lookup = teacher.lookup_fn(descriptors) if descriptors is not None else None
 
     def prepare(position, image, ex):
-        out = dict(image=view.augment(image, _example_seed(seed, domain, position)),
-                   label=ex["label"], coarse_label=ex["coarse_label"],
-                   domain=tf.constant(domain, tf.int64), id=ex["id"], position=position)
+        """One example (position int64 ()) or a batch of `batch` (position (batch,))."""
+        seeds, shape = _example_seed(seed, domain, position), position.shape.as_list()
+        if shape:
+            image = tf.map_fn(lambda a: view.augment(*a), (image, seeds),
+                              fn_output_signature=tf.float32)
+        else:
+            image = view.augment(image, seeds)
+        out = dict(image=image, label=ex["label"], coarse_label=ex["coarse_label"],
+                   domain=tf.fill(shape, tf.constant(domain, tf.int64)), id=ex["id"],
+                   position=position)
         if teacher_dim and lookup is None:
-            out.update(teacher=tf.zeros([teacher_dim]), has_teacher=tf.constant(False))
+            out.update(teacher=tf.zeros(shape + [teacher_dim]), has_teacher=tf.fill(shape, False))
         elif teacher_dim:
-            out.update(teacher=lookup(ex["id"]), has_teacher=tf.constant(True))
+            out.update(teacher=lookup(ex["id"]), has_teacher=tf.fill(shape, True))
         return out
 
     if decoded is None:
         stream = _decoded_passes(split, domain, name or f"#{domain}", view.decode, seed,
                                  process_index, process_count, shuffle_buffer)
         element = lambda position, is_end, image, ex: prepare(position, image, ex)
-    elif batch:
-        # From memory, whole batches at once: the same examples as the per-example map,
-        # with one map call (and one gather) per batch instead of per example.
-        stream, fetch = _cached_passes(decoded, domain, seed, shuffle_buffer)
-        stream = stream.batch(batch, drop_remainder=True)
-
-        def prepare_batch(positions, rows):
-            images, ex = fetch(rows)
-            seeds = _example_seed(seed, domain, positions)
-            out = dict(image=tf.map_fn(lambda a: view.augment(*a), (images, seeds),
-                                       fn_output_signature=tf.float32),
-                       label=ex["label"], coarse_label=ex["coarse_label"],
-                       domain=tf.fill([batch], tf.constant(domain, tf.int64)), id=ex["id"],
-                       position=positions)
-            if teacher_dim and lookup is None:
-                out.update(teacher=tf.zeros([batch, teacher_dim]),
-                           has_teacher=tf.fill([batch], False))
-            elif teacher_dim:
-                out.update(teacher=lookup(ex["id"]), has_teacher=tf.fill([batch], True))
-            return out
-        return stream.map(prepare_batch, num_parallel_calls=tf.data.AUTOTUNE,
-                          deterministic=True)
     else:
         stream, fetch = _cached_passes(decoded, domain, seed, shuffle_buffer)
         element = lambda position, i: prepare(position, *fetch(i))
+    if batch and (decoded is not None or view.decoded_shape):
+        # A batch at a time (its images all of one shape): one map call per batch.
+        stream = stream.batch(batch, drop_remainder=True)
+        return stream.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     stream = stream.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return stream.batch(batch, drop_remainder=True) if batch else stream
 
