@@ -46,16 +46,18 @@ def get_config(arg=None):
     # The target domain, NormFace (s=16) on its classes. Its val split: the source's own
     # 'val' (e.g. DIR/{train,val,test}/<class>), else a seeded fraction of its train
     # classes, class-disjoint from the classes it trains on.
-    target = _source("target", arg.target, arg.target_root, arg.tfds_dir)
+    c.domains.target = config_lib.domain(arg.target, role="target", data_dir=arg.target_root,
+                                         losses=dict(normface=dict()))
+    target = _source("target", c, c.domains.target)
     if arg.target_test and target.roles.query == "train":
         raise errors.UserError(f"config argument target_test: {arg.target} has no test split; "
                                "lay it out as DIR/{train,test}/<class> (val too, if you like), "
                                "or give target_test=false")
-    has_val = "val" in target.splits
-    c.domains.target = config_lib.domain(
-        arg.target, role="target", data_dir=arg.target_root, losses=dict(normface=dict()),
-        **(dict(val_split="val") if has_val else dict(val_classes_fraction=arg.val_classes)))
-    trained = {"target": _train_size(target, arg.target, has_val, arg.val_classes)}
+    if "val" in target.splits:
+        c.domains.target.val_split = "val"
+    else:
+        c.domains.target.val_classes_fraction = arg.val_classes
+    trained = {"target": _train_size(target, c.domains.target)}
 
     # The generic domain: its images less a seeded hold-out (its val), distilled to the
     # pretrained model's features (precomputed once) by the paper's methods, and anchoring
@@ -67,18 +69,19 @@ def get_config(arg=None):
                                "generic images; give generic=images:DIR (or folder:, tfds:, "
                                "uned:), or method=naive")
     if arg.generic:
-        generic = _source("generic", arg.generic, arg.generic_root, arg.tfds_dir)
-        if "train" not in generic.splits:
-            raise errors.UserError(f"config argument generic: {arg.generic} has no train "
-                                   f"split; it has {', '.join(generic.splits)}")
         losses = dict(feature_mse=dict(weight=arg.distill, teacher="precomputed"),
                       anchoring=dict(weight=arg.anchor))
         c.domains.generic = config_lib.domain(
             arg.generic, role="generic", data_dir=arg.generic_root, holdout_fraction=arg.holdout,
             **(dict(losses=losses) if paper else dict(train=False)))
+        generic = _source("generic", c, c.domains.generic)
+        if "train" not in generic.splits:
+            raise errors.UserError(f"config argument generic: {arg.generic} has no train "
+                                   f"split; it has {', '.join(generic.splits)}")
         if paper:
             c.domains.target.losses.anchoring = config_lib.loss("anchoring", weight=arg.anchor)
-            trained["generic"] = _kept_size(generic.split("train"), arg.holdout)
+            trained["generic"] = _kept_size(generic.split("train"), arg.holdout,
+                                            c.domains.generic.val_seed)
 
     # AdamW as the paper's: LR 1e-3 for the heads, 1e-5 for the backbone, constant, weight
     # decay 1e-6; `epochs` times the steps of one pass over all trained domains' train
@@ -97,8 +100,8 @@ def get_config(arg=None):
     # paper's), or the last ones with keep=last. A generic domain without classes (images:)
     # scores by retention.
     by = "in-domain" if arg.method == "naive" or not arg.generic else "all"
-    c.train.update(eval_at_start=True, eval_every=max(steps // arg.evals, 1) if arg.evals else 0,
-                   checkpoint_every=max(steps // arg.evals, 1) if arg.evals else steps,
+    every = max(steps // arg.evals, 1) if arg.evals else 0
+    c.train.update(eval_at_start=True, eval_every=every, checkpoint_every=every or steps,
                    select_by=by if arg.keep == "best" else "last")
 
     # Tested at the end, each when asked for: the target's test split (its classes unseen in
@@ -118,36 +121,34 @@ def get_config(arg=None):
     return c
 
 
-def _source(key: str, spec: str, root: str, tfds_dir: str):
-    """The source `spec` names (its image root `root`, or `tfds_dir` for a tfds: one), or one
-    line naming the :ARG key."""
+def _source(key: str, c, domain):
+    """The source of `domain` (config.domains.<key>), read from where the run will read it
+    (config_lib.data_dir), or one line naming the :ARG key."""
     try:
-        return sources.load_source(spec, root or (tfds_dir if spec.startswith("tfds:") else "")
-                                   or None)
+        return sources.load_source(domain.source, config_lib.data_dir(c, domain))
     except (errors.UserError, OSError) as e:
         raise errors.UserError(f"config argument {key}: {e}") from None
 
 
-def _train_size(target, spec: str, has_val: bool, val_classes: float) -> int:
-    """The target's train images, less the val classes carved from them (the domain's
-    default val_seed): exact where the labels are known (files), else counted as
-    (1 - val_classes) of them (TFDS)."""
+def _train_size(target, domain) -> int:
+    """The target's train images, less the val classes `domain` carves from them (as
+    training/domains.py does): exact where the labels are known (files), else counted as
+    (1 - val_classes_fraction) of them (TFDS)."""
     if "train" not in target.splits:
-        raise errors.UserError(f"config argument target: {spec} has no train split; it has "
-                               f"{', '.join(target.splits)}")
-    train = target.split("train")
-    if has_val or not train.num_classes:
+        raise errors.UserError(f"config argument target: {domain.source} has no train split; "
+                               f"it has {', '.join(target.splits)}")
+    train, fraction = target.split("train"), domain.val_classes_fraction
+    if not fraction or not train.num_classes:
         return train.num_examples or 0
-    carved = splits.carve_val(train, val_classes, config_lib.domain(spec).val_seed)[0]
+    carved = splits.carve_val(train, fraction, domain.val_seed)[0]
     if carved.num_examples is not None:
         return carved.num_examples
-    return round((1 - val_classes) * (train.num_examples or 0))
+    return round((1 - fraction) * (train.num_examples or 0))
 
 
-def _kept_size(split, held_out: float) -> int:
-    """A split's images less a held-out fraction: exact where its ids are known (files),
-    else counted as (1 - held_out) * its size (TFDS)."""
-    if held_out and split.ids is not None:
-        split = splits.holdout(split, held_out, config_lib.domain("").val_seed)[0]
-        held_out = 0.0
+def _kept_size(split, held_out: float, seed: int) -> int:
+    """A split's images less the `held_out` fraction splits.holdout keeps back with `seed`:
+    exact where its ids are known (files), else counted as (1 - held_out) of them (TFDS)."""
+    if split.ids is not None:
+        return splits.holdout(split, held_out, seed)[0].num_examples
     return round((1 - held_out) * (split.num_examples or 0))
