@@ -20,6 +20,7 @@ from infusing_jax import errors
 from infusing_jax import models
 from infusing_jax import tokenizers
 from infusing_jax.checkpoints import infer
+from infusing_jax.checkpoints import state_dict
 from infusing_jax.checkpoints import tree
 from tests.helpers.tiny import random_images, randomize
 
@@ -90,7 +91,9 @@ def test_transformers_siglipmodel_matches_ours(siglip2, gemma_spm, tmp_path):
     out_dir = str(tmp_path / "hf")
     checkpoints.save(params, cfg, out_dir, "hf")
     with open(os.path.join(out_dir, "config.json")) as f:
-        assert json.load(f)["text_config"]["vocab_size"] == 256_000
+        text_config = json.load(f)["text_config"]
+    assert text_config["vocab_size"] == 256_000
+    assert [text_config[f"{t}_token_id"] for t in ("pad", "eos", "bos")] == [0, 1, 2]  # Gemma's
     hf, info = transformers.SiglipModel.from_pretrained(out_dir, output_loading_info=True)
     assert not any(info.values()), info
     tokens = tokenizers.load_tokenizer(gemma_spm, "siglip2", SEQ_LEN)(
@@ -146,6 +149,13 @@ def test_naflex_checkpoints_are_refused_in_one_line(tmp_path):
     (hf_dir / "config.json").write_text(json.dumps({"model_type": "siglip2"}))
     with pytest.raises(errors.UserError, match="SigLIP 2's NaFlex"):
         checkpoints.load(str(hf_dir))
+    open_clip_file = str(tmp_path / "open_clip_naflex.safetensors")  # timm's NaFlexVit trunk
+    state_dict.write(open_clip_file, {
+        "visual.trunk.embeds.proj.weight": np.zeros((width, 16 * 16 * 3), np.float32),
+        "visual.trunk.embeds.pos_embed": np.zeros((1, 16, 16, width), np.float32)})
+    with pytest.raises(errors.UserError, match="open_clip_naflex.safetensors: an open_clip "
+                                               "NaFlex image tower"):
+        checkpoints.load(open_clip_file)
 
 
 def test_a_text_side_loads_the_gemma_convention(siglip2, gemma_spm):

@@ -9,6 +9,7 @@ DINOv2-style PyTorch one (fused qkv, LayerScale, the first cls token's own
 position, a register token, exact GELU).
 """
 import json
+import logging
 import os
 
 import jax
@@ -383,8 +384,9 @@ def test_the_text_file_beside_the_vision_file_loads_and_runs_as_tips_text_encode
     theirs = dict(np.load(text_file))
     layout = "scenic" if fmt == "tips_scenic" else "pytorch"
     assert tips.text_layout(theirs) == layout
-    if layout == "scenic":
-        assert float(theirs["temperature_contrastive"]) == np.float32(0.0123)
+    # The names their code reads: Scenic's restore and their PyTorch demo's pop.
+    name = "temperature_contrastive" if layout == "scenic" else "temperature"
+    assert float(theirs[name]) == np.float32(0.0123)
     loaded, loaded_cfg = checkpoints.load(vision)
     assert loaded_cfg.text.seq_len == 64 and loaded_cfg.text.width == WIDTH
     assert tokenizers.convention(loaded_cfg) == "tips"
@@ -443,7 +445,7 @@ def test_the_tips_tokenizer(tmp_path):
     assert tokenizers.load_tokenizer(path, "tips").seq_len == 64
 
 
-def test_what_a_file_cannot_hold_or_lacks_is_refused_in_one_line(tmp_path):
+def test_what_a_file_cannot_hold_or_lacks_is_refused_in_one_line(tmp_path, caplog):
     cfg = _pair_config()
     params = _params(cfg, seed=5)
     params["temperature"] = np.float32(0.02)
@@ -453,6 +455,14 @@ def test_what_a_file_cannot_hold_or_lacks_is_refused_in_one_line(tmp_path):
     with pytest.raises(errors.UserError, match="a big_vision .npz does not record"):
         checkpoints.save(loaded, loaded_cfg, str(tmp_path / "bv.npz"))
     checkpoints.save(loaded, loaded_cfg, str(tmp_path / "again_vision.npz"), "tips_pytorch")
+    # Scenic's layout is allowed (round trips through it are exact), with a warning.
+    with caplog.at_level(logging.WARNING):
+        checkpoints.save(loaded, loaded_cfg, str(tmp_path / "sc_vision.npz"), "tips_scenic")
+    assert "their Scenic code runs the file with tanh GELU and eps 1e-6" in caplog.text
+    # Their Scenic code pads an image that is not a multiple of 14; their PyTorch code
+    # refuses it, as we do.
+    with pytest.raises(errors.UserError, match="230 is not a multiple of the patch size 14"):
+        checkpoints.load(vision, image_size=230)
     # An image-only export beside an old text file would be paired with it.
     image_only, image_cfg = checkpoints.load(vision + ":img")
     with pytest.raises(errors.UserError, match="pt_text.npz is beside it"):

@@ -14,6 +14,7 @@ import tempfile
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from infusing_jax import errors
 from infusing_jax import paths
@@ -92,6 +93,10 @@ def _read_flat(path: str, fmt: str):
     if tips.layout(theirs) == "text":
         raise errors.UserError(f"{path}: a TIPS text tower; give the _vision file beside it "
                                "(its _text file is loaded with it)")
+    if any(k.startswith("visual.trunk.embeds.") for k in theirs):  # timm's NaFlexVit
+        raise errors.UserError(f"{path}: an open_clip NaFlex image tower (SigLIP 2's variable "
+                               "resolution), which is not supported; use a fixed-resolution "
+                               "SigLIP 2 checkpoint (e.g. open_clip's ViT-B-16-SigLIP2)")
     family = open_clip.family_of(theirs)
     if family is None:
         raise errors.UserError(f"{path}: not an open_clip SigLIP or CLIP state dict (no "
@@ -172,6 +177,10 @@ def load(path: str, image_size: int = None, act: str = None, scan: bool = False,
         if image_size < cfg.image.patch_size:
             raise ArgumentError("image_size", f"{image_size} is smaller than the patch size "
                                 f"{cfg.image.patch_size} of {path}")
+        if cfg.family == "tips" and image_size % cfg.image.patch_size:
+            raise ArgumentError("image_size", f"{image_size} is not a multiple of the patch "
+                                f"size {cfg.image.patch_size} of {path}: TIPS's Scenic code "
+                                "pads such images, their PyTorch code refuses them")
         flat, cfg = infer.resample_image_posemb(flat, cfg, image_size)
     check_shapes(flat, cfg, path)
     cfg.scan, cfg.param_dtype = scan, param_dtype
@@ -253,16 +262,21 @@ def _write(flat: dict, cfg, path: str, fmt: str) -> None:
         onnx_graph.write(onnx_graph.image_tower(_float32(flat), cfg), path)
 
 
-def _check_records_its_settings(cfg, path):
-    """A big_vision .npz records no activation or LayerNorm eps: refuse a TIPS model that
-    runs other ones than the family's (one loaded from TIPS's PyTorch files)."""
+def _runs_tips_pytorch_settings(cfg) -> bool:
+    """Whether a TIPS model runs the exact GELU or text LayerNorm eps 1e-5 of TIPS's
+    PyTorch code (one loaded from their PyTorch files), not the family's (Scenic's)."""
     if cfg.family != "tips":
-        return
+        return False
     image, text = model_config_lib.resolved_towers(cfg)
     family = model_config_lib.FAMILIES["tips"]
-    odd = image["act"] not in (family["image"]["act"], transformer.SWIGLU) or (
+    return image["act"] not in (family["image"]["act"], transformer.SWIGLU) or (
         text is not None and text["ln_eps"] != family["text"]["ln_eps"])
-    if odd:
+
+
+def _check_records_its_settings(cfg, path):
+    """A big_vision .npz records no activation or LayerNorm eps: refuse a TIPS model that
+    runs other ones than the family's."""
+    if _runs_tips_pytorch_settings(cfg):
         raise errors.UserError(f"export to {path}: this TIPS model runs the exact GELU and "
                                "text LayerNorm eps 1e-5 of TIPS's PyTorch code, which a "
                                "big_vision .npz does not record; export with "
@@ -290,6 +304,11 @@ def _write_tips(flat: dict, cfg, path: str, fmt: str) -> None:
         if text:
             write(tips.text_file(path), tips.text_to_pytorch(text))
     else:
+        if _runs_tips_pytorch_settings(cfg):  # allowed: Scenic -> PyTorch -> Scenic is exact
+            logging.warning("export to %s: this TIPS model runs the exact GELU and text "
+                            "LayerNorm eps 1e-5 of TIPS's PyTorch code; their Scenic code "
+                            "runs the file with tanh GELU and eps 1e-6 (about 1e-5 apart)",
+                            path)
         big_vision.write(path, tips.to_scenic(image))
         if text:
             big_vision.write(tips.text_file(path), tips.text_to_scenic(text))

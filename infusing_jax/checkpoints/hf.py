@@ -11,6 +11,7 @@ import numpy as np
 from safetensors import numpy as safetensors_np
 
 from infusing_jax import errors
+from infusing_jax import tokenizers
 from infusing_jax.data import pil_views
 from infusing_jax.checkpoints import mapping
 from infusing_jax.checkpoints import state_dict
@@ -170,6 +171,8 @@ def hf_config(cfg, tower_arch) -> dict:
                    projection_dim=cfg.text.out_dim, logit_scale_init_value=2.6592)
     else:
         text["projection_size"] = cfg.text.out_dim
+        if tokenizers.convention(cfg) == "siglip2":  # Gemma's special ids, as the hub's
+            text.update(pad_token_id=0, eos_token_id=1, bos_token_id=2)
         out = dict(architectures=["SiglipModel"], model_type="siglip")
     return dict(out, vision_config=vision, text_config=text)
 

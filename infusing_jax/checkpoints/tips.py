@@ -237,7 +237,7 @@ def text_to_scenic(flat: dict) -> dict:
 _TEXT_PYTORCH = [
     mapping.rule("txt/Embed_0/embedding", "token_embedding.weight"),
     *mapping.layer_norm("txt/Encoder_0/encoder_norm", "ln_final"),
-    mapping.rule("temperature", "temperature_contrastive"),
+    mapping.rule("temperature", "temperature"),  # their PyTorch demo pops this name
     *mapping.block_rules("txt/Encoder_0/encoderblock_{i}/", "transformer.resblocks.{i}.", dict(
         ln1="ln_1", ln2="ln_2", qkv=("attn.in_proj_weight", "attn.in_proj_bias"),
         out="attn.out_proj", fc1="mlp.c_fc", fc2="mlp.c_proj")),
@@ -246,11 +246,11 @@ _TEXT_PYTORCH = [
 
 def text_from_pytorch(t: dict, where: str) -> dict:
     """TIPS's PyTorch TextEncoder state dict -> canonical 'txt/...' and 'temperature' (their
-    file may name it temperature_contrastive or temperature)."""
+    file may name it temperature or temperature_contrastive)."""
     t = {k: np.asarray(v, np.float32) for k, v in t.items()}
-    temperature = t.pop("temperature", None)
-    if temperature is not None and "temperature_contrastive" not in t:
-        t["temperature_contrastive"] = temperature
+    contrastive = t.pop("temperature_contrastive", None)
+    if contrastive is not None and "temperature" not in t:
+        t["temperature"] = contrastive
     if "token_embedding.weight" not in t:
         raise errors.UserError(f"{where}: parameter 'token_embedding.weight' is missing; not "
                                "a complete TIPS PyTorch text encoder")
@@ -264,4 +264,5 @@ def text_from_pytorch(t: dict, where: str) -> dict:
 
 def text_to_pytorch(flat: dict) -> dict:
     t = mapping.export(_TEXT_PYTORCH, flat, "TIPS PyTorch text export")
-    return {k: np.ascontiguousarray(v) for k, v in t.items()}
+    # np.ascontiguousarray would make the scalar temperature 1-D.
+    return {k: np.ascontiguousarray(v) if np.ndim(v) else np.asarray(v) for k, v in t.items()}
