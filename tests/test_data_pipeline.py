@@ -164,17 +164,30 @@ def _in_memory(domains):
 IN_MEMORY_VIEW = dataclasses.replace(preprocess, decoded_shape=(10, 12, 3))  # the fake JPEGs'
 
 
+@pytest.mark.parametrize("view", [preprocess, IN_MEMORY_VIEW])
+def test_an_empty_data_shard_stops_the_stream_with_its_reason(view):
+    """One example over two shards: shard 1's stream fails, image by image (a view whose
+    images vary in shape) or a chunk of a batch at a time."""
+    domains = [pipeline.Domain("target", fake_split("target", 1, 1))]
+    out = _first_batches(pipeline.train_dataset(domains, view, global_batch_size=2, seed=0,
+                                                num_shards=2))
+    assert pipeline.stream_failure(out) == (
+        "target", f"{pipeline.EMPTY_SHARD} (fewer examples than data shards)")
+
+
 @pytest.mark.parametrize("shuffle_buffer,num_shards,mix,per_batch", [
     (64, 1, "round_robin", True), (4, 2, "weights", False), (1, 1, "balanced", True)])
 def test_in_memory_streams_equal_decoded_as_read(shuffle_buffer, num_shards, mix, per_batch):
     """Same batches (ids, positions, images) and skip counts over 3+ passes of each domain,
-    with undecodable images, several shards and any mix."""
-    make = lambda domains: pipeline.train_dataset(
-        domains, IN_MEMORY_VIEW, global_batch_size=4, seed=5, mix=mix,
+    with undecodable images, several shards and any mix; and the same from disk read a
+    chunk at a time (decoded images of one shape) as an image at a time."""
+    make = lambda domains, view=IN_MEMORY_VIEW: pipeline.train_dataset(
+        domains, view, global_batch_size=4, seed=5, mix=mix,
         one_domain_per_batch=per_batch, shuffle_buffer=shuffle_buffer, num_shards=num_shards)
     on_disk, in_memory = _take(make(two_domains({0, 3, 29})), 70), \
         _take(make(_in_memory(two_domains({0, 3, 29}))), 70)
     _assert_same(on_disk, in_memory)
+    _assert_same(on_disk, _take(make(two_domains({0, 3, 29}), preprocess), 70))
     counts = []
     for batches in (on_disk, in_memory):
         counter = pipeline.SkipCounter(["target", "generic"], shards=num_shards)

@@ -65,15 +65,17 @@ def _blank(spec):
         lambda s: tf.zeros([d or 0 for d in s.shape.as_list()], s.dtype), spec)
 
 
-def _decoded_pass(records: tf.data.Dataset, decode: Callable) -> tf.data.Dataset:
+def _decoded_pass(records: tf.data.Dataset, decode: Callable,
+                  blank_shape: tuple = (0, 0, 3)) -> tf.data.Dataset:
     """One pass of (index, is_end, decoded uint8 image, record) over `records`, then an end
-    marker (is_end, index = the number of records); undecodable records dropped."""
+    marker (is_end, index = the number of records, a zero image of blank_shape);
+    undecodable records dropped."""
     marker = tf.data.Dataset.from_tensors((True, _blank(records.element_spec)))
     one_pass = records.map(lambda ex: (False, ex)).concatenate(marker).enumerate()
 
     def decoded(index, item):
         is_end, ex = item
-        image = tf.cond(is_end, lambda: tf.zeros([0, 0, 3], tf.uint8),
+        image = tf.cond(is_end, lambda: tf.zeros(blank_shape, tf.uint8),
                         lambda: decode(ex["image"]))
         return index, is_end, image, ex
 
@@ -91,46 +93,61 @@ def _shuffled(records: tf.data.Dataset, domain: int, seed: int,
 
 def _decoded_passes(split: schema.SplitData, domain: int, name: str, decode: Callable,
                     seed: int, process_index: int, process_count: int,
-                    shuffle_buffer: int) -> tf.data.Dataset:
-    """Infinite stream of (position, is_end = False, decoded uint8 image, record) over
-    reshuffled passes of this process's shard; undecodable images dropped, failing the stream (an
-    InvalidArgumentError whose message starts with _FAILED) when a whole pass or
-    MAX_FAILURES_IN_A_ROW images in a row are dropped.
+                    shuffle_buffer: int, rows: int,
+                    decoded_shape: Optional[tuple]) -> tf.data.Dataset:
+    """Infinite stream of chunks (position (n,), decoded uint8 images (n, ...), records
+    (n,)), 0 <= n <= rows, of reshuffled passes over this process's shard, in order;
+    undecodable images dropped, failing the stream (an InvalidArgumentError whose message
+    starts with _FAILED) when the shard is empty, or a whole pass or MAX_FAILURES_IN_A_ROW
+    images in a row are dropped. decoded_shape: the one shape decode gives, or None
+    (then rows must be 1).
 
-    Each pass ends with a marker record, so a pass never comes out empty (repeat()
-    of an empty pass would end the stream, and ignore_errors over an endless
-    stream of failures would spin for ever). Positions count records across
-    passes, dropped ones included: 0, 1, 2, ... as SkipCounter expects.
+    Each pass is cut into chunks of `rows` records and ends with a marker record, so a
+    pass never comes out empty (repeat() of an empty pass would end the stream, and
+    ignore_errors over an endless stream of failures would spin for ever) and a chunk
+    never spans two passes. The bookkeeping is done a chunk at a time (a scan over
+    chunks, on bench/loop.py's toy run ~0.08 CPU-ms an image less than a scan over
+    images). Positions count records across passes, dropped ones included: 0, 1, 2, ...
+    as SkipCounter expects.
     """
+    if decoded_shape is None and rows != 1:
+        raise ValueError(f"rows={rows}: images of several shapes go one a chunk")
     records = _shuffled(split.dataset(process_index, process_count), domain, seed,
                         shuffle_buffer)
-    passes = _decoded_pass(records, decode).repeat()
+    chunks = _decoded_pass(records, decode, decoded_shape or (0, 0, 3)).batch(rows).repeat()
 
-    def count(state, element):
-        """state: (records before this pass, kept in this pass, last kept index, drops
-        since the last kept image) -> the element's position; fails as the doc says."""
-        offset, kept, last, run = state
-        index, is_end, image, ex = element
-        run = run + index - last - 1
+    def count(state, chunk):
+        """state: (records before this pass, kept in this pass, position of the last kept
+        image or -1) -> the chunk's kept rows and their positions; fails as the doc says.
+        A marker can only be a chunk's last row; its position is the next pass's first."""
+        offset, kept, last = state
+        index, is_end, image, ex = chunk
+        position, real = offset + index, tf.logical_not(is_end)
+        kept_positions = tf.boolean_mask(position, real)
+        # Each row's last kept position before it: the dropped ones between are a run.
+        before = tf.concat([[last], kept_positions], 0)
+        previous = tf.gather(before, tf.cumsum(tf.cast(real, tf.int64), exclusive=True))
+        ends = tf.reduce_any(is_end)
+        length = tf.reduce_max(tf.where(is_end, index, 0))  # the ending pass's records
+        kept = kept + tf.size(kept_positions, out_type=tf.int64)
         check = [
-            tf.debugging.Assert(tf.logical_not(is_end & tf.equal(index, 0)), [
+            tf.debugging.Assert(tf.logical_not(ends & tf.equal(length, 0)), [
                 f"{_FAILED}{name}: {EMPTY_SHARD} (fewer examples than data shards)"]),
-            tf.debugging.Assert(tf.logical_not(is_end & tf.equal(kept, 0)), [
+            tf.debugging.Assert(tf.logical_not(ends & (length > 0) & tf.equal(kept, 0)), [
                 f"{_FAILED}{name}: no image of a whole pass over its train split could be "
                 "decoded"]),
-            tf.debugging.Assert(run < MAX_FAILURES_IN_A_ROW, [
+            tf.debugging.Assert(tf.reduce_all(position - previous - 1 < MAX_FAILURES_IN_A_ROW), [
                 f"{_FAILED}{name}: {MAX_FAILURES_IN_A_ROW} images in a row could not be "
                 "decoded"])]
         with tf.control_dependencies(check):
-            position = offset + index
-        state = tf.cond(is_end, lambda: (offset + index, tf.constant(0, tf.int64),
-                                         tf.constant(-1, tf.int64), run),
-                        lambda: (offset, kept + 1, index, tf.constant(0, tf.int64)))
-        return state, (position, is_end, image, ex)
+            kept_positions = tf.identity(kept_positions)
+        state = (tf.where(ends, offset + length, offset),
+                 tf.where(ends, tf.zeros_like(kept), kept), before[-1])
+        return state, (kept_positions, tf.boolean_mask(image, real),
+                       tf.nest.map_structure(lambda t: tf.boolean_mask(t, real), ex))
 
     zero = tf.constant(0, tf.int64)
-    passes = passes.scan((zero, zero, tf.constant(-1, tf.int64), zero), count)
-    return passes.filter(lambda position, is_end, image, ex: tf.logical_not(is_end))
+    return chunks.scan((zero, zero, tf.constant(-1, tf.int64)), count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +226,9 @@ def _cached_passes(shard: DecodedShard, domain: int, seed: int, shuffle_buffer: 
     return order, fetch
 
 
+CHUNK = 64  # rows prepared a map call where a domain's stream is not batched
+
+
 def domain_stream(split: schema.SplitData, domain: int, view, *, seed: int,
                   process_index: int = 0, process_count: int = 1,
                   shuffle_buffer: int = 2048, descriptors=None,
@@ -226,44 +246,41 @@ def domain_stream(split: schema.SplitData, domain: int, view, *, seed: int,
     position: the example's index in this stream before dropping (see SkipCounter).
     With teacher_dim > 0, also 'teacher' (teacher_dim,) and 'has_teacher': the
     example's descriptor, or zeros and False for a domain without descriptors.
-    batch > 0: the same examples in batches of `batch` (remainder dropped), prepared a
-    batch per map call where decoded images have one shape (from memory, or
-    view.decoded_shape): on bench/loop.py's toy run (2 CPU cores) a kept domain's batch
-    took 2.7 ms of CPU instead of 7.2 ms (bench/README.md).
+    batch > 0: the same examples in batches of `batch` (remainder dropped).
+    Examples are read and prepared in chunks (`batch` or CHUNK rows, one where decoded
+    images vary in shape), one map call a chunk: on bench/loop.py's toy run (2 CPU
+    cores) a kept domain's batch took 2.7 ms of CPU instead of 7.2 ms (bench/README.md).
     """
     # An id without a descriptor must fail, not vanish.
     lookup = teacher.lookup_fn(descriptors) if descriptors is not None else None
 
     def prepare(position, image, ex):
-        """One example (position int64 ()) or a batch of `batch` (position (batch,))."""
-        seeds, shape = _example_seed(seed, domain, position), position.shape.as_list()
-        if shape:
-            image = tf.map_fn(lambda a: view.augment(*a), (image, seeds),
-                              fn_output_signature=tf.float32)
-        else:
-            image = view.augment(image, seeds)
-        out = dict(image=image, label=ex["label"], coarse_label=ex["coarse_label"],
-                   domain=tf.fill(shape, tf.constant(domain, tf.int64)), id=ex["id"],
+        """A chunk: position int64 (n,), uint8 images (n, ...), records (n,)."""
+        seeds, n = _example_seed(seed, domain, position), tf.shape(position)
+        out = dict(image=tf.map_fn(lambda a: view.augment(*a), (image, seeds),
+                                   fn_output_signature=tf.float32),
+                   label=ex["label"], coarse_label=ex["coarse_label"],
+                   domain=tf.fill(n, tf.constant(domain, tf.int64)), id=ex["id"],
                    position=position)
         if teacher_dim and lookup is None:
-            out.update(teacher=tf.zeros(shape + [teacher_dim]), has_teacher=tf.fill(shape, False))
+            out.update(teacher=tf.zeros(tf.concat([n, [teacher_dim]], 0)),
+                       has_teacher=tf.fill(n, False))
         elif teacher_dim:
-            out.update(teacher=lookup(ex["id"]), has_teacher=tf.fill(shape, True))
+            out.update(teacher=lookup(ex["id"]), has_teacher=tf.fill(n, True))
         return out
 
+    rows = batch or CHUNK
     if decoded is None:
-        stream = _decoded_passes(split, domain, name or f"#{domain}", view.decode, seed,
-                                 process_index, process_count, shuffle_buffer)
-        element = lambda position, is_end, image, ex: prepare(position, image, ex)
+        rows = rows if view.decoded_shape else 1
+        chunks = _decoded_passes(split, domain, name or f"#{domain}", view.decode, seed,
+                                 process_index, process_count, shuffle_buffer, rows,
+                                 view.decoded_shape)
+        element = prepare
     else:
-        stream, fetch = _cached_passes(decoded, domain, seed, shuffle_buffer)
-        element = lambda position, i: prepare(position, *fetch(i))
-    if batch and (decoded is not None or view.decoded_shape):
-        # A batch at a time (its images all of one shape): one map call per batch.
-        stream = stream.batch(batch, drop_remainder=True)
-        return stream.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    stream = stream.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return stream.batch(batch, drop_remainder=True) if batch else stream
+        order, fetch = _cached_passes(decoded, domain, seed, shuffle_buffer)
+        chunks, element = order.batch(rows), lambda position, i: prepare(position, *fetch(i))
+    chunks = chunks.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return chunks.rebatch(batch, drop_remainder=True) if batch else chunks.unbatch()
 
 
 def stream_failure(error: Exception) -> Optional[tuple]:
