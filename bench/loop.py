@@ -12,7 +12,9 @@ tests. Each round, in this one process:
          holds compilation and the input pipeline's start-up);
   step   the step that run built (`step.build`'s, captured as the loop calls it: the
          same jitted function, its shardings and donation), on the run's last batch,
-         resident on the devices, as many steps back to back.
+         resident on the devices, as many steps back to back; after rounds 1+ also
+         before the loop (the previous round's, the same program), and the two averaged,
+         as the VM's speed drifts over a round.
 Compiled programs are kept in JAX's persistent cache (a temporary folder), so
 rounds after the first do not compile again.
 
@@ -84,14 +86,16 @@ def loop_images_per_s(workdir: str) -> float:
     return statistics.mean(windows[1:])
 
 
-def step_images_per_s(captured, steps: int, batch_size: int) -> float:
-    step, state, batch, reference = captured
+def step_images_per_s(capture: StepCapture, steps: int, batch_size: int) -> float:
+    """Times capture.last's step; its state is donated, so the last one is kept instead."""
+    step, state, batch, reference = capture.last
     state, _ = step(state, batch, reference)  # warm: the first call after the loop's
     jax.block_until_ready(state)
     start = time.perf_counter()
     for _ in range(steps):
         state, metrics = step(state, batch, reference)
     jax.block_until_ready((state, metrics))
+    capture.last = (step, state, batch, reference)
     return steps * batch_size / (time.perf_counter() - start)
 
 
@@ -118,15 +122,20 @@ def main(argv):
         load = sampler(lambda: out.append(fn()) or 0.0)[1]
         return out[0], load
 
+    step_alone = lambda: measured(lambda: step_images_per_s(
+        capture, steps, cfg.data.batch_size))
     for r in range(_ROUNDS.value):
         workdir = os.path.join(scratch, f"run{r}")
+        before = step_alone() if capture.last else None  # the last round's step: the same
         _, load_loop = measured(lambda: loop.train_and_evaluate(cfg, workdir))
         looped = loop_images_per_s(workdir)
-        stepped, load_step = measured(lambda: step_images_per_s(
-            capture.last, steps, cfg.data.batch_size))
+        after = step_alone()
+        # The step timed on both sides of the loop where it can be: the VM's speed drifts.
+        timed = [t for t in (before, after) if t]
+        stepped = statistics.mean(images_per_s for images_per_s, _ in timed)
         rounds.append(dict(loop_images_per_s=looped, step_images_per_s=stepped,
                            loop_vs_step=looped / stepped,
-                           others_load=max(load_loop, load_step)))
+                           others_load=max([load_loop] + [load for _, load in timed])))
         log(f"round {r}: loop {looped:.0f} images/s, step {stepped:.0f} images/s, "
             f"ratio {looped / stepped:.3f}")
     ratios = [r["loop_vs_step"] for r in rounds]
