@@ -109,6 +109,19 @@ def test_resume_gives_the_batches_an_uninterrupted_run_sees(tmp_path):
     _assert_same(uninterrupted[17:], rest)
 
 
+def test_a_saved_state_of_another_pipeline_is_a_state_mismatch(tmp_path):
+    """Another structure with the same batch shapes (e.g. a state saved by an older
+    version): StateMismatch, which the trainer reports as another input pipeline."""
+    make = lambda per_batch: pipeline.train_dataset(
+        two_domains(), preprocess, global_batch_size=4, seed=7, shuffle_buffer=16,
+        one_domain_per_batch=per_batch)
+    it, counter = iter(make(False)), pipeline.SkipCounter(["target", "generic"])
+    counter.update(next(it))
+    pipeline.save_iterator(it, counter, str(tmp_path))
+    with pytest.raises(pipeline.StateMismatch, match="another input pipeline"):
+        pipeline.restore_iterator(iter(make(True)), counter, str(tmp_path))
+
+
 def _first_batches(ds, n=3):
     """n batches, or the error the stream raised (it must raise, never hang)."""
     try:

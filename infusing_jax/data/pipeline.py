@@ -247,9 +247,11 @@ def domain_stream(split: schema.SplitData, domain: int, view, *, seed: int,
     With teacher_dim > 0, also 'teacher' (teacher_dim,) and 'has_teacher': the
     example's descriptor, or zeros and False for a domain without descriptors.
     batch > 0: the same examples in batches of `batch` (remainder dropped).
-    Examples are read and prepared in chunks (`batch` or CHUNK rows, one where decoded
-    images vary in shape), one map call a chunk: on bench/loop.py's toy run (2 CPU
-    cores) a kept domain's batch took 2.7 ms of CPU instead of 7.2 ms (bench/README.md).
+    Examples are read and prepared in chunks (`batch` or CHUNK rows), one map call a
+    chunk: on bench/loop.py's toy run (2 CPU cores) a kept domain's batch took 2.7 ms of
+    CPU instead of 7.2 ms (bench/README.md). A view whose decoded images vary in shape
+    (no view.decoded_shape; the train views all have one) goes one image a chunk, which
+    costs more per image.
     """
     # An id without a descriptor must fail, not vanish.
     lookup = teacher.lookup_fn(descriptors) if descriptors is not None else None
@@ -531,4 +533,9 @@ def restore_iterator(iterator, counter: SkipCounter, directory: str, process_ind
         tf.train.Checkpoint(iterator=iterator).read(prefix).assert_consumed()
     except AssertionError as e:
         raise StateMismatch(f"another input pipeline ({str(e).splitlines()[0][:200]})") from None
+    except tf.errors.OpError as e:  # how tf.data says the saved stages are not these
+        if "Failed to restore dataset iterator" not in str(e):
+            raise
+        raise StateMismatch("another input pipeline (its saved stages are not this "
+                            "version's)") from None
     counter.restore(state)
