@@ -99,8 +99,8 @@ def _decoded_passes(split: schema.SplitData, domain: int, name: str, decode: Cal
     (n,)), 0 <= n <= rows, of reshuffled passes over this process's shard, in order;
     undecodable images dropped, failing the stream (an InvalidArgumentError whose message
     starts with _FAILED) when the shard is empty, or a whole pass or MAX_FAILURES_IN_A_ROW
-    images in a row are dropped. decoded_shape: the one shape decode gives, or None
-    (then rows must be 1).
+    images in a row are dropped. decoded_shape: the one shape decode gives, or None,
+    where images of several shapes go one a chunk.
 
     Each pass is cut into chunks of `rows` records and ends with a marker record, so a
     pass never comes out empty (repeat() of an empty pass would end the stream, and
@@ -110,8 +110,7 @@ def _decoded_passes(split: schema.SplitData, domain: int, name: str, decode: Cal
     images). Positions count records across passes, dropped ones included: 0, 1, 2, ...
     as SkipCounter expects.
     """
-    if decoded_shape is None and rows != 1:
-        raise ValueError(f"rows={rows}: images of several shapes go one a chunk")
+    rows = rows if decoded_shape else 1
     records = _shuffled(split.dataset(process_index, process_count), domain, seed,
                         shuffle_buffer)
     chunks = _decoded_pass(records, decode, decoded_shape or (0, 0, 3)).batch(rows).repeat()
@@ -206,11 +205,11 @@ def decode_shard(split: schema.SplitData, decode: Callable, shape: tuple,
 
 def _cached_passes(shard: DecodedShard, domain: int, seed: int, shuffle_buffer: int):
     """_decoded_passes from memory, for a `usable` shard: -> (stream of (position, row),
-    fetch(row) -> (image, record)), which give the same (position, image, record) as
-    _decoded_passes, in the same order. The records are reshuffled as _decoded_passes
-    reshuffles them (_shuffled), and positions run over passes of N records, undecodable
-    ones left out.
-    Fetching is left to the caller, to do in its own map (one map less per element)."""
+    fetch(rows) -> (images, records)), which give the same (position, image, record) as
+    _decoded_passes' chunks, in the same order. The records are reshuffled as
+    _decoded_passes reshuffles them (_shuffled), and positions run over passes of N
+    records, undecodable ones left out.
+    Fetching is left to the caller, to do in its own map (one map less per chunk)."""
     images, row = tf.constant(shard.images), tf.constant(shard.row)
     records = {k: tf.constant(getattr(shard, k)) for k in ("label", "coarse_label", "id")}
     order = _shuffled(tf.data.Dataset.range(len(shard.row)), domain, seed, shuffle_buffer)
@@ -273,7 +272,6 @@ def domain_stream(split: schema.SplitData, domain: int, view, *, seed: int,
 
     rows = batch or CHUNK
     if decoded is None:
-        rows = rows if view.decoded_shape else 1
         chunks = _decoded_passes(split, domain, name or f"#{domain}", view.decode, seed,
                                  process_index, process_count, shuffle_buffer, rows,
                                  view.decoded_shape)
