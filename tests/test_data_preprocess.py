@@ -128,6 +128,18 @@ def _image(h=375, w=500, seed=1):
     return tf.constant(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
+@pytest.mark.parametrize("hw, to", [((32, 32), (37, 37)), ((32, 32), (32, 32)),
+                                     ((30, 50), (60, 50)), ((50, 70), (48, 48)),
+                                     ((64, 20), (32, 40))])
+def test_resize_is_the_antialiased_resize(hw, to):
+    """_resize skips the antialiasing filter where no axis shrinks: the same values."""
+    image = _image(*hw, seed=3)
+    want = tf.clip_by_value(tf.image.resize(image, to, "bilinear", antialias=True), 0.0, 255.0)
+    np.testing.assert_allclose(tf_views._resize(image, *to).numpy(), want.numpy(), atol=1e-4)
+    if hw == to:
+        np.testing.assert_array_equal(tf_views._resize(image, *to).numpy(), image.numpy())
+
+
 def test_train_view_shape_range_and_seeds():
     image = _image()
     views = [tf_views.train_view(image, 224, 256, tf.constant([s, 7])) for s in range(6)]
