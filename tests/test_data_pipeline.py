@@ -69,6 +69,26 @@ def test_undecodable_images_are_dropped_and_counted():
     assert skipped["target"] >= 3 * epochs_done
 
 
+def test_decoded_chunks_keep_order_and_drop_only_the_broken_images():
+    """Chunks of 3 records: one with a broken image is decoded again image by image; one
+    with only broken images vanishes; the end marker is the last row, indexed by the
+    number of records."""
+    png = tf.io.encode_png(tf.fill([2, 2, 3], tf.constant(7, tf.uint8))).numpy()
+    broken = {1, 3, 4, 5}
+    records = tf.data.Dataset.from_tensor_slices(
+        {"image": [b"broken" if i in broken else png for i in range(10)],
+         "id": [str(i).encode() for i in range(10)]})
+    chunks = list(pipeline._decoded_chunks(records, tf_views.decode, 3, (2, 2, 3))
+                  .as_numpy_iterator())
+    assert all(1 <= len(index) <= 3 for index, *_ in chunks)
+    index, is_end, images, ex = (np.concatenate(parts) for parts in zip(
+        *[(i, e, im, r["id"]) for i, e, im, r in chunks]))
+    np.testing.assert_array_equal(index, [0, 2, 6, 7, 8, 9, 10])
+    np.testing.assert_array_equal(is_end, [False] * 6 + [True])
+    assert [int(i) for i in ex[:-1]] == [0, 2, 6, 7, 8, 9]
+    assert (images[:-1] == 7).all() and (images[-1] == 0).all()
+
+
 def test_processes_read_disjoint_shards_of_their_share():
     shards = [pipeline.train_dataset(two_domains(), preprocess, global_batch_size=8, seed=0,
                                      process_index=i, process_count=2, shuffle_buffer=64)

@@ -27,6 +27,10 @@ class SplitData:
     read, e.g. a filtered TFDS split); `num_classes` the label range (labels
     are 0..num_classes-1), 0 where there are none. `labels` and `ids`
     (num_examples,) are there when known without a pass (file sources).
+    `unread(shard_index, num_shards)`, where a source can read its images later
+    (file sources): the same examples as `dataset`, in the same order, but with
+    'image' what `read` (tf.string -> tf.string) turns into the encoded file, e.g.
+    its path; the training pipeline reads them a chunk at a time.
     """
     name: str
     num_examples: Optional[int]
@@ -36,3 +40,5 @@ class SplitData:
     has_captions: bool = False
     labels: Optional[np.ndarray] = None
     ids: Optional[np.ndarray] = None
+    unread: Optional[Callable[[int, int], tf.data.Dataset]] = None
+    read: Optional[Callable] = None

@@ -219,31 +219,30 @@ def _file_split(name: str, root: str, records: list, num_classes: int,
                 captions: bool = False) -> SplitData:
     """records: [(relative path, label[, captions list])] -> SplitData with ids, sorted by path.
 
-    id = the relative path; image = the bytes of root/path (read after sharding).
+    id = the relative path; image = the bytes of root/path (read after sharding); `unread`
+    leaves the path there, for the training pipeline to read a chunk at a time.
     """
     records = sorted(records, key=lambda r: r[0])
     ids = np.array([r[0] for r in records], dtype=object)
     labels = np.array([r[1] for r in records], dtype=np.int64)
     paths = [posixpath.join(root, r[0]) for r in records]
 
-    def dataset(shard_index: int, num_shards: int) -> tf.data.Dataset:
-        columns = {"path": paths, "label": labels, "id": list(ids)}
+    def unread(shard_index: int, num_shards: int) -> tf.data.Dataset:
+        columns = {"image": paths, "label": labels,
+                   "coarse_label": np.full(len(records), NO_LABEL, np.int64), "id": list(ids)}
         if captions:
             columns["captions"] = tf.RaggedTensor.from_row_lengths(
                 [c for r in records for c in r[2]], [len(r[2]) for r in records])
-        ds = tf.data.Dataset.from_tensor_slices(columns).shard(num_shards, shard_index)
-        return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE)
+        return tf.data.Dataset.from_tensor_slices(columns).shard(num_shards, shard_index)
 
-    def read(ex):
-        out = {"image": tf.io.read_file(ex["path"]), "label": ex["label"],
-               "coarse_label": tf.constant(NO_LABEL, tf.int64), "id": ex["id"]}
-        if captions:
-            out["captions"] = ex["captions"]
-        return out
+    def dataset(shard_index: int, num_shards: int) -> tf.data.Dataset:
+        return unread(shard_index, num_shards).map(
+            lambda ex: dict(ex, image=tf.io.read_file(ex["image"])),
+            num_parallel_calls=tf.data.AUTOTUNE)
 
     return SplitData(name=name, num_examples=len(records), num_classes=num_classes,
                      num_coarse_classes=0, dataset=dataset, has_captions=captions,
-                     labels=labels, ids=ids)
+                     labels=labels, ids=ids, unread=unread, read=tf.io.read_file)
 
 
 def _is_subdir(folder: str, name: str) -> bool:

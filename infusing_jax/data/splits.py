@@ -77,7 +77,11 @@ def _filtered(split: SplitData, name: str, keep, mask: Optional[np.ndarray]) -> 
     def dataset(shard_index: int, num_shards: int) -> tf.data.Dataset:
         return split.dataset(shard_index, num_shards).filter(keep)
 
-    changes = dict(name=name, dataset=dataset, num_examples=None, labels=None, ids=None)
+    def unread(shard_index: int, num_shards: int) -> tf.data.Dataset:
+        return split.unread(shard_index, num_shards).filter(keep)
+
+    changes = dict(name=name, dataset=dataset, num_examples=None, labels=None, ids=None,
+                   unread=unread if split.unread else None)
     if mask is not None:
         changes["num_examples"] = int(mask.sum())
         if split.labels is not None:
