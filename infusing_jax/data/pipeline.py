@@ -261,7 +261,8 @@ def _cached_passes(shard: DecodedShard, domain: int, seed: int, shuffle_buffer: 
     return order, fetch
 
 
-CHUNK = 64  # rows prepared a map call where a domain's stream is not batched
+CHUNK = 64  # rows prepared a map call where a domain's stream is not batched, and
+# the most a disk stream decodes in one call
 
 
 def domain_stream(split: schema.SplitData, domain: int, view, *, seed: int,
@@ -282,11 +283,11 @@ def domain_stream(split: schema.SplitData, domain: int, view, *, seed: int,
     With teacher_dim > 0, also 'teacher' (teacher_dim,) and 'has_teacher': the
     example's descriptor, or zeros and False for a domain without descriptors.
     batch > 0: the same examples in batches of `batch` (remainder dropped).
-    Examples are read and prepared in chunks (`batch` or CHUNK rows), one map call a
-    chunk: on bench/loop.py's toy run (2 CPU cores) a kept domain's batch took 2.7 ms of
-    CPU instead of 7.2 ms (bench/README.md). A view whose decoded images vary in shape
-    (no view.decoded_shape; the train views all have one) goes one image a chunk, which
-    costs more per image.
+    Examples are read and prepared in chunks (from memory `batch` or CHUNK rows, from
+    disk at most CHUNK), one map call a chunk: on bench/loop.py's toy run (2 CPU cores) a
+    kept domain's batch took 2.7 ms of CPU instead of 7.2 ms (bench/README.md). A view
+    whose decoded images vary in shape (no view.decoded_shape; the train views all have
+    one) goes one image a chunk, which costs more per image.
     """
     # An id without a descriptor must fail, not vanish.
     lookup = teacher.lookup_fn(descriptors) if descriptors is not None else None
@@ -295,7 +296,7 @@ def domain_stream(split: schema.SplitData, domain: int, view, *, seed: int,
         """A chunk: position int64 (n,), uint8 images (n, ...), records (n,)."""
         seeds, n = _example_seed(seed, domain, position), tf.shape(position)
         out = dict(image=tf.map_fn(lambda a: view.augment(*a), (image, seeds),
-                                   fn_output_signature=tf.float32),
+                                   fn_output_signature=tf.float32, parallel_iterations=1),
                    label=ex["label"], coarse_label=ex["coarse_label"],
                    domain=tf.fill(n, tf.constant(domain, tf.int64)), id=ex["id"],
                    position=position)
@@ -307,10 +308,10 @@ def domain_stream(split: schema.SplitData, domain: int, view, *, seed: int,
         return out
 
     rows = batch or CHUNK
-    if decoded is None:
+    if decoded is None:  # chunks of at most CHUNK: a big batch's decoding spreads over threads
         chunks = _decoded_passes(split, domain, name or f"#{domain}", view.decode, seed,
-                                 process_index, process_count, shuffle_buffer, rows,
-                                 view.decoded_shape)
+                                 process_index, process_count, shuffle_buffer,
+                                 min(rows, CHUNK), view.decoded_shape)
         element = prepare
     else:
         order, fetch = _cached_passes(decoded, domain, seed, shuffle_buffer)
