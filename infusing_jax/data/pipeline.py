@@ -65,6 +65,12 @@ def _blank(spec):
         lambda s: tf.zeros([d or 0 for d in s.shape.as_list()], s.dtype), spec)
 
 
+# Chunks a disk stream decodes at once. tf.data's interleave also decodes twice as many
+# ahead, holds them (in iterator checkpoints too) and runs up to four times as many
+# threads; its default, every core, would hold ~3 x cores chunks on a big host.
+_DECODERS = min(os.cpu_count() or 1, 8)
+
+
 def _records(split: schema.SplitData, process_index: int, process_count: int):
     """-> (records, read): the shard's records, their 'image' still to be read where the
     split can read later (`SplitData.unread`), and read(image) -> the encoded file."""
@@ -88,6 +94,7 @@ def _decoded_chunks(records: tf.data.Dataset, decode: Callable, rows: int,
     broken ones dropped (`Dataset.ignore_errors`).
     """
     shape = decoded_shape or (0, 0, 3)
+    records = records.ignore_errors()  # a source's own read errors (TFDS I/O), as before
     tagged = tf.data.Dataset.zip(tf.data.Dataset.from_tensors(False).repeat(), records)
     marker = tf.data.Dataset.from_tensors((True, _blank(records.element_spec)))
     chunks = tagged.concatenate(marker).enumerate().batch(rows)
@@ -114,8 +121,9 @@ def _decoded_chunks(records: tf.data.Dataset, decode: Callable, rows: int,
         empty = tf.data.Dataset.from_tensors(_blank(first.element_spec))
         return first.concatenate(again).concatenate(empty).take(1)
 
-    return chunks.interleave(chunk, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
-                             deterministic=True).filter(lambda index, *_: tf.size(index) > 0)
+    return chunks.interleave(chunk, cycle_length=_DECODERS, block_length=1,
+                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).filter(
+        lambda index, *_: tf.size(index) > 0)
 
 
 def _shuffled(records: tf.data.Dataset, domain: int, seed: int,
