@@ -71,12 +71,15 @@ def _blank(spec):
 _DECODERS = min(os.cpu_count() or 1, 8)
 
 
-def _records(split: schema.SplitData, process_index: int, process_count: int):
-    """-> (records, read): the shard's records, their 'image' still to be read where the
-    split can read later (`SplitData.unread`), and read(image) -> the encoded file."""
+def _records(split: schema.SplitData, decode: Callable, process_index: int,
+             process_count: int):
+    """-> (records, decode_record): the shard's records, their 'image' still to be read
+    where the split can read later (`SplitData.unread`), and decode_record(image) ->
+    decode(the encoded file), read first where it is still to be read."""
     if split.unread is not None:
-        return split.unread(process_index, process_count), split.read
-    return split.dataset(process_index, process_count), lambda image: image
+        return split.unread(process_index, process_count), lambda image: decode(
+            split.read(image))
+    return split.dataset(process_index, process_count), decode
 
 
 def _decoded_chunks(records: tf.data.Dataset, decode: Callable, rows: int,
@@ -154,10 +157,9 @@ def _decoded_passes(split: schema.SplitData, domain: int, name: str, decode: Cal
     as SkipCounter expects.
     """
     rows = rows if decoded_shape else 1
-    records, read = _records(split, process_index, process_count)
+    records, decode_record = _records(split, decode, process_index, process_count)
     records = _shuffled(records, domain, seed, shuffle_buffer)
-    chunks = _decoded_chunks(records, lambda image: decode(read(image)), rows,
-                             decoded_shape).repeat()
+    chunks = _decoded_chunks(records, decode_record, rows, decoded_shape).repeat()
 
     def count(state, chunk):
         """state: (records before this pass, kept in this pass, position of the last kept
@@ -224,9 +226,9 @@ def decode_shard(split: schema.SplitData, decode: Callable, shape: tuple,
     """Decodes every record of a shard once, in parallel, in record order; `decode` gives
     uint8 images of one `shape`. Takes twice the images' bytes while it stacks them."""
     images, kept, label, coarse_label, ids = [], [], [], [], []
-    records, read = _records(split, process_index, process_count)
+    records, decode_record = _records(split, decode, process_index, process_count)
     for index, is_end, image, ex in _decoded_chunks(
-            records, lambda image: decode(read(image)), CHUNK, shape).as_numpy_iterator():
+            records, decode_record, CHUNK, shape).as_numpy_iterator():
         real = ~is_end
         images.extend(image[real])
         kept.extend(index[real])
