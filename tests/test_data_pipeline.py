@@ -109,24 +109,32 @@ def test_processes_read_disjoint_shards_of_their_share():
         pipeline.train_dataset(two_domains(), preprocess, global_batch_size=8, seed=0, mix="zipf")
 
 
-def test_resume_gives_the_batches_an_uninterrupted_run_sees(tmp_path):
-    make = lambda: pipeline.train_dataset(two_domains({5}), preprocess, global_batch_size=4,
+@pytest.mark.parametrize("stream", ["image at a time", "chunks", "in memory"])
+def test_resume_gives_the_batches_an_uninterrupted_run_sees(tmp_path, stream):
+    """Restored at points before, in and after pass ends (target: 29 records, 7.25
+    batches a pass), a stream goes on as the uninterrupted one, whether it decodes an
+    image at a time, a chunk at a time, or reads from memory. With TF's
+    reshuffle_each_iteration, both disk streams went astray after some of these restores:
+    a later pass replayed an earlier pass's order."""
+    view = preprocess if stream == "image at a time" else IN_MEMORY_VIEW
+    domains = lambda: _in_memory(two_domains({5})) if stream == "in memory" else two_domains({5})
+    make = lambda: pipeline.train_dataset(domains(), view, global_batch_size=4,
                                           seed=7, mix="balanced", shuffle_buffer=16)
-    uninterrupted = _take(make(), 30)
+    uninterrupted = _take(make(), 36)
+    for cut in (13, 17, 21, 25, 29):
+        it = iter(make())
+        counter = pipeline.SkipCounter(["target", "generic"])
+        for _ in range(cut):
+            counter.update(next(it))
+        pipeline.save_iterator(it, counter, str(tmp_path / str(cut)))
+        del it
 
-    it = iter(make())
-    counter = pipeline.SkipCounter(["target", "generic"])
-    for _ in range(17):
-        counter.update(next(it))
-    pipeline.save_iterator(it, counter, str(tmp_path))
-    del it
-
-    resumed = iter(make())
-    counter2 = pipeline.SkipCounter(["target", "generic"])
-    pipeline.restore_iterator(resumed, counter2, str(tmp_path))
-    assert counter2.skipped() == counter.skipped()
-    rest = [{k: v.numpy() for k, v in next(resumed).items()} for _ in range(13)]
-    _assert_same(uninterrupted[17:], rest)
+        resumed = iter(make())
+        counter2 = pipeline.SkipCounter(["target", "generic"])
+        pipeline.restore_iterator(resumed, counter2, str(tmp_path / str(cut)))
+        assert counter2.skipped() == counter.skipped()
+        rest = [{k: v.numpy() for k, v in next(resumed).items()} for _ in range(36 - cut)]
+        _assert_same(uninterrupted[cut:], rest)
 
 
 def test_a_saved_state_of_another_pipeline_is_a_state_mismatch(tmp_path):

@@ -82,13 +82,30 @@ def _records(split: schema.SplitData, decode: Callable, process_index: int,
     return split.dataset(process_index, process_count), decode
 
 
+def _pass_chunks(records: tf.data.Dataset, rows: int) -> tf.data.Dataset:
+    """One pass over `records` as chunks of (index (n,), is_end (n,), records (n,)),
+    1 <= n <= rows, still to decode: the records, then an end marker row (is_end, index =
+    the number of records, a zero record), the last row of the last chunk."""
+    records = records.ignore_errors()  # a source's own read errors (TFDS I/O), as before
+    tagged = tf.data.Dataset.zip(tf.data.Dataset.from_tensors(False).repeat(), records)
+    marker = tf.data.Dataset.from_tensors((True, _blank(records.element_spec)))
+    return tagged.concatenate(marker).enumerate().batch(rows)
+
+
 def _decoded_chunks(records: tf.data.Dataset, decode: Callable, rows: int,
                     decoded_shape: Optional[tuple]) -> tf.data.Dataset:
     """One pass over `records` in chunks (index (n,), is_end (n,), decoded uint8 images
     (n, ...), records (n,)), 1 <= n <= rows, in order; undecodable records dropped. An end
     marker row follows the records (is_end, index = the number of records, a zero image),
     the last row of the last chunk. decoded_shape: decode's one shape, or None (then
-    rows must be 1).
+    rows must be 1)."""
+    return _decoded(_pass_chunks(records, rows), decode, rows, decoded_shape)
+
+
+def _decoded(chunks: tf.data.Dataset, decode: Callable, rows: int,
+             decoded_shape: Optional[tuple]) -> tf.data.Dataset:
+    """_pass_chunks' chunks, their images decoded: (index, is_end, uint8 images (n, ...),
+    records), in order; undecodable records dropped, a chunk left with none too.
 
     A chunk's rows are read and decoded in one call, in turn. On the toy world's generic
     domain (32 px PNGs) its stream then takes 0.14 CPU-ms an image instead of 0.24, and
@@ -97,10 +114,6 @@ def _decoded_chunks(records: tf.data.Dataset, decode: Callable, rows: int,
     broken ones dropped (`Dataset.ignore_errors`).
     """
     shape = decoded_shape or (0, 0, 3)
-    records = records.ignore_errors()  # a source's own read errors (TFDS I/O), as before
-    tagged = tf.data.Dataset.zip(tf.data.Dataset.from_tensors(False).repeat(), records)
-    marker = tf.data.Dataset.from_tensors((True, _blank(records.element_spec)))
-    chunks = tagged.concatenate(marker).enumerate().batch(rows)
 
     def decoded(is_end, image):
         return tf.cond(is_end, lambda: tf.zeros(shape, tf.uint8), lambda: decode(image))
@@ -129,12 +142,25 @@ def _decoded_chunks(records: tf.data.Dataset, decode: Callable, rows: int,
         lambda index, *_: tf.size(index) > 0)
 
 
-def _shuffled(records: tf.data.Dataset, domain: int, seed: int,
-              shuffle_buffer: int) -> tf.data.Dataset:
-    """A domain's records reshuffled on every pass: the order depends on (seed, domain,
-    pass, number of records), not on what the records hold."""
-    return records.shuffle(shuffle_buffer, seed=seed * 1000 + domain,
-                           reshuffle_each_iteration=True)
+def _passes(records: tf.data.Dataset, domain: int, seed: int, shuffle_buffer: int,
+            each_pass: Callable = lambda ds: ds) -> tf.data.Dataset:
+    """Endless passes over a domain's records, each reshuffled: pass p's order depends on
+    (seed, domain, p, the number of records), not on what the records hold nor on where
+    an iterator was restored. each_pass(one reshuffled pass) -> that pass's elements.
+
+    Each pass has its own shuffle seed rather than `reshuffle_each_iteration`: after an
+    iterator restore, TF's reshuffle seeds can repeat an earlier pass's order (a disk
+    stream of the tests' two domains, restored at 15 points: 4 went astray)."""
+    first_seed = tf.constant(seed * 1000 + domain, tf.int64) * _PASSES  # wraps: still distinct
+
+    def one_pass(p):
+        return each_pass(records.shuffle(shuffle_buffer, seed=first_seed + p,
+                                         reshuffle_each_iteration=False))
+
+    return tf.data.Dataset.range(_PASSES).flat_map(one_pass)
+
+
+_PASSES = 2 ** 40  # a domain's stream: endless in practice
 
 
 def _decoded_passes(split: schema.SplitData, domain: int, name: str, decode: Callable,
@@ -149,8 +175,8 @@ def _decoded_passes(split: schema.SplitData, domain: int, name: str, decode: Cal
     where images of several shapes go one a chunk.
 
     Each pass is cut into chunks of `rows` records and ends with a marker record, so a
-    pass never comes out empty (repeat() of an empty pass would end the stream, and
-    ignore_errors over an endless stream of failures would spin for ever) and a chunk
+    pass never comes out empty (endless empty passes would spin for ever, as would
+    ignore_errors over an endless stream of failures) and a chunk
     never spans two passes. The bookkeeping is done a chunk at a time (a scan over
     chunks: on bench/loop.py's toy run 0.05-0.08 CPU-ms an image less than a scan over
     images). Positions count records across passes, dropped ones included: 0, 1, 2, ...
@@ -158,8 +184,9 @@ def _decoded_passes(split: schema.SplitData, domain: int, name: str, decode: Cal
     """
     rows = rows if decoded_shape else 1
     records, decode_record = _records(split, decode, process_index, process_count)
-    records = _shuffled(records, domain, seed, shuffle_buffer)
-    chunks = _decoded_chunks(records, decode_record, rows, decoded_shape).repeat()
+    chunks = _decoded(_passes(records, domain, seed, shuffle_buffer,
+                              lambda ds: _pass_chunks(ds, rows)),
+                      decode_record, rows, decoded_shape)
 
     def count(state, chunk):
         """state: (records before this pass, kept in this pass, position of the last kept
@@ -253,13 +280,13 @@ def _cached_passes(shard: DecodedShard, domain: int, seed: int, shuffle_buffer: 
     """_decoded_passes from memory, for a `usable` shard: -> (stream of (position, row),
     fetch(rows) -> (images, records)), which give the same (position, image, record) as
     _decoded_passes' chunks, in the same order. The records are reshuffled as
-    _decoded_passes reshuffles them (_shuffled), and positions run over passes of N
+    _decoded_passes reshuffles them (_passes), and positions run over passes of N
     records, undecodable ones left out.
     Fetching is left to the caller, to do in its own map (one map less per chunk)."""
     images, row = tf.constant(shard.images), tf.constant(shard.row)
     records = {k: tf.constant(getattr(shard, k)) for k in ("label", "coarse_label", "id")}
-    order = _shuffled(tf.data.Dataset.range(len(shard.row)), domain, seed, shuffle_buffer)
-    order = order.repeat().enumerate()
+    order = _passes(tf.data.Dataset.range(len(shard.row)), domain, seed,
+                    shuffle_buffer).enumerate()
     if np.any(shard.row < 0):
         order = order.filter(lambda position, i: row[i] >= 0)
 
@@ -431,6 +458,11 @@ def train_dataset(domains: Sequence[Domain], view, *, global_batch_size: int, se
         lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
     options = tf.data.Options()
     options.deterministic = True
+    # Each pass's shuffle (_passes) is made inside flat_map with a seed of its own; tf.data
+    # counts its (unused) seed generator as external state and would refuse to save the
+    # iterator. The shuffle's iterator saves and restores its buffer and draws itself
+    # (tests: test_resume_gives_the_batches_an_uninterrupted_run_sees).
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 

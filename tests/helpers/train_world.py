@@ -126,11 +126,21 @@ def logged_losses(workdir: str):
     return [m for m in read_metrics(workdir) if "loss" in m]
 
 
-def assert_same_losses(workdir_a: str, workdir_b: str, steps: int, rtol: float = 2e-4):
-    """Two runs logged steps 1 .. steps with the same loss, loss terms and gradient norm."""
+def assert_same_losses(workdir_a: str, workdir_b: str, steps: int, rtol: float = 2e-4,
+                       anchoring_rtol: float = 1e-2):
+    """Two runs logged steps 1 .. steps with the same loss, loss terms and gradient norm.
+
+    The anchoring terms, weight * ||theta - theta_0||^2, get anchoring_rtol. An attention
+    key bias has a zero gradient (softmax ignores a shift shared by a query's logits), so
+    its computed gradient is rounding noise, which Adam scales to steps of the learning
+    rate in directions the devices' reduction order picks. Those steps move the term, not
+    the loss. Between 1 and 8 devices, the key biases held all but 5e-6 of the parameters'
+    squared difference; the term differed by 3e-3 after one step and 4e-4 after five,
+    while the loss and gradient norm agreed within 1e-6."""
     a, b = logged_losses(workdir_a), logged_losses(workdir_b)
     assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, steps + 1))
     terms = ("/normface", "/feature_mse", "/anchoring")
     for x, y in zip(a, b):
         for key in [k for k in x if k in ("loss", "grad_norm") or k.endswith(terms)]:
-            np.testing.assert_allclose(x[key], y[key], rtol=rtol, atol=1e-7, err_msg=key)
+            tolerance = anchoring_rtol if key.endswith("/anchoring") else rtol
+            np.testing.assert_allclose(x[key], y[key], rtol=tolerance, atol=1e-7, err_msg=key)
