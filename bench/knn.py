@@ -20,7 +20,15 @@ is JSON: `our_seconds`, `faiss_seconds`, `speed_vs_faiss` (faiss / ours),
 `peak_memory_gb` (ours), `same_neighbours` (fraction of queries whose k
 neighbours equal faiss's, in order; float32 near-ties may swap), and, as the
 machine may be shared, each side's CPU seconds and the 1-minute load average.
+
+faiss-cpu's wheels bundle an OpenBLAS that picks its kernels by CPU model, and one
+too old for the host falls back to its generic "Prescott" kernels (on an Emerald
+Rapids host, faiss-cpu 1.15.1's OpenBLAS 0.3.15 did: 6x slower). The bench then
+sets OPENBLAS_CORETYPE for faiss to the newest kernels the host's instructions allow
+(SkylakeX with AVX-512, Haswell with AVX2) and says so in `faiss_blas`.
 """
+import ctypes
+import glob
 import json
 import os
 import resource
@@ -38,6 +46,8 @@ _DIM = flags.DEFINE_integer("dim", 768, "Embedding dimension.")
 _K = flags.DEFINE_integer("k", 20, "Neighbours per query.")
 _CHUNKS = flags.DEFINE_integer("chunks", 1, "Query parts, ours and faiss taking turns; 1: "
                                "ours is the self-kNN.")
+_PROBE = flags.DEFINE_bool("print_openblas_core", False,
+                            "Internal: print the kernels faiss's OpenBLAS picks.")
 _SERVE = flags.DEFINE_string("serve_ours_to", None,
                              "Internal: run ours on the 'start stop' lines of stdin, "
                              "saving neighbours in this folder.")
@@ -65,6 +75,34 @@ def serve_ours(x, k, folder):
     print(json.dumps(dict(peak_memory_gb=peak_gb)), flush=True)
 
 
+def openblas_core() -> str:
+    """The kernels faiss's bundled OpenBLAS picked in this process ('' if it has none)."""
+    import faiss  # pylint: disable=import-outside-toplevel
+    libs = glob.glob(os.path.join(os.path.dirname(faiss.__file__), os.pardir, "faiss_cpu.libs",
+                                  "libopenblas*"))
+    if not libs:
+        return ""
+    lib = ctypes.CDLL(libs[0])  # faiss's own copy, already loaded
+    lib.openblas_get_corename.restype = ctypes.c_char_p
+    return lib.openblas_get_corename().decode()
+
+
+def faiss_blas() -> str:
+    """faiss's OpenBLAS kernels, set to the host's best where OpenBLAS fell back to its
+    generic ones (OPENBLAS_CORETYPE is read when faiss loads: call before importing it)."""
+    core = subprocess.run([sys.executable, __file__, "--print_openblas_core"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    if core != "Prescott" or "OPENBLAS_CORETYPE" in os.environ:
+        return core
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        cpu_flags = set(next((line for line in cpuinfo if line.startswith("flags")), "").split())
+    best = "SkylakeX" if "avx512f" in cpu_flags else "Haswell" if "avx2" in cpu_flags else None
+    if not best:
+        return core
+    os.environ["OPENBLAS_CORETYPE"] = best
+    return f"{best} (OPENBLAS_CORETYPE; OpenBLAS fell back to {core}: CPU unknown to it)"
+
+
 def faiss_knn(x, start, stop, k):
     """-> (wall seconds, CPU seconds, neighbours of x[start:stop]) by faiss IndexFlatIP, own
     rows dropped."""
@@ -81,6 +119,9 @@ def faiss_knn(x, start, stop, k):
 
 def main(argv):
     del argv
+    if _PROBE.value:
+        print(openblas_core())
+        return
     x = data(_ROWS.value, _DIM.value)
     if _SERVE.value:
         serve_ours(x, _K.value, _SERVE.value)
@@ -91,6 +132,8 @@ def main(argv):
             [sys.executable, __file__, f"--num_rows={_ROWS.value}", f"--dim={_DIM.value}",
              f"--k={_K.value}", f"--serve_ours_to={folder}"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        blas = faiss_blas()  # after starting ours: OPENBLAS_CORETYPE is faiss's alone
+        print(f"faiss's BLAS kernels: {blas}", flush=True)
         step = 1024 * -(-len(x) // (1024 * _CHUNKS.value))
         for start in range(0, len(x), step):
             stop = min(start + step, len(x))
@@ -116,7 +159,7 @@ def main(argv):
                           same_neighbours=round(same / len(x), 5),
                           our_cpu_seconds=round(ours_cpu, 2),
                           faiss_cpu_seconds=round(faiss_cpu, 2),
-                          load_average=round(os.getloadavg()[0], 2),
+                          load_average=round(os.getloadavg()[0], 2), faiss_blas=blas,
                           self_knn=_CHUNKS.value == 1)))
 
 

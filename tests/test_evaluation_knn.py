@@ -109,13 +109,14 @@ def test_knn_equals_dense_ranking(k, block_size, tile, monkeypatch):
 
 @pytest.mark.parametrize("k,block_size,tile,with_ids", [
     (K, 64, None, True), (K, None, 256, True), (40, 128, None, True), (K, 48, 128, False),
-    (3, 100, 64, True)])
+    (3, 100, 64, True), (K, 160, 256, False)])
 def test_self_knn_equals_the_general_path(k, block_size, tile, with_ids, monkeypatch):
     """knn(x, x): each pair scored once; the same neighbours as queries that are a copy of
     the index (the general path), with duplicate rows, shared ids (crops of one image),
-    blocks that do not divide the rows, and no ids (each query then finds itself, or
-    its twin, first)."""
+    blocks that do not divide the rows, tiles straddling a block's first row, and no ids
+    (each query then finds itself, or its twin, first)."""
     monkeypatch.setattr(knn_lib, "TILE", tile or knn_lib.TILE)
+    monkeypatch.setattr(knn_lib, "SELF_TILE", tile or knn_lib.SELF_TILE)
     d = _data(n=1001)
     ids = d["ids"].copy()
     ids[[40, 41, 500]] = ids[40]  # three crops of one image: none is another's neighbour
@@ -172,6 +173,33 @@ def test_knn_grouped_selection_survives_crowding_groups():
     x = _rows_at_cosines(cosines, 0, 1, rng)
     _, neighbours = knn_lib.knn(np.eye(8, dtype=np.float32)[:1], x, K)
     np.testing.assert_array_equal(neighbours[0], best)
+
+
+def test_self_knn_grouped_selection_survives_crowding_groups(monkeypatch):
+    # The self-kNN takes group maxima before pairs are left out too, on both sides: rows
+    # as queries (the block's own rows) and columns as queries (rows after the block).
+    monkeypatch.setattr(knn_lib, "SELF_TILE", 512)  # one tile, grouped on both sides
+    rng = np.random.default_rng(3)
+    best = np.arange(K) * 2 * knn_lib.GROUP  # in block 0 (rows 0-255), K groups
+
+    crops = [21, 51, 300]  # crops of one image: 300 finds the best through block 0's columns
+    cosines = np.full(400, np.nan)
+    cosines[best] = np.linspace(0.9, 0.5, K)
+    x = _rows_at_cosines(cosines, 1, 2, rng)
+    x[crops] = np.eye(8, dtype=np.float32)[1] + 1e-3 * rng.standard_normal((3, 8))
+    ids = np.arange(400)
+    ids[crops] = 21
+    _, neighbours = knn_lib.knn(x, x, K, query_ids=ids, index_ids=ids, block_size=256)
+    for crop in crops:
+        np.testing.assert_array_equal(neighbours[crop], best)
+
+    cosines = -rng.uniform(0.5, 0.9, 190)  # all below the 2 padding rows' 0 (rows 190-191)
+    cosines[0] = 1.0  # the query, which finds itself first (no ids)
+    best = knn_lib.GROUP + np.arange(K - 1) * 2 * knn_lib.GROUP
+    cosines[best] = np.linspace(-0.1, -0.3, K - 1)
+    x = _rows_at_cosines(cosines, 0, 1, rng)
+    _, neighbours = knn_lib.knn(x, x, K)
+    np.testing.assert_array_equal(neighbours[0], [0, *best])
 
 
 def test_knn_with_fewer_rows_than_k_pads_with_minus_one():

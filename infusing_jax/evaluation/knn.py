@@ -28,8 +28,12 @@ later rows as queries, whose candidates among the block's rows are merged into a
 running (N, k) top-k kept on the devices, sharded like the index. A query's k
 best are then the k best of its running top-k (rows < s) and its own block's
 (rows >= s): every row is scored once for it, so the result is exact, and about
-half the multiply-adds of the general path are done. Here the group maxima are
-taken after rows are left out, so k groups hold the k best.
+half the multiply-adds of the general path are done. Both sides pick groups by their
+maxima before pairs are left out, as the general path does (a pass over the (B, tile)
+scores to mask them first costs as much as a third of the tile's matmul): whole groups
+(rows before the block's first, padding) are left out at the group level, and a row or
+column has at most own + 1 groups holding a pair left out (equal ids, one group straddling
+the padding), so k + own + 1 groups hold the k best; the pairs are left out from those.
 """
 import functools
 import math
@@ -44,11 +48,12 @@ from jax.sharding import PartitionSpec as P
 
 GROUP = 16
 TILE = 16384  # most index rows a device scores at once
-# Self-kNN: query blocks and tiles whose (B, tile) float32 scores take 128 MB. Larger
-# blocks spread the per-tile cost of selecting candidates for the tile's rows (O(tile))
-# over more multiply-adds (O(B * tile)); smaller tiles waste less of the tile that
-# straddles the block's first row.
-SELF_BLOCK, SELF_TILE = 4096, 8192
+# Self-kNN: tiles of at most SELF_TILE rows, and query blocks of one tile's rows, whose
+# (B, tile) float32 scores take up to 256 MB. Each top_k costs ~1.5 us per row besides
+# its ~10 ns per element (XLA:CPU), and a tile has B + tile rows to select for on its
+# two sides: larger blocks and tiles spread that over more multiply-adds (O(B * tile)).
+# Blocks that start on tiles waste no rows before the block's first.
+SELF_TILE = 8192
 BLOCK_BYTES = 2 ** 28  # float32 (B, TILE) scores or (B, candidates); sets the default block_size
 _NO_ID = -2  # query id when there is nothing to leave out; index padding rows have id -1
 _EPS = 1e-12
@@ -112,8 +117,7 @@ def knn(queries, index, k: int, *, query_ids=None, index_ids=None, block_size: i
     if len(mesh.axis_names) != 1:
         raise ValueError(f"knn: mesh axes {mesh.axis_names}: give a 1-D mesh")
     if queries is index and (query_ids is None or np.array_equal(qids, iids)):
-        return _self_knn(index, iids, k, exclude_own=query_ids is not None,
-                         block_size=block_size, mesh=mesh)
+        return _self_knn(index, iids, k, own=own, block_size=block_size, mesh=mesh)
     devices = mesh.devices.size
     tile, tiles = tiling(len(index), devices, k)
     x, ids = _sharded_index(index, iids, tile * tiles * devices, mesh)
@@ -137,14 +141,15 @@ def knn(queries, index, k: int, *, query_ids=None, index_ids=None, block_size: i
     return scores, np.where(np.isneginf(scores), -1, rows)
 
 
-def _self_knn(x, ids, k: int, *, exclude_own: bool, block_size, mesh):
-    """knn(x, x, k) with ids (N,) int32 for both sides (leaving out equal ids when
-    exclude_own), each pair of rows scored once (the module doc)."""
+def _self_knn(x, ids, k: int, *, own: int, block_size, mesh):
+    """knn(x, x, k) with ids (N,) int32 for both sides, each pair of rows scored once (the
+    module doc); own: the most rows sharing an id, whose pairs are left out (0: none)."""
     devices = mesh.devices.size
     tile, tiles = tiling(len(x), devices, k, SELF_TILE)
     rows = tile * tiles * devices
     index, index_ids = _sharded_index(x, ids, rows, mesh)
-    block = block_size or min(SELF_BLOCK, GROUP * math.ceil(len(x) / GROUP))
+    # Blocks of a tile's rows start on tiles: the first tile of each is the block's own.
+    block = GROUP * math.ceil(min(block_size, len(x)) / GROUP) if block_size else tile
     sharded = NamedSharding(mesh, P(mesh.axis_names[0]))
     running = (jax.device_put(np.full((rows, k), -np.inf, np.float32), sharded),
                jax.device_put(np.full((rows, k), -1, np.int32), sharded))
@@ -158,7 +163,7 @@ def _self_knn(x, ids, k: int, *, exclude_own: bool, block_size, mesh):
         qid[:stop - start] = ids[start:stop]
         scores, found, *running = _self_block(
             jax.device_put(q, replicated), jax.device_put(qid, replicated), np.int32(start),
-            index, index_ids, *running, k=k, tile=tile, exclude_own=exclude_own, mesh=mesh)
+            index, index_ids, *running, k=k, own=own, tile=tile, mesh=mesh)
         direct.append([a[:stop - start] for a in jax.device_get((scores, found))])
     gathered = jax.jit(lambda *a: a, out_shardings=replicated)(*running)  # from every host
     running_scores, running_rows = (a[:len(x)] for a in jax.device_get(gathered))
@@ -170,16 +175,15 @@ def _self_knn(x, ids, k: int, *, exclude_own: bool, block_size, mesh):
     return scores, np.where(np.isneginf(scores), -1, found)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "tile", "exclude_own", "mesh"),
+@functools.partial(jax.jit, static_argnames=("k", "own", "tile", "mesh"),
                    donate_argnames=("running_scores", "running_rows"))
-def _self_block(q, qid, start, x, ids, running_scores, running_rows, *, k, tile, exclude_own,
-                mesh):
+def _self_block(q, qid, start, x, ids, running_scores, running_rows, *, k, own, tile, mesh):
     """Query rows [start, start + B) of a self-kNN: -> their k best among rows >= start
     (B, k) scores and rows, and the running top-k with this block's rows merged in for
     the rows after the block."""
     axis = mesh.axis_names[0]
     shards = jax.shard_map(
-        functools.partial(_self_shard, k=k, tile=tile, exclude_own=exclude_own, axis=axis),
+        functools.partial(_self_shard, k=k, own=own, tile=tile, axis=axis),
         mesh=mesh, in_specs=(P(), P(), P(), P(axis), P(axis), P(axis), P(axis)),
         out_specs=(P(None, axis), P(None, axis), P(axis), P(axis)))
     scores, rows, running_scores, running_rows = shards(q, qid, start, x, ids, running_scores,
@@ -203,13 +207,16 @@ def _top_groups(scores, k, left_out_groups=None):
     return jnp.take_along_axis(scores, cols, axis=1), cols
 
 
-def _top_groups_of_columns(scores, k):
-    """_top_groups(scores.T, k) without transposing the (R, C) scores: (C, m) candidate
-    scores and rows of each column, rows ascending."""
+def _top_groups_of_columns(scores, k, left_out_groups=None):
+    """_top_groups(scores.T, k, left_out_groups) without transposing the (R, C) scores:
+    (C, m) candidate scores and rows of each column, rows ascending; left_out_groups
+    (R / GROUP,) bool."""
     r, c = scores.shape
     if k * GROUP >= r or r % GROUP:
         return scores.T, jnp.broadcast_to(jnp.arange(r), (c, r))
     maxima = scores.reshape(r // GROUP, GROUP, c).max(axis=1).T  # (C, R / GROUP)
+    if left_out_groups is not None:
+        maxima = jnp.where(left_out_groups[None, :], -jnp.inf, maxima)
     top = jnp.sort(lax.top_k(maxima, k)[1], axis=1)
     rows = (top[:, :, None] * GROUP + jnp.arange(GROUP)).reshape(c, k * GROUP)
     return scores[rows, jnp.arange(c)[:, None]], rows
@@ -221,12 +228,12 @@ def _merge(scores, rows, more_scores, more_rows, k):
     return scores, jnp.take_along_axis(jnp.concatenate([rows, more_rows], axis=1), best, axis=1)
 
 
-def _self_shard(q, qid, start, x, ids, running_scores, running_rows, *, k, tile, exclude_own,
-                axis):
+def _self_shard(q, qid, start, x, ids, running_scores, running_rows, *, k, own, tile, axis):
     """One device's part of _self_block: its rows from `start` on, tile by tile."""
     b, n = q.shape[0], x.shape[0]
     offset = lax.axis_index(axis) * n  # the global row of this shard's first row
-    real_queries = qid >= 0
+    groups = k + own + 1
+    padded_query_groups = qid[::GROUP] < 0  # padding comes last
 
     def one_tile(t, carry):
         scores, rows, run_scores, run_rows = carry
@@ -235,20 +242,27 @@ def _self_shard(q, qid, start, x, ids, running_scores, running_rows, *, k, tile,
         global_rows = offset + lo + jnp.arange(tile)
         s = jnp.matmul(q, lax.dynamic_slice_in_dim(x, lo, tile).T,
                        precision=lax.Precision.HIGHEST)  # (B, tile)
-        keep = real_queries[:, None] & (tile_ids[None, :] >= 0)
-        if exclude_own:
-            keep &= tile_ids[None, :] != qid[:, None]
-        # The block's queries against rows >= start.
-        direct = jnp.where(keep & (global_rows[None, :] >= start), s, -jnp.inf)
-        cand, cols = _top_groups(direct, k)
-        scores, rows = _merge(scores, rows, cand, global_rows[cols], k)
+        # The block's queries against rows >= start (a multiple of GROUP, as is lo).
+        left_out_groups = (tile_ids[::GROUP] < 0) | (global_rows[::GROUP] < start)
+        cand, cols = _top_groups(s, groups, left_out_groups)
+        left_out = (tile_ids[cols] < 0) | (global_rows[cols] < start) | (qid[:, None] < 0)
+        if own:
+            left_out |= tile_ids[cols] == qid[:, None]
+        scores, rows = _merge(scores, rows, jnp.where(left_out, -jnp.inf, cand),
+                              global_rows[cols], k)
         # Rows after the block as queries against the block's rows.
-        later = keep & (global_rows[None, :] >= start + b)
-        cand, cols = _top_groups_of_columns(jnp.where(later, s, -jnp.inf), k)  # (tile, m)
-        merged = _merge(lax.dynamic_slice_in_dim(run_scores, lo, tile),
-                        lax.dynamic_slice_in_dim(run_rows, lo, tile), cand, start + cols, k)
-        run_scores = lax.dynamic_update_slice_in_dim(run_scores, merged[0], lo, 0)
-        run_rows = lax.dynamic_update_slice_in_dim(run_rows, merged[1], lo, 0)
+        cand, block_rows = _top_groups_of_columns(s, groups, padded_query_groups)  # (tile, m)
+        left_out = qid[block_rows] < 0
+        if own:
+            left_out |= qid[block_rows] == tile_ids[:, None]
+        old = (lax.dynamic_slice_in_dim(run_scores, lo, tile),
+               lax.dynamic_slice_in_dim(run_rows, lo, tile))
+        merged = _merge(*old, jnp.where(left_out, -jnp.inf, cand), start + block_rows, k)
+        later = (global_rows >= start + b)[:, None]
+        run_scores = lax.dynamic_update_slice_in_dim(
+            run_scores, jnp.where(later, merged[0], old[0]), lo, 0)
+        run_rows = lax.dynamic_update_slice_in_dim(
+            run_rows, jnp.where(later, merged[1], old[1]), lo, 0)
         return scores, rows, run_scores, run_rows
 
     first = jnp.clip((start - offset) // tile, 0, n // tile)  # tiles below start: skipped
