@@ -151,20 +151,26 @@ def _rows_at_cosines(cosines, towards, away, rng, dim=8):
     return x
 
 
+def _crowded_by_crops(rows, crops, rng):
+    """-> (x, ids, best): K rows (best) at cosines 0.9 .. 0.5 to e_1, in K different groups
+    of GROUP rows, and crops of one image (one id) at ~e_1, in other groups."""
+    best = np.arange(K) * 2 * knn_lib.GROUP
+    cosines = np.full(rows, np.nan)
+    cosines[best] = np.linspace(0.9, 0.5, K)
+    x = _rows_at_cosines(cosines, 1, 2, rng)
+    x[crops] = np.eye(8, dtype=np.float32)[1] + 1e-3 * rng.standard_normal((len(crops), 8))
+    ids = np.arange(rows)
+    ids[crops] = crops[0]
+    return x, ids, best
+
+
 def test_knn_grouped_selection_survives_crowding_groups():
     # Group maxima are taken before rows are left out: groups holding the query's own
     # rows, or zero padding rows, rank too high. They must not push out the true k best,
     # here placed in K different groups of GROUP rows.
     rng = np.random.default_rng(3)
-    best = np.arange(K) * 2 * knn_lib.GROUP
-
-    crops = [21, 51, 170]  # three crops of the query image, in three other groups
-    cosines = np.full(190, np.nan)
-    cosines[best] = np.linspace(0.9, 0.5, K)
-    x = _rows_at_cosines(cosines, 1, 2, rng)
-    x[crops] = np.eye(8, dtype=np.float32)[1] + 1e-3 * rng.standard_normal((3, 8))
-    ids = np.arange(190)
-    ids[crops] = 21
+    # three crops of the query image (row 21), in three other groups
+    x, ids, best = _crowded_by_crops(190, [21, 51, 170], rng)
     _, neighbours = knn_lib.knn(x[21:22], x, K, query_ids=[21], index_ids=ids)
     np.testing.assert_array_equal(neighbours[0], best)
 
@@ -180,15 +186,9 @@ def test_self_knn_grouped_selection_survives_crowding_groups(monkeypatch):
     # as queries (the block's own rows) and columns as queries (rows after the block).
     monkeypatch.setattr(knn_lib, "SELF_TILE", 512)  # one tile, grouped on both sides
     rng = np.random.default_rng(3)
-    best = np.arange(K) * 2 * knn_lib.GROUP  # in block 0 (rows 0-255), K groups
-
-    crops = [21, 51, 300]  # crops of one image: 300 finds the best through block 0's columns
-    cosines = np.full(400, np.nan)
-    cosines[best] = np.linspace(0.9, 0.5, K)
-    x = _rows_at_cosines(cosines, 1, 2, rng)
-    x[crops] = np.eye(8, dtype=np.float32)[1] + 1e-3 * rng.standard_normal((3, 8))
-    ids = np.arange(400)
-    ids[crops] = 21
+    # The best in block 0 (rows 0-255); crop 300 finds them through block 0's columns.
+    crops = [21, 51, 300]
+    x, ids, best = _crowded_by_crops(400, crops, rng)
     _, neighbours = knn_lib.knn(x, x, K, query_ids=ids, index_ids=ids, block_size=256)
     for crop in crops:
         np.testing.assert_array_equal(neighbours[crop], best)
